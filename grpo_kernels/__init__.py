@@ -1,0 +1,27 @@
+"""grpo_kernels: fused kernels for GRPO log-probs, group advantages and the clipped surrogate + KL loss.
+
+Public API:
+    GRPOLossConfig, GRPOLoss, grpo_loss, selective_logprobs, group_advantages,
+    GRPOLossOutput, AdvantageOutput, BackendUnavailableError, available_backends.
+"""
+from .config import GRPOLossConfig
+from .functional import group_advantages, grpo_loss, selective_logprobs
+from .modules import GRPOLoss
+from .ops.dispatch import BACKENDS, BackendUnavailableError, why_unavailable
+from .outputs import AdvantageOutput, GRPOLossOutput
+
+__version__ = "0.1.0"
+
+
+def available_backends(device="cpu"):
+    """The backends that can run on `device` right now, e.g. ['torch'] on a CPU-only machine."""
+    import torch
+
+    device = torch.device(device)
+    return [name for name in BACKENDS[1:] if why_unavailable(name, device) is None]
+
+
+__all__ = [
+    "GRPOLossConfig", "GRPOLoss", "grpo_loss", "selective_logprobs", "group_advantages",
+    "GRPOLossOutput", "AdvantageOutput", "BackendUnavailableError", "available_backends", "__version__",
+]

@@ -1,0 +1,185 @@
+"""`GRPOLossConfig`: every knob of the GRPO loss, named as in TRL's `GRPOConfig`.
+
+Defaults follow TRL (loss_type="dapo", epsilon=0.2, beta=0.0, ...). The config is
+validated when it is built, so a typo fails at construction with the field's name,
+not deep inside a kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+LOSS_TYPE_PRESETS = {
+    # loss_type: (policy_loss, loss_agg_mode)
+    "grpo": ("clip", "seq-mean-token-mean"),
+    "bnpo": ("clip", "token-mean"),
+    "dr_grpo": ("clip", "seq-mean-token-sum-norm"),
+    "dapo": ("clip", "token-mean"),
+    "cispo": ("cispo", "token-mean"),
+    "sapo": ("sapo", "seq-mean-token-mean"),
+    "luspo": ("clip", "seq-mean-token-sum"),
+}
+POLICY_LOSSES = ("clip", "cispo", "sapo")
+LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+KL_ESTIMATOR_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+IS_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def _choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"GRPOLossConfig.{field}={value!r} is not valid; expected one of {sorted(allowed)}")
+
+
+def _finite(field: str, value, *, lower=None, strict=False, allow_none=False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"GRPOLossConfig.{field} must be a number, got None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"GRPOLossConfig.{field} must be a finite number, got {value!r}")
+    if lower is not None and (value <= lower if strict else value < lower):
+        raise ValueError(f"GRPOLossConfig.{field} must be {'>' if strict else '>='} {lower}, got {value!r}")
+
+
+@dataclass
+class GRPOLossConfig:
+    """Configuration of the GRPO loss (see docs/math.md and SPEC.md).
+
+    Attributes mirror TRL's `GRPOConfig` where TRL has the concept:
+        loss_type: preset among grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo.
+        policy_loss / loss_agg_mode: override the preset ("clip" | "cispo" | "sapo";
+            "seq-mean-token-mean" | "token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm").
+        epsilon, epsilon_high: lower / upper clip range (epsilon_high defaults to epsilon;
+            for cispo it is the absolute cap on the ratio, e.g. 5.0).
+        delta: two-sided clipping, caps the unclipped ratio at delta (> 1).
+        dual_clip: dual-clip constant c > 1 for negative advantages (verl's clip_ratio_c).
+        beta, kl_estimator ("k1"|"k2"|"k3" and aliases "kl"|"mse"|"low_var_kl"), kl_clamp,
+            use_bias_correction_kl: the KL penalty to the reference policy.
+        temperature: divides the logits before the softmax.
+        importance_sampling_level: "token" | "sequence" (GSPO) | "sequence_token" (GSPO-token).
+        max_completion_length: needed by "seq-mean-token-sum-norm" (dr_grpo).
+        sapo_temperature_pos / sapo_temperature_neg: SAPO gate temperatures.
+        entropy_coef: entropy bonus coefficient.
+        off_policy_mask_threshold: drop negative-advantage sequences whose mean KL exceeds it.
+        top_entropy_quantile: keep only the top-q entropy tokens in the policy term (1.0 = all).
+        is_correction: rollout importance-sampling correction mode, or None (off).
+        is_clip_min / is_clip_max: its truncation / masking bounds.
+    """
+
+    loss_type: str = "dapo"
+    policy_loss: Optional[str] = None
+    loss_agg_mode: Optional[str] = None
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    delta: Optional[float] = None
+    dual_clip: Optional[float] = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    kl_clamp: Optional[float] = None
+    use_bias_correction_kl: bool = True
+    temperature: float = 1.0
+    importance_sampling_level: str = "token"
+    max_completion_length: Optional[int] = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    entropy_coef: float = 0.0
+    off_policy_mask_threshold: Optional[float] = None
+    top_entropy_quantile: float = 1.0
+    is_correction: Optional[str] = None
+    is_clip_min: Optional[float] = None
+    is_clip_max: Optional[float] = 3.0
+
+    def __post_init__(self) -> None:
+        _choice("loss_type", self.loss_type, LOSS_TYPE_PRESETS)
+        if self.policy_loss is not None:
+            _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        if self.loss_agg_mode is not None:
+            _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _finite("epsilon", self.epsilon, lower=0)
+        _finite("epsilon_high", self.epsilon_high, lower=0, allow_none=True)
+        _finite("delta", self.delta, lower=1, strict=True, allow_none=True)
+        _finite("dual_clip", self.dual_clip, lower=1, strict=True, allow_none=True)
+        _finite("beta", self.beta)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_ALIASES)
+        _finite("kl_clamp", self.kl_clamp, lower=0, strict=True, allow_none=True)
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise ValueError(f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
+        _finite("temperature", self.temperature, lower=0, strict=True)
+        _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        if self.max_completion_length is not None and (
+            isinstance(self.max_completion_length, bool)
+            or not isinstance(self.max_completion_length, int)
+            or self.max_completion_length < 1
+        ):
+            raise ValueError(
+                f"GRPOLossConfig.max_completion_length must be a positive int, got {self.max_completion_length!r}"
+            )
+        if self.agg_mode == "seq-mean-token-sum-norm" and self.max_completion_length is None:
+            raise ValueError(
+                "GRPOLossConfig.max_completion_length is required by loss_agg_mode='seq-mean-token-sum-norm' "
+                f"(loss_type={self.loss_type!r})"
+            )
+        _finite("sapo_temperature_pos", self.sapo_temperature_pos, lower=0, strict=True)
+        _finite("sapo_temperature_neg", self.sapo_temperature_neg, lower=0, strict=True)
+        _finite("entropy_coef", self.entropy_coef)
+        _finite("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_none=True)
+        _finite("top_entropy_quantile", self.top_entropy_quantile, lower=0, strict=True)
+        if self.top_entropy_quantile > 1:
+            raise ValueError(f"GRPOLossConfig.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
+        if self.is_correction is not None:
+            _choice("is_correction", self.is_correction, IS_CORRECTION_MODES)
+        _finite("is_clip_min", self.is_clip_min, lower=0, allow_none=True)
+        _finite("is_clip_max", self.is_clip_max, lower=0, strict=True, allow_none=True)
+        if self.is_clip_min is not None and self.is_clip_max is not None and self.is_clip_min >= self.is_clip_max:
+            raise ValueError(
+                f"GRPOLossConfig.is_clip_min ({self.is_clip_min}) must be < is_clip_max ({self.is_clip_max})"
+            )
+        if self.is_correction is not None and self.is_clip_min is None and self.is_clip_max is None:
+            raise ValueError(
+                f"GRPOLossConfig.is_correction={self.is_correction!r} needs is_clip_min and/or is_clip_max"
+            )
+
+    # Resolved views: what the math actually uses once presets and aliases are applied.
+    @property
+    def pg_loss(self) -> str:
+        return self.policy_loss or LOSS_TYPE_PRESETS[self.loss_type][0]
+
+    @property
+    def agg_mode(self) -> str:
+        return self.loss_agg_mode or LOSS_TYPE_PRESETS[self.loss_type][1]
+
+    @property
+    def eps_low(self) -> float:
+        return float(self.epsilon)
+
+    @property
+    def eps_high(self) -> float:
+        return float(self.epsilon if self.epsilon_high is None else self.epsilon_high)
+
+    @property
+    def kl_kind(self) -> str:
+        return KL_ESTIMATOR_ALIASES[self.kl_estimator]
+
+    @property
+    def uses_num_items_in_batch(self) -> bool:
+        """bnpo normalises by the local token count, as TRL does; other token-mean users take the global count."""
+        return self.agg_mode == "token-mean" and not (self.loss_type == "bnpo" and self.loss_agg_mode is None)
+
+    def replace(self, **overrides) -> "GRPOLossConfig":
+        """A validated copy with some fields changed; unknown names raise TypeError naming them."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown GRPOLossConfig option(s) {unknown}; valid options are {sorted(known)}")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+def resolve_config(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
+    if config is None:
+        config = GRPOLossConfig()
+    elif not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
+    return config.replace(**overrides)

@@ -1,0 +1,317 @@
+"""Public functional API: selective_logprobs, grpo_loss, group_advantages.
+
+Each call validates its arguments, runs the vocabulary-sized work in the chosen backend's
+fused op, and applies the per-token objective of `reference.policy_objective` to the
+(B, T) results, which is cheap next to the (N, V) sweep.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import reference
+from .config import GRPOLossConfig, resolve_config
+from .layout import TokenLayout, check_cu_seqlens
+from .ops import logprobs_with_entropy, resolve_backend
+from .ops.dispatch import backend_module
+from .outputs import AdvantageOutput, GRPOLossOutput
+from .validation import (
+    FLOAT_DTYPES, INT_DTYPES, check_finite, check_ids, check_logp_finite, require_device, require_shape,
+    require_tensor, tracing,
+)
+
+SCALE_REWARDS = ("group", "batch", "none", "rloo", "reinforce++")
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+# ----------------------------------------------------------------------------------------
+# Shared argument handling (also used by the fused-linear path)
+# ----------------------------------------------------------------------------------------
+
+def token_layout(token_shape, device, cu_seqlens) -> TokenLayout:
+    """Layout of the per-token tensors: (B, T) padded, or (N,) packed with cu_seqlens."""
+    if cu_seqlens is None:
+        if len(token_shape) != 2:
+            raise ValueError(
+                f"per-token inputs must be padded (B, T) (logits (B, T, V)), got token shape {tuple(token_shape)}; "
+                "pass cu_seqlens for the packed (N,) layout"
+            )
+    else:
+        if len(token_shape) != 1:
+            raise ValueError(f"with cu_seqlens, tokens must be packed (N,) (logits (N, V)), got {tuple(token_shape)}")
+        check_cu_seqlens(cu_seqlens, token_shape[0], device)
+    return TokenLayout(token_shape, device, cu_seqlens)
+
+
+def check_ids_and_mask(ids, mask, token_shape, device):
+    require_tensor("ids", ids, dtypes=INT_DTYPES, kind="an integer tensor of token ids")
+    require_shape("ids", ids, token_shape, "one target token per logits row")
+    require_device("ids", ids, device)
+    if mask is None:
+        return None
+    require_tensor("mask", mask, dtypes=(torch.bool,) + INT_DTYPES + FLOAT_DTYPES, kind="bool or 0/1 numbers")
+    require_shape("mask", mask, token_shape, "one entry per token")
+    require_device("mask", mask, device)
+    if mask.dtype != torch.bool:
+        if not tracing() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold only 0 and 1 (or be bool)")
+        mask = mask.bool()
+    return mask
+
+
+def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, device):
+    shape = layout.token_shape
+    require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, kind="a float tensor")
+    require_device("advantages", advantages, device)
+    if tuple(advantages.shape) not in ((layout.batch,), shape):
+        raise ValueError(
+            f"advantages must have shape ({layout.batch},) (one per sequence) or {shape} (one per token), "
+            f"got {tuple(advantages.shape)}"
+        )
+    check_finite("advantages", advantages)
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
+        if x is not None:
+            require_tensor(name, x, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
+            require_shape(name, x, shape, "one log-prob per token")
+            require_device(name, x, device)
+    check_finite("old_logps", old_logps, mask)
+    check_finite("ref_logps", ref_logps, mask)
+    if cfg.beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when beta != 0 (beta={cfg.beta}): the KL term needs them")
+    if cfg.is_correction is not None and sampling_logps is None:
+        raise ValueError(f"sampling_logps is required when is_correction={cfg.is_correction!r}")
+
+
+def check_num_items(num_items_in_batch):
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+        return num_items_in_batch
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not math.isfinite(
+        num_items_in_batch
+    ) or num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be a non-negative number, got {num_items_in_batch!r}")
+    return num_items_in_batch
+
+
+def objective_from_logprobs(
+    logp_rows, entropy_rows, layout: TokenLayout, mask, advantages, cfg, *,
+    old_logps=None, ref_logps=None, sampling_logps=None, num_items_in_batch=None,
+) -> GRPOLossOutput:
+    """Apply the per-token objective to flat per-row logp/entropy (differentiable)."""
+    pad = layout.to_padded
+    padded_mask = layout.per_token_mask(mask)
+    adv = advantages.float()
+    adv = adv if adv.shape == (layout.batch,) else pad(adv)
+    as_f32 = lambda x: None if x is None else pad(x.float())  # noqa: E731
+    terms = reference.policy_objective(
+        pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1)), adv, padded_mask, cfg,
+        old_logp=as_f32(old_logps), ref_logp=as_f32(ref_logps), sampling_logp=as_f32(sampling_logps),
+        num_items_in_batch=num_items_in_batch,
+    )
+    if not tracing() and not bool(torch.isfinite(terms.loss.detach())):
+        raise ValueError(f"the loss came out non-finite ({float(terms.loss)}) although every input passed its checks")
+    live = layout.from_padded(padded_mask)
+    return GRPOLossOutput(
+        loss=terms.loss,
+        logps=torch.where(live, layout.from_padded(pad(logp_rows.detach().reshape(-1))), 0.0),
+        entropy=torch.where(live, layout.from_padded(pad(entropy_rows.detach().reshape(-1))), 0.0),
+        per_token_loss=layout.from_padded(terms.per_token_loss),
+        metrics=terms.metrics,
+    )
+
+
+def _check_logits(logits, cu_seqlens):
+    require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
+    expected = 2 if cu_seqlens is not None else 3
+    if logits.dim() != expected:
+        layout = "packed (N, V) with cu_seqlens" if cu_seqlens is not None else "padded (B, T, V)"
+        raise ValueError(f"logits must be {layout}, got shape {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError("logits must have a vocabulary dimension V >= 1")
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+def selective_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+):
+    """Log-probability of `ids` under softmax(logits / temperature), optionally with the entropy.
+
+    Shapes: logits (B, T, V) and ids (B, T), or packed logits (N, V), ids (N,) with
+    cu_seqlens (B+1,). Returns fp32 logp of ids' shape (and entropy, same shape),
+    differentiable w.r.t. logits. Rows where `mask` is False return 0 and are not checked.
+    Use under torch.no_grad() for old/reference log-probs. With inplace_backward=True the
+    backward overwrites `logits` with its gradient (saves an (N, V) buffer).
+    """
+    if cu_seqlens is not None:
+        token_layout(tuple(logits.shape[:-1]), logits.device, cu_seqlens)
+    require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (..., V), got shape {tuple(logits.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device)
+    check_ids(ids, logits.shape[-1], mask)
+    name = resolve_backend(backend, logits.device)
+    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), temperature, name, inplace_backward)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    check_logp_finite(logp, entropy, flat_mask)
+    if flat_mask is not None:
+        logp, entropy = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, entropy, 0.0)
+    logp, entropy = logp.reshape(ids.shape), entropy.reshape(ids.shape)
+    return (logp, entropy) if return_entropy else logp
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config: Optional[GRPOLossConfig] = None,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+    **overrides,
+) -> GRPOLossOutput:
+    """The GRPO loss from logits (SPEC.md), fused over the vocabulary.
+
+    Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps (B, T);
+    advantages (B,) or (B, T). Packed: logits (N, V), per-token tensors (N,),
+    cu_seqlens (B+1,) int32, advantages (B,) or (N,).
+    `config` (GRPOLossConfig) and/or keyword overrides of its fields select the loss.
+    old_logps defaults to on-policy (logps.detach(), ratio exactly 1).
+    Returns GRPOLossOutput; `.loss` is differentiable w.r.t. logits. With
+    inplace_backward=True, backward writes the gradient over `logits` (no extra (N, V)).
+    """
+    cfg = resolve_config(config, overrides)
+    _check_logits(logits, cu_seqlens)
+    token_shape = tuple(logits.shape[:-1])
+    layout = token_layout(token_shape, logits.device, cu_seqlens)
+    mask = check_ids_and_mask(ids, mask, token_shape, logits.device)
+    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logits.device)
+    num_items_in_batch = check_num_items(num_items_in_batch)
+    check_ids(ids, logits.shape[-1], mask)
+    name = resolve_backend(backend, logits.device)
+
+    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), cfg.temperature, name, inplace_backward)
+    check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1))
+    return objective_from_logprobs(
+        logp, entropy, layout, mask, advantages, cfg, old_logps=old_logps, ref_logps=ref_logps,
+        sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch,
+    )
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    reward_weights=None,
+    reward_aggregation: str = "sum_then_normalize",
+    backend: str = "auto",
+) -> AdvantageOutput:
+    """Group-relative advantages from rewards (SPEC.md, "Group advantages").
+
+    rewards: (N,) or (N, F) for F reward functions, NaN where a reward is missing.
+    Groups: `group_size` consecutive rows (N divisible by it) or `group_ids` (N,) ints.
+    scale_rewards: "group" | "batch" | "none" | "rloo" | "reinforce++".
+    reward_weights: (F,) weights (default ones). reward_aggregation: "sum_then_normalize"
+    or "normalize_then_sum" (GDPO: z-score per function within groups, sum, normalise
+    over the batch; scale_rewards is not used then).
+    """
+    rewards, weights, group_index, num_groups = _check_rewards(
+        rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation
+    )
+    name = resolve_backend(backend, rewards.device)
+    impl = backend_module(name)
+    r = rewards.float() if rewards.dtype != torch.float64 else rewards
+    w = weights.to(r.dtype)
+    if reward_aggregation == "normalize_then_sum":
+        r = backend_module("torch").zscore_within_groups(r, group_index, num_groups, eps)
+        scale = "gdpo"
+    else:
+        scale = scale_rewards
+    unscorable = torch.isnan(rewards).all(dim=1)
+    total = torch.where(unscorable, float("nan"), torch.nansum(r * w, dim=1))
+    adv, mean, std, constant = impl.group_advantages(total, group_index, num_groups, scale, eps)
+    return AdvantageOutput(
+        advantages=adv.float(), group_mean=mean.float(), group_std=std.float(),
+        frac_zero_std=constant.float().mean(), group_index=group_index,
+    )
+
+
+def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation):
+    require_tensor("rewards", rewards, dtypes=FLOAT_DTYPES, kind="a float tensor (NaN for missing rewards)")
+    if rewards.dim() not in (1, 2) or rewards.shape[0] == 0:
+        raise ValueError(f"rewards must be (N,) or (N, F) with N >= 1, got shape {tuple(rewards.shape)}")
+    rewards = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)
+    n, num_funcs = rewards.shape
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not valid; expected one of {list(SCALE_REWARDS)}")
+    if reward_aggregation not in REWARD_AGGREGATIONS:
+        raise ValueError(
+            f"reward_aggregation={reward_aggregation!r} is not valid; expected one of {list(REWARD_AGGREGATIONS)}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if not tracing() and bool(torch.isinf(rewards).any()):
+        raise ValueError("rewards contain inf; use NaN for a missing reward")
+    if reward_weights is None:
+        weights = torch.ones(num_funcs, dtype=rewards.dtype, device=rewards.device)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=rewards.dtype, device=rewards.device)
+        if weights.shape != (num_funcs,):
+            raise ValueError(f"reward_weights must have shape ({num_funcs},) (one per reward function), got "
+                             f"{tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError("reward_weights must be finite")
+
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size (consecutive groups) or group_ids (any grouping)")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if n % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the number of rewards N={n}")
+        if group_size == 1:
+            raise ValueError("group_size=1: a group-relative advantage needs at least 2 completions per group")
+        group_index = torch.arange(n, device=rewards.device) // group_size
+        num_groups = n // group_size
+    else:
+        require_tensor("group_ids", group_ids, dtypes=INT_DTYPES, kind="an integer tensor")
+        require_shape("group_ids", group_ids, (n,), "one group id per reward row")
+        require_device("group_ids", group_ids, rewards.device)
+        _, group_index = torch.unique(group_ids, return_inverse=True)
+        counts = torch.bincount(group_index)
+        num_groups = counts.numel()
+        if bool((counts < 2).any()):
+            lonely = torch.unique(group_ids)[counts < 2][:5].tolist()
+            raise ValueError(f"group_ids has groups of size 1 (ids {lonely}); a group-relative advantage needs >= 2")
+    return rewards, weights, group_index, num_groups

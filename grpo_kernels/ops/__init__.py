@@ -1,0 +1,5 @@
+"""Fused ops: torch.library custom ops, their autograd, and backend dispatch."""
+from .dispatch import BACKENDS, BackendUnavailableError, resolve_backend
+from .logprobs import logprobs_with_entropy
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "resolve_backend", "logprobs_with_entropy"]

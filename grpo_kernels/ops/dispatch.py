@@ -1,0 +1,69 @@
+"""Backend selection: which implementation runs an op for tensors on a given device.
+
+`backend="auto"` picks the fastest available for the device; an explicitly requested
+backend that cannot run raises `BackendUnavailableError` and never falls back silently.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not installed, not built, wrong device)."""
+
+
+def _triton_usable(device: torch.device):
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret them on CPU"
+
+
+def _module_for(name: str):
+    if name == "torch":
+        return importlib.import_module("grpo_kernels.ops.torch_backend")
+    if name == "triton":
+        return importlib.import_module("grpo_kernels.ops.triton")
+    raise BackendUnavailableError(f"backend={name!r} is not built into this installation of grpo_kernels")
+
+
+def why_unavailable(name: str, device: torch.device):
+    """None when `name` can run on `device`, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        reason = _triton_usable(device)
+        if reason is None:
+            try:
+                _module_for("triton")
+            except ImportError as exc:  # triton present but too old for our kernels
+                return f"grpo_kernels' triton kernels failed to import: {exc}"
+        return reason
+    return f"backend={name!r} is not built into this installation of grpo_kernels"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; expected one of {list(BACKENDS)}")
+    if backend != "auto":
+        reason = why_unavailable(backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={backend!r} is unavailable: {reason}")
+        return backend
+    preference = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+    for name in preference:
+        if why_unavailable(name, device) is None:
+            return name
+    return "torch"
+
+
+def backend_module(name: str):
+    return _module_for(name)

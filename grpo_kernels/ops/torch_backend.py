@@ -1,0 +1,135 @@
+"""`backend="torch"`: memory-lean PyTorch kernels for any device.
+
+Rows are processed in chunks, so at most one chunk of fp32 logits lives at a time
+(`CHUNK_BYTES`), and the backward keeps only per-row statistics (lse, entropy) between
+forward and backward: never an (N, V) fp32 tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+# fp32 working set of one chunk of rows; several temporaries of this size may coexist.
+CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def _chunk_stats(z: torch.Tensor, lse: torch.Tensor):
+    """Probabilities p and the finite-safe z' (−inf entries set to 0, where p is 0 anyway)."""
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(z - finite_lse.unsqueeze(-1))
+    p = torch.where(torch.isneginf(z) | ~torch.isfinite(lse).unsqueeze(-1), torch.zeros_like(p), p)
+    z_safe = torch.where(p > 0, z, torch.zeros_like(z))
+    return p, z_safe
+
+
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
+    """logits (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32."""
+    n, vocab = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    step = rows_per_chunk(vocab)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        z = logits[r0:r1].float() / temperature
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        p, z_safe = _chunk_stats(z, chunk_lse)
+        lse[r0:r1] = chunk_lse
+        logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
+        entropy[r0:r1] = chunk_lse - (p * z_safe).sum(-1)
+    return logp, entropy, lse
+
+
+def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
+    """Write dL/dlogits into `out` (which may be `logits` itself, for the in-place variant).
+
+    dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] / τ, with E_p z' = lse − H.
+    """
+    n, vocab = logits.shape
+    step = rows_per_chunk(vocab)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        z = logits[r0:r1].float() / temperature
+        chunk_lse = lse[r0:r1]
+        p, z_safe = _chunk_stats(z, chunk_lse)
+        g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
+        grad = -g_logp * p
+        grad.scatter_add_(-1, ids[r0:r1].long().unsqueeze(-1), g_logp)
+        if grad_entropy is not None:
+            mean_z = torch.where(torch.isfinite(chunk_lse), chunk_lse - entropy[r0:r1], torch.zeros_like(chunk_lse))
+            grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * (z_safe - mean_z.unsqueeze(-1))
+        out[r0:r1] = (grad / temperature).to(out.dtype)
+    return out
+
+
+def group_advantages(total, group_index, num_groups, scale_rewards, eps):
+    """Vectorised group statistics with deterministic row reductions (no atomics).
+
+    total (N,) aggregated rewards (NaN = unscorable); group_index (N,) in [0, num_groups).
+    Rows are laid out as a padded (num_groups, max_size) matrix, then reduced along dim 1.
+    scale_rewards "gdpo" is the last step of normalize_then_sum: a batch z-score, no centring.
+    """
+    grid = _group_grid(total, group_index, num_groups)
+    mean, std, count, constant = _nan_row_stats(grid)
+    centred = total - mean[group_index]
+    if scale_rewards == "gdpo":
+        b_mean, b_std = _nan_stats_1d(total)
+        adv = (total - b_mean) / (b_std + eps)
+    elif scale_rewards == "group":
+        adv = centred / (std[group_index] + eps)
+    elif scale_rewards == "rloo":
+        c = count[group_index]
+        adv = centred * c / (c - 1).clamp(min=1)
+    else:
+        adv = centred
+    if scale_rewards == "batch":
+        adv = adv / (_nan_stats_1d(total)[1] + eps)
+    elif scale_rewards == "reinforce++":
+        c_mean, c_std = _nan_stats_1d(adv)
+        adv = (adv - c_mean) / (c_std + eps)
+    adv = torch.where(constant[group_index] | torch.isnan(adv), torch.zeros_like(adv), adv)
+    return adv, mean, std, constant
+
+
+def zscore_within_groups(rewards, group_index, num_groups, eps):
+    """GDPO step: z-score each reward function (column) within its group; constant groups give 0."""
+    cols = []
+    for f in range(rewards.shape[1]):
+        col = rewards[:, f]
+        grid = _group_grid(col, group_index, num_groups)
+        mean, std, _, constant = _nan_row_stats(grid)
+        z = (col - mean[group_index]) / (std[group_index] + eps)
+        cols.append(torch.where(constant[group_index] & ~torch.isnan(col), torch.zeros_like(z), z))
+    return torch.stack(cols, dim=1)
+
+
+def _group_grid(values, group_index, num_groups):
+    order = torch.argsort(group_index, stable=True)
+    counts = torch.bincount(group_index, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_groups = group_index[order]
+    pos = torch.arange(values.numel(), device=values.device) - starts[sorted_groups]
+    width = int(counts.max()) if values.numel() else 1
+    grid = torch.full((num_groups, width), float("nan"), dtype=values.dtype, device=values.device)
+    grid[sorted_groups, pos] = values[order]
+    return grid
+
+
+def _nan_row_stats(grid):
+    ok = ~torch.isnan(grid)
+    count = ok.sum(1).to(grid.dtype)
+    mean = torch.where(ok, grid, 0).sum(1) / count.clamp(min=1)
+    var = torch.where(ok, (grid - mean.unsqueeze(1)) ** 2, 0).sum(1) / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+    first = torch.where(ok, grid, float("inf")).amin(1)
+    last = torch.where(ok, grid, -float("inf")).amax(1)
+    constant = (count < 2) | (first == last)
+    return mean, std, count, constant
+
+
+def _nan_stats_1d(values):
+    mean, std, _, _ = _nan_row_stats(values.unsqueeze(0))
+    return mean[0], std[0]

@@ -1,0 +1,336 @@
+"""The math of SPEC.md in plain PyTorch: the ground truth every backend is tested against.
+
+Clarity over speed: the logits are materialised in full, every step is differentiable by
+autograd, and any dtype works (tests run it in fp64). The per-token objective
+(`policy_objective`) works on padded `(B, T)` tensors and is shared by the fast paths,
+which only replace how log-probs and entropies are obtained from the logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .config import GRPOLossConfig
+
+
+def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    """Per-token log-prob of `ids` and entropy of softmax(logits / temperature).
+
+    Shapes: logits (..., V), ids (...) -> logp (...), entropy (...), in logits' dtype.
+    −inf logits get probability 0 and contribute 0 to the entropy (and a zero gradient).
+    """
+    logsm = torch.log_softmax(logits / temperature, dim=-1)
+    logp = logsm.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    p = logsm.exp()
+    # masked_fill (not where) so that the backward of p * log p sees no 0 * -inf.
+    entropy = -(p * logsm.masked_fill(p == 0, 0.0)).sum(-1)
+    return logp, entropy
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ mask·x / max(1, Σ mask): 0 (not NaN) when nothing is selected."""
+    x = torch.broadcast_to(x, mask.shape)
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, clamp: Optional[float]) -> torch.Tensor:
+    """k1 / k2 / k3 estimators of KL(pi || pi_ref) per token, with x = ref_logp − logp."""
+    x = ref_logp - logp
+    if kind == "k1":
+        kl = -x
+    elif kind == "k2":
+        kl = 0.5 * x * x
+    elif kind == "k3":
+        if clamp is not None:
+            x = x.clamp(-20.0, 20.0)  # as verl's low_var_kl, so exp(x) stays finite
+        kl = torch.exp(x) - x - 1
+    else:
+        raise ValueError(f"kl_estimator {kind!r} is not one of k1, k2, k3")
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    return kl
+
+
+def importance_sampling_correction(old_logp, sampling_logp, mask, mode, clip_min, clip_max) -> torch.Tensor:
+    """Detached rollout IS weight, (B, T) for token modes and (B, 1) for sequence modes.
+
+    Tokens whose sampling log-prob is NaN (the engine could not score them) contribute a
+    zero log-ratio, as in TRL: no correction rather than a NaN loss.
+    """
+    d = torch.where(mask, torch.nan_to_num(old_logp - sampling_logp, nan=0.0), 0).detach()
+    if mode.startswith("sequence"):
+        d = d.sum(-1, keepdim=True)
+    w = torch.exp(d)
+    lo = -float("inf") if clip_min is None else clip_min
+    hi = float("inf") if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return w.clamp(lo, hi)
+    return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
+
+
+def quantile_threshold(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of a 1-D tensor with linear interpolation, as torch.quantile.
+
+    The position q·(n−1) is computed in Python float64 and snapped to an integer when
+    within 1e-9 of one, so that the boundary decision (keep the token at exactly the
+    quantile) is the same in fp32 and fp64 and in every backend.
+    """
+    ordered = torch.sort(values).values
+    pos = q * (ordered.numel() - 1)
+    if abs(pos - round(pos)) < 1e-9:
+        return ordered[int(round(pos))]
+    lo = int(pos)
+    return ordered[lo] + (pos - lo) * (ordered[lo + 1] - ordered[lo])
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Tokens whose entropy is >= the (1 − quantile) quantile of the masked entropies (TRL's rule)."""
+    selected = entropy.detach()[mask]
+    if selected.numel() == 0:
+        return torch.zeros_like(mask)
+    return (entropy.detach() >= quantile_threshold(selected, 1.0 - quantile)) & mask
+
+
+@dataclass
+class ObjectiveTerms:
+    loss: torch.Tensor  # 0-d, differentiable
+    per_token_loss: torch.Tensor  # (B, T), 0 where masked
+    metrics: Dict[str, torch.Tensor]  # 0-d, detached
+
+
+def policy_objective(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: GRPOLossConfig,
+    *,
+    old_logp: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    sampling_logp: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+) -> ObjectiveTerms:
+    """The GRPO objective from per-token log-probs, on padded tensors.
+
+    Shapes: logp, entropy, mask, old/ref/sampling_logp (B, T); advantages (B,) or (B, T).
+    `mask` is bool. Masked positions may hold anything finite or not: they are replaced
+    before any arithmetic, so they contribute exactly 0 to the loss, gradients and metrics.
+    """
+    cfg = config
+    m = mask
+    n_b = m.sum(-1, keepdim=True).clamp(min=1).to(logp.dtype)
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logp.dtype)
+    logp_m = torch.where(m, logp, 0)
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    log_ratio = torch.where(m, logp - old, 0)
+
+    # Importance ratio rho, (B, T) or (B, 1).
+    level = cfg.importance_sampling_level
+    if level == "token":
+        rho = torch.exp(log_ratio)
+    elif level == "sequence":
+        rho = torch.exp(log_ratio.sum(-1, keepdim=True) / n_b)
+    else:  # sequence_token: value exp(w_b), gradient per token
+        w_b = (log_ratio.sum(-1, keepdim=True) / n_b).detach()
+        rho = torch.exp(logp_m - logp_m.detach() + w_b)
+    rho_value = torch.broadcast_to(rho.detach(), m.shape)
+
+    pg = cfg.pg_loss
+    if pg == "clip":
+        rho_clipped = rho.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+        rho_capped = rho.clamp(max=cfg.delta) if cfg.delta is not None else rho
+        loss_pg = -torch.minimum(rho_capped * adv, rho_clipped * adv)
+        if cfg.dual_clip is not None:
+            loss_pg = torch.where(adv < 0, torch.minimum(loss_pg, -cfg.dual_clip * adv), loss_pg)
+    elif pg == "cispo":
+        loss_pg = -rho.clamp(max=cfg.eps_high).detach() * adv * logp_m
+    else:  # sapo
+        s = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(logp.dtype)
+        loss_pg = -torch.sigmoid(s * (rho - 1)) * 4 / s * adv
+
+    entropy_m = torch.where(m, entropy, 0)
+    if cfg.off_policy_mask_threshold is not None:
+        behaviour = old if sampling_logp is None else sampling_logp.to(logp.dtype)
+        seq_kl = torch.where(m, torch.nan_to_num(behaviour - logp.detach(), nan=0.0), 0).sum(-1, keepdim=True) / n_b
+        keep = (adv >= 0) | (seq_kl <= cfg.off_policy_mask_threshold)
+        loss_pg = loss_pg * keep.to(logp.dtype)
+    entropy_keep = None
+    if cfg.top_entropy_quantile < 1.0:
+        entropy_keep = high_entropy_mask(entropy_m, m, cfg.top_entropy_quantile)
+        loss_pg = loss_pg * entropy_keep.to(logp.dtype)
+    is_weight = None
+    if cfg.is_correction is not None:
+        if sampling_logp is None:
+            raise ValueError(f"is_correction={cfg.is_correction!r} needs sampling_logps (the inference engine's log-probs)")
+        is_weight = importance_sampling_correction(
+            old.to(logp.dtype), sampling_logp.to(logp.dtype), m, cfg.is_correction, cfg.is_clip_min, cfg.is_clip_max
+        )
+        loss_pg = loss_pg * is_weight
+
+    per_token = loss_pg
+    kl = None
+    if cfg.beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("ref_logps is required when beta != 0 (the KL term needs the reference policy's log-probs)")
+        kl = kl_penalty(logp_m, torch.where(m, ref_logp.to(logp.dtype), 0), cfg.kl_kind, cfg.kl_clamp)
+        if cfg.use_bias_correction_kl:
+            kl = kl * rho.detach()
+        per_token = per_token + cfg.beta * kl
+    per_token = torch.where(m, torch.broadcast_to(per_token, m.shape), 0)
+
+    mode = cfg.agg_mode
+    if mode == "seq-mean-token-mean":
+        loss = (per_token.sum(-1, keepdim=True) / n_b).mean()
+    elif mode == "token-mean":
+        count = m.sum()
+        if num_items_in_batch is not None and cfg.uses_num_items_in_batch:
+            count = torch.as_tensor(num_items_in_batch, device=logp.device)
+        loss = per_token.sum() / count.to(logp.dtype).clamp(min=1)
+    elif mode == "seq-mean-token-sum":
+        loss = per_token.sum(-1).mean()
+    else:  # seq-mean-token-sum-norm
+        loss = per_token.sum() / (m.shape[0] * cfg.max_completion_length)
+
+    if cfg.entropy_coef != 0.0:
+        # As TRL: the bonus acts on the tokens the policy term acts on.
+        effective = m if entropy_keep is None else entropy_keep
+        loss = loss - cfg.entropy_coef * masked_mean(entropy_m, effective)
+
+    with torch.no_grad():
+        adv_t = torch.broadcast_to(adv, m.shape)
+        low = (rho_value < 1 - cfg.eps_low) & (adv_t < 0)
+        high = (rho_value > 1 + cfg.eps_high) & (adv_t > 0)
+        metrics = {
+            "entropy": masked_mean(entropy_m, m),
+            "clip_ratio/low": masked_mean(low.to(logp.dtype), m),
+            "clip_ratio/high": masked_mean(high.to(logp.dtype), m),
+            "clip_ratio/region": masked_mean((low | high).to(logp.dtype), m),
+            "ratio/mean": masked_mean(rho_value, m),
+            "ratio/max": torch.where(m, rho_value, 0).amax() if m.any() else rho_value.new_zeros(()),
+        }
+        if kl is not None:
+            metrics["kl"] = masked_mean(kl.detach(), m)
+        if is_weight is not None:
+            metrics["is_ratio/mean"] = masked_mean(is_weight, m)
+    return ObjectiveTerms(loss=loss, per_token_loss=per_token.detach(), metrics=metrics)
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    config: Optional[GRPOLossConfig] = None,
+):
+    """Reference GRPO loss on padded logits (B, T, V). Returns (ObjectiveTerms, logp, entropy)."""
+    config = config or GRPOLossConfig()
+    mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
+    logp, entropy = logprobs_and_entropy(logits, ids, config.temperature)
+    terms = policy_objective(
+        logp, entropy, advantages, mask, config,
+        old_logp=old_logps, ref_logp=ref_logps, sampling_logp=sampling_logps, num_items_in_batch=num_items_in_batch,
+    )
+    return terms, logp, entropy
+
+
+# ----------------------------------------------------------------------------------------
+# Group advantages
+# ----------------------------------------------------------------------------------------
+
+def _nan_mean_std(values: torch.Tensor):
+    """NaN-aware mean and Bessel-corrected std of a 1-D tensor; std is 0 below 2 values."""
+    v = values[~torch.isnan(values)]
+    if v.numel() == 0:
+        return values.new_zeros(()), values.new_zeros(()), 0
+    mean = v.mean()
+    std = v.std(unbiased=True) if v.numel() > 1 else values.new_zeros(())
+    return mean, std, v.numel()
+
+
+def _is_constant(values: torch.Tensor) -> bool:
+    v = values[~torch.isnan(values)]
+    return v.numel() < 2 or bool((v == v[0]).all())
+
+
+@dataclass
+class ReferenceAdvantages:
+    advantages: torch.Tensor  # (N,)
+    group_mean: torch.Tensor  # (G,)
+    group_std: torch.Tensor  # (G,)
+    frac_zero_std: torch.Tensor  # 0-d
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    num_groups: int,
+    *,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    reward_weights: Optional[torch.Tensor] = None,
+    reward_aggregation: str = "sum_then_normalize",
+) -> ReferenceAdvantages:
+    """Reference group-relative advantages, one group at a time in plain loops.
+
+    rewards (N,) or (N, F) with NaN for missing; group_index (N,) in [0, num_groups).
+    A group whose scorable rewards are all equal (or fewer than 2) gets advantage 0.
+    """
+    r = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)
+    w = torch.ones(r.shape[1], dtype=r.dtype, device=r.device) if reward_weights is None else reward_weights.to(r.dtype)
+    unscorable = torch.isnan(r).all(dim=1)
+    groups = [torch.nonzero(group_index == g).flatten() for g in range(num_groups)]
+
+    if reward_aggregation == "normalize_then_sum":
+        z = torch.full_like(r, float("nan"))
+        for rows in groups:
+            for f in range(r.shape[1]):
+                col = r[rows, f]
+                mean, std, _ = _nan_mean_std(col)
+                z[rows, f] = 0.0 if _is_constant(col) else (col - mean) / (std + eps)
+        total = torch.nansum(z * w, dim=1)
+    else:
+        total = torch.nansum(r * w, dim=1)
+    total = torch.where(unscorable, torch.full_like(total, float("nan")), total)
+
+    adv = torch.zeros_like(total)
+    g_mean = total.new_zeros(num_groups)
+    g_std = total.new_zeros(num_groups)
+    degenerate = torch.zeros(num_groups, dtype=torch.bool)
+    for g, rows in enumerate(groups):
+        mean, std, count = _nan_mean_std(total[rows])
+        g_mean[g], g_std[g] = mean, std
+        degenerate[g] = _is_constant(total[rows])
+        centred = total[rows] - mean
+        if reward_aggregation == "normalize_then_sum":
+            adv[rows] = total[rows]
+        elif scale_rewards == "group":
+            adv[rows] = centred / (std + eps)
+        elif scale_rewards == "rloo":
+            adv[rows] = centred * count / max(count - 1, 1)
+        else:  # batch, none, reinforce++: scaled over the batch below
+            adv[rows] = centred
+
+    _, batch_std, _ = _nan_mean_std(total)
+    if reward_aggregation == "normalize_then_sum":
+        batch_mean, _, _ = _nan_mean_std(total)
+        adv = (adv - batch_mean) / (batch_std + eps)
+    elif scale_rewards == "batch":
+        adv = adv / (batch_std + eps)
+    elif scale_rewards == "reinforce++":
+        c_mean, c_std, _ = _nan_mean_std(adv)
+        adv = (adv - c_mean) / (c_std + eps)
+
+    for g, rows in enumerate(groups):
+        if degenerate[g]:
+            adv[rows] = 0.0
+    adv = torch.where(torch.isnan(adv), torch.zeros_like(adv), adv)
+    return ReferenceAdvantages(
+        advantages=adv, group_mean=g_mean, group_std=g_std, frac_zero_std=degenerate.to(r.dtype).mean().to(r.device)
+    )

@@ -1,0 +1,25 @@
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_close(actual, expected, *, rtol=1e-5, atol=1e-6, name=""):
+    actual = torch.as_tensor(actual).detach().double().cpu()
+    expected = torch.as_tensor(expected).detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_grad_close(actual, expected, *, rel=1e-5, name="grad"):
+    """Gradients compared at a tolerance relative to their largest element."""
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    assert_close(actual, expected, rtol=0, atol=rel * scale + 1e-9, name=name)
+
+
+def to_device(case):
+    for f in ("logits", "ids", "mask", "advantages", "old_logps", "ref_logps", "sampling_logps"):
+        x = getattr(case, f)
+        if x is not None:
+            setattr(case, f, x.to(DEVICE))
+    return case
