@@ -147,7 +147,8 @@ def policy_objective(
     elif pg == "cispo":
         loss_pg = -rho.clamp(max=cfg.eps_high).detach() * adv * logp_m
     else:  # sapo
-        s = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(logp.dtype)
+        # Tensors, not Python floats: torch.where would make the temperatures fp32.
+        s = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))
         loss_pg = -torch.sigmoid(s * (rho - 1)) * 4 / s * adv
 
     entropy_m = torch.where(m, entropy, 0)
