@@ -44,13 +44,14 @@ def test_fp32_matches_reference(backend, option):
 @pytest.mark.parametrize("option", ["grpo", "dapo_num_items", "cispo", "sapo", "gspo", "k3_bias_corr", "everything"])
 def test_bf16_matches_reference(backend, option):
     # The reference runs in fp64 on the same bf16 values, so loss, log-probs and metrics differ
-    # only by fp32 accumulation (1e-5). The gradient is stored in bf16: each element carries a
-    # rounding error of at most 2^-9 of itself, hence a tolerance of 2^-8 of the largest element.
+    # only by fp32 accumulation (1e-5). The gradient is stored in bf16 (8 significant bits): each
+    # element carries a rounding error up to half an ulp, 2^-8 of itself, and an fp32 difference
+    # before rounding can flip the rounding direction, hence one ulp, 2^-7 of the largest element.
     case = make_case(option, dtype=torch.bfloat16, seed=7)
     ref = reference_result(case)
     out, grad = run_backend(to_device(case), backend)
     assert grad.dtype == torch.bfloat16
-    check_against_reference(out, grad, ref, grad_rel=2.0 ** -8)
+    check_against_reference(out, grad, ref, grad_rel=2.0 ** -7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -59,7 +60,7 @@ def test_fp16_storage(backend):
     ref = reference_result(case)
     out, grad = run_backend(to_device(case), backend)
     assert grad.dtype == torch.float16
-    check_against_reference(out, grad, ref, grad_rel=2.0 ** -10)
+    check_against_reference(out, grad, ref, grad_rel=2.0 ** -10)  # fp16: 11 bits, one ulp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,2 +1,9 @@
-"""Fused Triton kernels (being written)."""
-raise ImportError("grpo_kernels triton kernels are not built yet")
+"""`backend="triton"`: fused Triton kernels, one file per kernel family.
+
+Importing this package needs triton >= 3.2. On a machine without a GPU the kernels run under
+`TRITON_INTERPRET=1` (slowly: for tests on small shapes).
+"""
+from .advantages import group_advantages
+from .logprobs import logprobs_backward, logprobs_forward
+
+__all__ = ["logprobs_forward", "logprobs_backward", "group_advantages"]
