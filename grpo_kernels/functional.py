@@ -16,6 +16,7 @@ from .config import GRPOLossConfig, resolve_config
 from .layout import TokenLayout, check_cu_seqlens
 from .ops import logprobs_with_entropy, resolve_backend
 from .ops.dispatch import backend_module
+from .ops.objective import fused_objective, has_fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
 from .validation import (
     FLOAT_DTYPES, INT_DTYPES, check_finite, check_ids, check_logp_finite, require_device, require_shape,
@@ -99,29 +100,36 @@ def check_num_items(num_items_in_batch):
 
 
 def objective_from_logprobs(
-    logp_rows, entropy_rows, layout: TokenLayout, mask, advantages, cfg, *,
+    logp_rows, entropy_rows, layout: TokenLayout, mask, advantages, cfg, backend: str, *,
     old_logps=None, ref_logps=None, sampling_logps=None, num_items_in_batch=None,
 ) -> GRPOLossOutput:
-    """Apply the per-token objective to flat per-row logp/entropy (differentiable)."""
+    """Apply the per-token objective to flat per-row logp/entropy (differentiable).
+
+    Backends with a fused objective kernel compute it with its analytic gradient; the others
+    run `reference.policy_objective` on the (B, T) tensors under autograd.
+    """
     pad = layout.to_padded
     padded_mask = layout.per_token_mask(mask)
     adv = advantages.float()
     adv = adv if adv.shape == (layout.batch,) else pad(adv)
     as_f32 = lambda x: None if x is None else pad(x.float())  # noqa: E731
-    terms = reference.policy_objective(
-        pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1)), adv, padded_mask, cfg,
-        old_logp=as_f32(old_logps), ref_logp=as_f32(ref_logps), sampling_logp=as_f32(sampling_logps),
-        num_items_in_batch=num_items_in_batch,
-    )
-    if not tracing() and not bool(torch.isfinite(terms.loss.detach())):
-        raise ValueError(f"the loss came out non-finite ({float(terms.loss)}) although every input passed its checks")
+    inputs = dict(old_logp=as_f32(old_logps), ref_logp=as_f32(ref_logps), sampling_logp=as_f32(sampling_logps),
+                  num_items_in_batch=num_items_in_batch)
+    logp_pad, entropy_pad = pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1))
+    if has_fused_objective(backend):
+        loss, per_token_loss, metrics = fused_objective(logp_pad, entropy_pad, padded_mask, adv, cfg, backend, **inputs)
+    else:
+        terms = reference.policy_objective(logp_pad, entropy_pad, adv, padded_mask, cfg, **inputs)
+        loss, per_token_loss, metrics = terms.loss, terms.per_token_loss, terms.metrics
+    if not tracing() and not bool(torch.isfinite(loss.detach())):
+        raise ValueError(f"the loss came out non-finite ({float(loss)}) although every input passed its checks")
     live = layout.from_padded(padded_mask)
     return GRPOLossOutput(
-        loss=terms.loss,
-        logps=torch.where(live, layout.from_padded(pad(logp_rows.detach().reshape(-1))), 0.0),
-        entropy=torch.where(live, layout.from_padded(pad(entropy_rows.detach().reshape(-1))), 0.0),
-        per_token_loss=layout.from_padded(terms.per_token_loss),
-        metrics=terms.metrics,
+        loss=loss,
+        logps=torch.where(live, layout.from_padded(logp_pad.detach()), 0.0),
+        entropy=torch.where(live, layout.from_padded(entropy_pad.detach()), 0.0),
+        per_token_loss=layout.from_padded(per_token_loss),
+        metrics=metrics,
     )
 
 
@@ -221,7 +229,7 @@ def grpo_loss(
     logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), cfg.temperature, name, inplace_backward)
     check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1))
     return objective_from_logprobs(
-        logp, entropy, layout, mask, advantages, cfg, old_logps=old_logps, ref_logps=ref_logps,
+        logp, entropy, layout, mask, advantages, cfg, name, old_logps=old_logps, ref_logps=ref_logps,
         sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch,
     )
 

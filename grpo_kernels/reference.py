@@ -209,7 +209,8 @@ def policy_objective(
             "clip_ratio/high": masked_mean(high.to(logp.dtype), m),
             "clip_ratio/region": masked_mean((low | high).to(logp.dtype), m),
             "ratio/mean": masked_mean(rho_value, m),
-            "ratio/max": torch.where(m, rho_value, 0).amax() if m.any() else rho_value.new_zeros(()),
+            # rho > 0, so the zeros at masked positions never win (and give 0 with no token).
+            "ratio/max": torch.where(m, rho_value, 0).amax() if m.numel() else rho_value.new_zeros(()),
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), m)

@@ -13,6 +13,12 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 
+def trace_as_constant(fn):
+    """Backend choice is configuration, not data: torch.compile runs it once and bakes the answer in."""
+    marker = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
+    return marker(fn) if marker is not None else fn
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not installed, not built, wrong device)."""
 
@@ -50,6 +56,7 @@ def why_unavailable(name: str, device: torch.device):
     return f"backend={name!r} is not built into this installation of grpo_kernels"
 
 
+@trace_as_constant
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; expected one of {list(BACKENDS)}")

@@ -1,0 +1,339 @@
+"""Triton kernel: the per-token GRPO objective and its derivatives w.r.t. logp and entropy.
+
+After the vocabulary sweep has produced logp and H per token, this kernel turns them into the
+per-token loss, dL/dlogp and dL/dH for every option of SPEC.md. Those two per-token gradients
+are all the backward sweep over the logits needs. One program per sequence:
+  pass 1 over its tokens: sequence sums (GSPO log-ratio mean, off-policy KL, sequence IS weight);
+  pass 2: per-token loss and gradients, plus per-sequence partial sums of the loss and metrics;
+  pass 3 (GSPO only): the gradient through the sequence mean, ρ_b · m_s / n_b · Σ_t ∂L/∂ρ_b.
+The kernel reads and writes O(B·T) floats, nothing of size V, and reduces metrics on the
+device: per-sequence partials, then a deterministic sum over sequences (no atomics).
+
+The derivatives follow autograd on reference.py exactly, ties included: torch.minimum splits
+the gradient in half at ties, and clamp passes it at the bounds (inclusive).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...reference import high_entropy_mask
+
+PG = {"clip": 0, "cispo": 1, "sapo": 2}
+LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
+KL = {"k1": 1, "k2": 2, "k3": 3}
+IS = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4}
+AGG = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
+# Per-sequence partial sums written by the kernel, in this order.
+SLOTS = ("loss", "count", "entropy", "low", "high", "region", "ratio_sum", "ratio_max", "kl", "is")
+NUM_SLOTS = 16
+
+
+@triton.jit
+def _nan_to_zero(x):
+    return tl.where(x == x, x, 0.0)
+
+
+@triton.jit
+def _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_neg,
+                 PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
+    """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp."""
+    direct = tl.zeros_like(rho)
+    if PG_KIND == 0:
+        lo = 1.0 - eps_low
+        hi = 1.0 + eps_high
+        rho_c = tl.minimum(tl.maximum(rho, lo), hi)
+        rho_d = rho
+        d_rho_d = tl.full(rho.shape, 1.0, tl.float32)
+        if HAS_DELTA:
+            rho_d = tl.minimum(rho, delta)
+            d_rho_d = tl.where(rho <= delta, 1.0, 0.0)
+        a = rho_d * adv
+        b = rho_c * adv
+        da = adv * d_rho_d
+        db = adv * tl.where((rho >= lo) & (rho <= hi), 1.0, 0.0)
+        loss = -tl.minimum(a, b)
+        d_rho = -tl.where(a < b, da, tl.where(b < a, db, 0.5 * (da + db)))
+        if HAS_DUAL:
+            cap = -dual_clip * adv
+            capped = tl.minimum(loss, cap)
+            d_capped = tl.where(loss < cap, d_rho, tl.where(loss > cap, 0.0, 0.5 * d_rho))
+            loss = tl.where(adv < 0, capped, loss)
+            d_rho = tl.where(adv < 0, d_capped, d_rho)
+    elif PG_KIND == 1:
+        weight = tl.minimum(rho, eps_high)
+        loss = -weight * adv * logp
+        d_rho = tl.zeros_like(rho)
+        direct = -weight * adv
+    else:
+        s = tl.where(adv > 0, s_pos, s_neg)
+        sig = tl.sigmoid(s * (rho - 1.0))
+        loss = -sig * 4.0 / s * adv
+        d_rho = -4.0 * adv * sig * (1.0 - sig)
+    return loss, d_rho, direct
+
+
+@triton.jit
+def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.constexpr):
+    """k1/k2/k3 value of KL(pi || pi_ref) and its derivative w.r.t. logp (x = ref − logp)."""
+    x = ref - logp
+    if KL_KIND == 1:
+        kl = -x
+        d_kl = tl.full(x.shape, 1.0, tl.float32)
+    elif KL_KIND == 2:
+        kl = 0.5 * x * x
+        d_kl = -x
+    else:
+        d_x = tl.full(x.shape, 1.0, tl.float32)
+        if HAS_KL_CLAMP:
+            d_x = tl.where((x >= -20.0) & (x <= 20.0), 1.0, 0.0)
+            x = tl.minimum(tl.maximum(x, -20.0), 20.0)
+        ex = tl.exp(x)
+        kl = ex - x - 1.0
+        d_kl = -(ex - 1.0) * d_x
+    if HAS_KL_CLAMP:
+        d_kl = tl.where((kl >= -kl_clamp) & (kl <= kl_clamp), d_kl, 0.0)
+        kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
+    return kl, d_kl
+
+
+@triton.jit
+def _grpo_objective_kernel(
+    logp_ptr, ent_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, samp_ptr, keep_ent_ptr,
+    norm_ptr, ent_norm_ptr,
+    loss_ptr, g_logp_ptr, g_ent_ptr, part_ptr,
+    T, eps_low, eps_high, delta, dual_clip, s_pos, s_neg, beta, kl_clamp, off_thresh,
+    is_lo, is_hi, entropy_coef,
+    PG_KIND: tl.constexpr, LEVEL: tl.constexpr, KL_KIND: tl.constexpr, IS_MODE: tl.constexpr,
+    AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, ON_POLICY: tl.constexpr, HAS_SAMPLING: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, BIAS_CORR: tl.constexpr,
+    HAS_OFF_POLICY: tl.constexpr, HAS_ENT_MASK: tl.constexpr, HAS_ENT_BONUS: tl.constexpr,
+    NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    row = b * T
+    lanes = tl.arange(0, BLOCK_T)
+    norm = tl.load(norm_ptr)
+    adv_seq = tl.zeros((), tl.float32)
+    if not ADV_PER_TOKEN:
+        adv_seq = tl.load(adv_ptr + b)
+
+    # Pass 1: sequence sums.
+    n_tok = tl.zeros((), tl.float32)
+    sum_delta = tl.zeros((), tl.float32)
+    sum_off = tl.zeros((), tl.float32)
+    sum_isd = tl.zeros((), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + lanes
+        inb = offs < T
+        m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
+        logp = tl.where(m, tl.load(logp_ptr + row + offs, mask=m, other=0.0), 0.0)
+        old = logp
+        if not ON_POLICY:
+            old = tl.where(m, tl.load(old_ptr + row + offs, mask=m, other=0.0), 0.0)
+        n_tok += tl.sum(m.to(tl.float32), axis=0)
+        sum_delta += tl.sum(logp - old, axis=0)
+        if HAS_OFF_POLICY:
+            behaviour = old
+            if HAS_SAMPLING:
+                behaviour = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+            sum_off += tl.sum(tl.where(m, _nan_to_zero(behaviour - logp), 0.0), axis=0)
+        if IS_MODE != 0:
+            samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+            sum_isd += tl.sum(tl.where(m, _nan_to_zero(old - samp), 0.0), axis=0)
+    n_b = tl.maximum(n_tok, 1.0)
+    rho_seq = tl.exp(sum_delta / n_b)
+    off_kl = sum_off / n_b
+    is_seq = tl.exp(sum_isd)
+    if IS_MODE == 3:
+        is_seq = tl.minimum(tl.maximum(is_seq, is_lo), is_hi)
+    if IS_MODE == 4:
+        is_seq = tl.where((is_seq < is_lo) | (is_seq > is_hi), 0.0, is_seq)
+    if AGG == 0:
+        agg_w = 1.0 / (n_b * norm)
+    else:
+        agg_w = 1.0 / norm
+    ent_w = tl.zeros((), tl.float32)
+    if HAS_ENT_BONUS:
+        ent_w = entropy_coef / tl.load(ent_norm_ptr)
+
+    # Pass 2: per-token loss and gradients, per-sequence partials.
+    acc_loss = tl.zeros((), tl.float32)
+    acc_ent = tl.zeros((), tl.float32)
+    acc_low = tl.zeros((), tl.float32)
+    acc_high = tl.zeros((), tl.float32)
+    acc_region = tl.zeros((), tl.float32)
+    acc_rho = tl.zeros((), tl.float32)
+    max_rho = tl.zeros((), tl.float32)
+    acc_kl = tl.zeros((), tl.float32)
+    acc_is = tl.zeros((), tl.float32)
+    acc_drho = tl.zeros((), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + lanes
+        inb = offs < T
+        m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
+        mf = m.to(tl.float32)
+        logp = tl.where(m, tl.load(logp_ptr + row + offs, mask=m, other=0.0), 0.0)
+        ent = tl.where(m, tl.load(ent_ptr + row + offs, mask=m, other=0.0), 0.0)
+        old = logp
+        if not ON_POLICY:
+            old = tl.where(m, tl.load(old_ptr + row + offs, mask=m, other=0.0), 0.0)
+        if ADV_PER_TOKEN:
+            adv = tl.where(m, tl.load(adv_ptr + row + offs, mask=m, other=0.0), 0.0)
+        else:
+            adv = tl.zeros((BLOCK_T,), tl.float32) + adv_seq
+        if LEVEL == 0:
+            rho = tl.exp(logp - old)
+            d_rho_direct = rho * mf
+        elif LEVEL == 1:
+            rho = tl.zeros((BLOCK_T,), tl.float32) + rho_seq
+            d_rho_direct = tl.zeros((BLOCK_T,), tl.float32)
+        else:
+            rho = tl.zeros((BLOCK_T,), tl.float32) + rho_seq
+            d_rho_direct = rho * mf
+        pg, d_pg_rho, d_pg_direct = _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_neg,
+                                                 PG_KIND, HAS_DELTA, HAS_DUAL)
+        mult = tl.full((BLOCK_T,), 1.0, tl.float32)
+        if HAS_OFF_POLICY:
+            stale = tl.zeros((BLOCK_T,), tl.float32) + off_kl > off_thresh
+            mult = tl.where((adv < 0) & stale, 0.0, mult)
+        keep_ent = mf
+        if HAS_ENT_MASK:
+            keep_ent = (tl.load(keep_ent_ptr + row + offs, mask=m, other=0) != 0).to(tl.float32) * mf
+            mult = mult * keep_ent
+        is_w = tl.full((BLOCK_T,), 1.0, tl.float32)
+        if IS_MODE == 1 or IS_MODE == 2:
+            samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+            is_w = tl.exp(tl.where(m, _nan_to_zero(old - samp), 0.0))
+            if IS_MODE == 1:
+                is_w = tl.minimum(tl.maximum(is_w, is_lo), is_hi)
+            else:
+                is_w = tl.where((is_w < is_lo) | (is_w > is_hi), 0.0, is_w)
+        if IS_MODE == 3 or IS_MODE == 4:
+            is_w = tl.zeros((BLOCK_T,), tl.float32) + is_seq
+        if IS_MODE != 0:
+            mult = mult * is_w
+        loss_t = pg * mult
+        g_t = mult * (d_pg_rho * d_rho_direct + d_pg_direct)
+        kl = tl.zeros((BLOCK_T,), tl.float32)
+        if KL_KIND != 0:
+            ref = tl.where(m, tl.load(ref_ptr + row + offs, mask=m, other=0.0), 0.0)
+            kl, d_kl = _kl_term(logp, ref, kl_clamp, KL_KIND, HAS_KL_CLAMP)
+            if BIAS_CORR:
+                kl = kl * rho
+                d_kl = d_kl * rho
+            loss_t += beta * kl
+            g_t += beta * d_kl
+        w = mf * agg_w
+        loss_t = tl.where(m, loss_t, 0.0)
+        tl.store(loss_ptr + row + offs, loss_t, mask=inb)
+        tl.store(g_logp_ptr + row + offs, tl.where(m, g_t * w, 0.0), mask=inb)
+        tl.store(g_ent_ptr + row + offs, -ent_w * keep_ent, mask=inb)
+        acc_loss += tl.sum(loss_t * w, axis=0) - ent_w * tl.sum(keep_ent * ent, axis=0)
+        acc_drho += tl.sum(tl.where(m, w * mult * d_pg_rho, 0.0), axis=0)
+        low = ((rho < 1.0 - eps_low) & (adv < 0)).to(tl.float32) * mf
+        high = ((rho > 1.0 + eps_high) & (adv > 0)).to(tl.float32) * mf
+        acc_ent += tl.sum(ent, axis=0)
+        acc_low += tl.sum(low, axis=0)
+        acc_high += tl.sum(high, axis=0)
+        acc_region += tl.sum(tl.maximum(low, high), axis=0)
+        acc_rho += tl.sum(rho * mf, axis=0)
+        max_rho = tl.maximum(max_rho, tl.max(rho * mf, axis=0))
+        acc_kl += tl.sum(kl * mf, axis=0)
+        acc_is += tl.sum(is_w * mf, axis=0)
+
+    # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
+    if LEVEL == 1:
+        scale = acc_drho * rho_seq / n_b
+        for t0 in range(0, T, BLOCK_T):
+            offs = t0 + lanes
+            inb = offs < T
+            m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
+            g = tl.load(g_logp_ptr + row + offs, mask=inb, other=0.0)
+            tl.store(g_logp_ptr + row + offs, tl.where(m, g + scale, 0.0), mask=inb)
+
+    part = part_ptr + b * NUM_SLOTS
+    tl.store(part + 0, acc_loss)
+    tl.store(part + 1, n_tok)
+    tl.store(part + 2, acc_ent)
+    tl.store(part + 3, acc_low)
+    tl.store(part + 4, acc_high)
+    tl.store(part + 5, acc_region)
+    tl.store(part + 6, acc_rho)
+    tl.store(part + 7, max_rho)
+    tl.store(part + 8, acc_kl)
+    tl.store(part + 9, acc_is)
+
+
+def _scalar(x, device):
+    return torch.as_tensor(x, dtype=torch.float32, device=device).reshape(1)
+
+
+def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
+                   num_items_in_batch=None):
+    """Padded (B, T) fp32 inputs -> (loss 0-d, per_token_loss, g_logp, g_entropy, metrics dict).
+
+    g_logp and g_entropy are dL/dlogp and dL/dH for an upstream gradient of 1 on the loss.
+    """
+    bsz, t = logp.shape
+    dev = logp.device
+    f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+    logp, entropy = f32(logp), f32(entropy)
+    mask_u8 = mask.to(torch.uint8).contiguous()
+    count = mask.sum().float()
+    agg = cfg.agg_mode
+    if agg == "token-mean":
+        norm = count if num_items_in_batch is None or not cfg.uses_num_items_in_batch else _scalar(
+            num_items_in_batch, dev).reshape(())
+        norm = norm.clamp(min=1).reshape(1)
+    elif agg == "seq-mean-token-sum-norm":
+        norm = _scalar(bsz * cfg.max_completion_length, dev)
+    else:
+        norm = _scalar(bsz, dev)
+    keep_ent = None
+    ent_norm = count.clamp(min=1).reshape(1)
+    if cfg.top_entropy_quantile < 1.0:
+        keep_ent = high_entropy_mask(entropy, mask, cfg.top_entropy_quantile)
+        ent_norm = keep_ent.sum().float().clamp(min=1).reshape(1)
+        keep_ent = keep_ent.to(torch.uint8).contiguous()
+    per_token = torch.empty_like(logp)
+    g_logp = torch.empty_like(logp)
+    g_ent = torch.empty_like(logp)
+    partials = torch.empty(bsz, NUM_SLOTS, dtype=torch.float32, device=dev)
+    inf = float("inf")
+    adv = f32(advantages)
+    _grpo_objective_kernel[(bsz,)](
+        logp, entropy, mask_u8, adv, f32(old_logp) if old_logp is not None else logp,
+        f32(ref_logp) if ref_logp is not None else logp, f32(sampling_logp) if sampling_logp is not None else logp,
+        keep_ent if keep_ent is not None else mask_u8, norm, ent_norm,
+        per_token, g_logp, g_ent, partials,
+        t, cfg.eps_low, cfg.eps_high, float(cfg.delta or 0.0), float(cfg.dual_clip or 0.0),
+        cfg.sapo_temperature_pos, cfg.sapo_temperature_neg, float(cfg.beta), float(cfg.kl_clamp or 0.0),
+        float(cfg.off_policy_mask_threshold or 0.0),
+        -inf if cfg.is_clip_min is None else float(cfg.is_clip_min),
+        inf if cfg.is_clip_max is None else float(cfg.is_clip_max), float(cfg.entropy_coef),
+        PG_KIND=PG[cfg.pg_loss], LEVEL=LEVEL[cfg.importance_sampling_level],
+        KL_KIND=KL[cfg.kl_kind] if cfg.beta != 0.0 else 0, IS_MODE=IS[cfg.is_correction],
+        AGG=AGG[agg], ADV_PER_TOKEN=advantages.dim() == 2, ON_POLICY=old_logp is None,
+        HAS_SAMPLING=sampling_logp is not None, HAS_DELTA=cfg.delta is not None, HAS_DUAL=cfg.dual_clip is not None,
+        HAS_KL_CLAMP=cfg.kl_clamp is not None, BIAS_CORR=bool(cfg.use_bias_correction_kl),
+        HAS_OFF_POLICY=cfg.off_policy_mask_threshold is not None, HAS_ENT_MASK=keep_ent is not None,
+        HAS_ENT_BONUS=cfg.entropy_coef != 0.0, NUM_SLOTS=NUM_SLOTS,
+        BLOCK_T=min(1024, triton.next_power_of_2(max(t, 1))),
+    )
+    totals = partials.sum(0)
+    denom = totals[1].clamp(min=1)
+    metrics = {
+        "entropy": totals[2] / denom,
+        "clip_ratio/low": totals[3] / denom,
+        "clip_ratio/high": totals[4] / denom,
+        "clip_ratio/region": totals[5] / denom,
+        "ratio/mean": totals[6] / denom,
+        "ratio/max": partials[:, 7].amax() if bsz else totals[7],
+    }
+    if cfg.beta != 0.0:
+        metrics["kl"] = totals[8] / denom
+    if cfg.is_correction is not None:
+        metrics["is_ratio/mean"] = totals[9] / denom
+    return totals[0], per_token, g_logp, g_ent, metrics
