@@ -144,8 +144,11 @@ def _check_logits(logits, cu_seqlens):
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
-    rows = logits.reshape(-1, logits.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    """(N, V) or (B, T, V) as the kernels take them: any row strides (a `logits[:, :-1]` slice is
+    not copied), unit vocabulary stride. Other layouts are made contiguous."""
+    if logits.dim() > 3:
+        logits = logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
 # ----------------------------------------------------------------------------------------

@@ -95,3 +95,21 @@ def test_inplace_backward_matches(backend):
     out.loss.backward()
     assert torch.equal(logits.grad, grad)
     assert torch.equal(buffer.detach(), grad), "inplace_backward must leave the gradient in the logits buffer"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_slice_is_read_in_place(backend):
+    """`logits[:, :-1]` (the usual shift) is read through its strides: same numbers, and the
+    in-place backward writes into the caller's buffer, which proves no copy was made."""
+    case = to_device(make_case("everything", seed=19))
+    _, expected_grad = run_backend(case, backend)
+    b, t, v = case.logits.shape
+    buffer = torch.cat([case.logits, torch.randn(b, 1, v, device=DEVICE)], dim=1)
+    leaf = buffer.clone().requires_grad_(True)
+    work = leaf * 1.0
+    out = gk.grpo_loss(work[:, :-1], case.ids, case.advantages, backend=backend, inplace_backward=True,
+                       **case.kwargs())
+    out.loss.backward()
+    assert torch.equal(leaf.grad[:, :-1], expected_grad)
+    assert torch.all(leaf.grad[:, -1] == 0)
+    assert torch.equal(work.detach()[:, :-1], expected_grad)

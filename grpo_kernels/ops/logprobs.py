@@ -24,7 +24,7 @@ def _logprobs_fwd(
 
 @_logprobs_fwd.register_fake
 def _(logits, ids, temperature, backend, inplace_backward):
-    n = logits.shape[0]
+    n = ids.numel()
     return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
@@ -77,7 +77,8 @@ _logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def logprobs_with_entropy(logits: Tensor, ids: Tensor, temperature: float, backend: str, inplace_backward: bool = False):
-    """logits (N, V) contiguous rows, ids (N,) -> (logp, entropy, lse), each (N,) fp32, differentiable.
+    """logits (N, V) or (B, T, V) (any row strides, unit vocabulary stride), ids (N,) ->
+    (logp, entropy, lse), each (N,) fp32, differentiable w.r.t. logits.
 
     With inplace_backward=True the backward overwrites `logits` with its gradient: use it
     only when nothing else needs the logits after the loss (it saves one (N, V) buffer).

@@ -25,22 +25,38 @@ def _chunk_stats(z: torch.Tensor, lse: torch.Tensor):
     return p, z_safe
 
 
+def _row_blocks(logits: torch.Tensor):
+    """(first row, 2-D view of rows) pieces covering (N, V) or strided (B, T, V) logits without copying."""
+    if logits.dim() == 2:
+        yield 0, logits
+        return
+    t = logits.shape[1]
+    for b in range(logits.shape[0]):
+        yield b * t, logits[b]
+
+
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """logits (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32."""
-    n, vocab = logits.shape
+    """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32."""
+    vocab = logits.shape[-1]
+    n = ids.numel()
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
     step = rows_per_chunk(vocab)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        z = logits[r0:r1].float() / temperature
-        chunk_lse = torch.logsumexp(z, dim=-1)
-        p, z_safe = _chunk_stats(z, chunk_lse)
-        lse[r0:r1] = chunk_lse
-        logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
-        entropy[r0:r1] = chunk_lse - (p * z_safe).sum(-1)
+    for offset, rows in _row_blocks(logits):
+        for c0 in range(0, rows.shape[0], step):
+            c1 = min(rows.shape[0], c0 + step)
+            _forward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, temperature, logp, entropy, lse)
     return logp, entropy, lse
+
+
+def _forward_chunk(chunk, ids, r0, r1, temperature, logp, entropy, lse):
+    z = chunk.float() / temperature
+    chunk_lse = torch.logsumexp(z, dim=-1)
+    p, z_safe = _chunk_stats(z, chunk_lse)
+    lse[r0:r1] = chunk_lse
+    logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
+    entropy[r0:r1] = chunk_lse - (p * z_safe).sum(-1)
 
 
 def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
@@ -48,21 +64,26 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temper
 
     dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] / τ, with E_p z' = lse − H.
     """
-    n, vocab = logits.shape
-    step = rows_per_chunk(vocab)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        z = logits[r0:r1].float() / temperature
-        chunk_lse = lse[r0:r1]
-        p, z_safe = _chunk_stats(z, chunk_lse)
-        g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
-        grad = -g_logp * p
-        grad.scatter_add_(-1, ids[r0:r1].long().unsqueeze(-1), g_logp)
-        if grad_entropy is not None:
-            mean_z = torch.where(torch.isfinite(chunk_lse), chunk_lse - entropy[r0:r1], torch.zeros_like(chunk_lse))
-            grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * (z_safe - mean_z.unsqueeze(-1))
-        out[r0:r1] = (grad / temperature).to(out.dtype)
+    step = rows_per_chunk(logits.shape[-1])
+    for (offset, rows), (_, out_rows) in zip(_row_blocks(logits), _row_blocks(out)):
+        for c0 in range(0, rows.shape[0], step):
+            c1 = min(rows.shape[0], c0 + step)
+            out_rows[c0:c1] = _backward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, lse, entropy, grad_logp,
+                                              grad_entropy, temperature).to(out.dtype)
     return out
+
+
+def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, temperature):
+    z = chunk.float() / temperature
+    chunk_lse = lse[r0:r1]
+    p, z_safe = _chunk_stats(z, chunk_lse)
+    g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
+    grad = -g_logp * p
+    grad.scatter_add_(-1, ids[r0:r1].long().unsqueeze(-1), g_logp)
+    if grad_entropy is not None:
+        mean_z = torch.where(torch.isfinite(chunk_lse), chunk_lse - entropy[r0:r1], torch.zeros_like(chunk_lse))
+        grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * (z_safe - mean_z.unsqueeze(-1))
+    return grad / temperature
 
 
 def group_advantages(total, group_index, num_groups, scale_rewards, eps):

@@ -12,6 +12,8 @@ Forward, one program per row, one sweep over V tiles with an online log-sum-exp:
 Backward, one program per row, one sweep:
     dz = [g_logp (1[v=y] − p) − g_H p (z' − E_p[z'])] / τ,  p = exp(z' − lse)
 Rows whose upstream gradients are both 0 (masked tokens) write zeros without reading logits.
+Logits are (B, T, V) with any batch and time strides (a `logits[:, :-1]` slice is read in
+place, never copied); row r is (r // T, r % T). Packed (N, V) logits are (1, N, V).
 """
 from __future__ import annotations
 
@@ -33,11 +35,11 @@ def _num_warps(block: int) -> int:
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr,
-    stride_row, V, inv_temp,
+    stride_b, stride_t, T, V, inv_temp,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -64,12 +66,14 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, ids_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, out_ptr,
-    stride_row, stride_out, V, inv_temp,
+    stride_b, stride_t, out_stride_b, out_stride_t, T, V, inv_temp,
     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    out = out_ptr + row * stride_out
+    b = row // T
+    t = row % T
+    base = logits_ptr + b * stride_b + t * stride_t
+    out = out_ptr + b * out_stride_b + t * out_stride_t
     cols = tl.arange(0, BLOCK_V)
     g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
     g_ent = tl.zeros((), tl.float32)
@@ -94,9 +98,15 @@ def _logprobs_bwd_kernel(
             tl.store(out + offs, (grad * inv_temp).to(out_ptr.dtype.element_ty), mask=offs < V)
 
 
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """logits (N, V) with unit column stride, ids (N,) -> logp, entropy, lse, each (N,) fp32."""
-    n, vocab = logits.shape
+    """logits (B, T, V) or (N, V) with unit vocabulary stride, ids (N,) -> logp, entropy, lse, each (N,) fp32."""
+    logits = _as_3d(logits)
+    _, t, vocab = logits.shape
+    n = ids.numel()
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)
@@ -104,22 +114,24 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float
         return logp, entropy, lse
     block = _block_v(vocab)
     _logprobs_fwd_kernel[(n,)](
-        logits, ids, logp, entropy, lse, logits.stride(0), vocab, 1.0 / temperature,
+        logits, ids, logp, entropy, lse, logits.stride(0), logits.stride(1), t, vocab, 1.0 / temperature,
         BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, lse
 
 
 def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
-    """Write dL/dlogits into `out` ((N, V); may be `logits` itself for the in-place variant)."""
-    n, vocab = logits.shape
+    """Write dL/dlogits into `out` (logits' shape; may be `logits` itself for the in-place variant)."""
+    logits, out3 = _as_3d(logits), _as_3d(out)
+    _, t, vocab = logits.shape
+    n = ids.numel()
     if n == 0:
         return out
     block = _block_v(vocab)
     has_grad_entropy = grad_entropy is not None
     _logprobs_bwd_kernel[(n,)](
-        logits, ids, lse, entropy, grad_logp, grad_entropy if has_grad_entropy else grad_logp, out,
-        logits.stride(0), out.stride(0), vocab, 1.0 / temperature,
+        logits, ids, lse, entropy, grad_logp, grad_entropy if has_grad_entropy else grad_logp, out3,
+        logits.stride(0), logits.stride(1), out3.stride(0), out3.stride(1), t, vocab, 1.0 / temperature,
         HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=_num_warps(block),
     )
     return out
