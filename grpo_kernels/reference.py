@@ -94,6 +94,42 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float
 
 
 @dataclass
+class ObjectiveTotals:
+    """Batch-wide quantities, for evaluating the objective on a chunk of whole sequences.
+
+    With them, the chunk losses of a batch add up to the batch loss (the fused-linear path).
+    normalizer: the aggregation divisor (token count, B, or B·max_completion_length).
+    entropy_keep: the entropy mask of the chunk's tokens, from the batch-wide quantile.
+    entropy_normalizer: Σ of the effective entropy mask over the batch (>= 1).
+    """
+
+    normalizer: torch.Tensor
+    entropy_keep: Optional[torch.Tensor] = None
+    entropy_normalizer: Optional[torch.Tensor] = None
+
+
+def batch_totals(entropy, mask, config: GRPOLossConfig, num_items_in_batch=None) -> ObjectiveTotals:
+    """The batch-wide quantities of `ObjectiveTotals` for padded (B, T) entropy and mask."""
+    bsz = mask.shape[0]
+    count = mask.sum()
+    mode = config.agg_mode
+    if mode == "token-mean":
+        if num_items_in_batch is not None and config.uses_num_items_in_batch:
+            count = torch.as_tensor(num_items_in_batch, device=mask.device)
+        normalizer = count.to(torch.float64).clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
+        normalizer = torch.tensor(float(bsz * config.max_completion_length), dtype=torch.float64, device=mask.device)
+    else:
+        normalizer = torch.tensor(float(bsz), dtype=torch.float64, device=mask.device)
+    keep = None
+    effective = mask
+    if config.top_entropy_quantile < 1.0:
+        keep = high_entropy_mask(torch.where(mask, entropy, 0), mask, config.top_entropy_quantile)
+        effective = keep
+    return ObjectiveTotals(normalizer, keep, effective.sum().to(torch.float64).clamp(min=1))
+
+
+@dataclass
 class ObjectiveTerms:
     loss: torch.Tensor  # 0-d, differentiable
     per_token_loss: torch.Tensor  # (B, T), 0 where masked
@@ -111,12 +147,15 @@ def policy_objective(
     ref_logp: Optional[torch.Tensor] = None,
     sampling_logp: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
+    totals: Optional[ObjectiveTotals] = None,
 ) -> ObjectiveTerms:
     """The GRPO objective from per-token log-probs, on padded tensors.
 
     Shapes: logp, entropy, mask, old/ref/sampling_logp (B, T); advantages (B,) or (B, T).
     `mask` is bool. Masked positions may hold anything finite or not: they are replaced
     before any arithmetic, so they contribute exactly 0 to the loss, gradients and metrics.
+    `totals` (batch-wide normalisers and entropy mask) makes this the contribution of a chunk
+    of whole sequences to the loss of a larger batch; by default the call is the whole batch.
     """
     cfg = config
     m = mask
@@ -152,14 +191,15 @@ def policy_objective(
         loss_pg = -torch.sigmoid(s * (rho - 1)) * 4 / s * adv
 
     entropy_m = torch.where(m, entropy, 0)
+    if totals is None:
+        totals = batch_totals(entropy_m.detach(), m, cfg, num_items_in_batch)
     if cfg.off_policy_mask_threshold is not None:
         behaviour = old if sampling_logp is None else sampling_logp.to(logp.dtype)
         seq_kl = torch.where(m, torch.nan_to_num(behaviour - logp.detach(), nan=0.0), 0).sum(-1, keepdim=True) / n_b
         keep = (adv >= 0) | (seq_kl <= cfg.off_policy_mask_threshold)
         loss_pg = loss_pg * keep.to(logp.dtype)
-    entropy_keep = None
-    if cfg.top_entropy_quantile < 1.0:
-        entropy_keep = high_entropy_mask(entropy_m, m, cfg.top_entropy_quantile)
+    entropy_keep = totals.entropy_keep
+    if entropy_keep is not None:
         loss_pg = loss_pg * entropy_keep.to(logp.dtype)
     is_weight = None
     if cfg.is_correction is not None:
@@ -181,23 +221,19 @@ def policy_objective(
         per_token = per_token + cfg.beta * kl
     per_token = torch.where(m, torch.broadcast_to(per_token, m.shape), 0)
 
-    mode = cfg.agg_mode
-    if mode == "seq-mean-token-mean":
-        loss = (per_token.sum(-1, keepdim=True) / n_b).mean()
-    elif mode == "token-mean":
-        count = m.sum()
-        if num_items_in_batch is not None and cfg.uses_num_items_in_batch:
-            count = torch.as_tensor(num_items_in_batch, device=logp.device)
-        loss = per_token.sum() / count.to(logp.dtype).clamp(min=1)
-    elif mode == "seq-mean-token-sum":
-        loss = per_token.sum(-1).mean()
-    else:  # seq-mean-token-sum-norm
-        loss = per_token.sum() / (m.shape[0] * cfg.max_completion_length)
+    # Every aggregation is a sum over tokens divided by a batch-wide normaliser: B sequences
+    # (seq-mean-*), the token count (token-mean), or B·max_completion_length.
+    if cfg.agg_mode == "seq-mean-token-mean":
+        total = (per_token.sum(-1, keepdim=True) / n_b).sum()
+    else:
+        total = per_token.sum()
+    loss = total / totals.normalizer.to(logp.dtype)
 
     if cfg.entropy_coef != 0.0:
         # As TRL: the bonus acts on the tokens the policy term acts on.
         effective = m if entropy_keep is None else entropy_keep
-        loss = loss - cfg.entropy_coef * masked_mean(entropy_m, effective)
+        bonus = torch.where(effective, entropy_m, 0).sum() / totals.entropy_normalizer.to(logp.dtype)
+        loss = loss - cfg.entropy_coef * bonus
 
     with torch.no_grad():
         adv_t = torch.broadcast_to(adv, m.shape)

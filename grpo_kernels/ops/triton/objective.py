@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference import high_entropy_mask
+from ...reference import ObjectiveTotals, batch_totals
 
 PG = {"clip": 0, "cispo": 1, "sapo": 2}
 LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
@@ -266,41 +266,27 @@ def _grpo_objective_kernel(
     tl.store(part + 9, acc_is)
 
 
-def _scalar(x, device):
-    return torch.as_tensor(x, dtype=torch.float32, device=device).reshape(1)
-
-
 def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
-                   num_items_in_batch=None):
+                   num_items_in_batch=None, totals: ObjectiveTotals = None):
     """Padded (B, T) fp32 inputs -> (loss 0-d, per_token_loss, g_logp, g_entropy, metrics dict).
 
     g_logp and g_entropy are dL/dlogp and dL/dH for an upstream gradient of 1 on the loss.
+    `totals` (see reference.ObjectiveTotals) makes this a chunk of whole sequences of a larger batch.
     """
     bsz, t = logp.shape
-    dev = logp.device
     f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
     logp, entropy = f32(logp), f32(entropy)
     mask_u8 = mask.to(torch.uint8).contiguous()
-    count = mask.sum().float()
     agg = cfg.agg_mode
-    if agg == "token-mean":
-        norm = count if num_items_in_batch is None or not cfg.uses_num_items_in_batch else _scalar(
-            num_items_in_batch, dev).reshape(())
-        norm = norm.clamp(min=1).reshape(1)
-    elif agg == "seq-mean-token-sum-norm":
-        norm = _scalar(bsz * cfg.max_completion_length, dev)
-    else:
-        norm = _scalar(bsz, dev)
-    keep_ent = None
-    ent_norm = count.clamp(min=1).reshape(1)
-    if cfg.top_entropy_quantile < 1.0:
-        keep_ent = high_entropy_mask(entropy, mask, cfg.top_entropy_quantile)
-        ent_norm = keep_ent.sum().float().clamp(min=1).reshape(1)
-        keep_ent = keep_ent.to(torch.uint8).contiguous()
+    if totals is None:
+        totals = batch_totals(torch.where(mask, entropy, 0), mask, cfg, num_items_in_batch)
+    norm = totals.normalizer.float().reshape(1)
+    ent_norm = totals.entropy_normalizer.float().reshape(1)
+    keep_ent = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
     per_token = torch.empty_like(logp)
     g_logp = torch.empty_like(logp)
     g_ent = torch.empty_like(logp)
-    partials = torch.empty(bsz, NUM_SLOTS, dtype=torch.float32, device=dev)
+    partials = torch.empty(bsz, NUM_SLOTS, dtype=torch.float32, device=logp.device)
     inf = float("inf")
     adv = f32(advantages)
     _grpo_objective_kernel[(bsz,)](
