@@ -2,11 +2,13 @@
 
 Public API:
     GRPOLossConfig, GRPOLoss, grpo_loss, selective_logprobs, group_advantages,
+    FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_selective_logprobs,
     GRPOLossOutput, AdvantageOutput, BackendUnavailableError, available_backends.
 """
 from .config import GRPOLossConfig
 from .functional import group_advantages, grpo_loss, selective_logprobs
-from .modules import GRPOLoss
+from .fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
+from .modules import FusedLinearGRPOLoss, GRPOLoss
 from .ops.dispatch import BACKENDS, BackendUnavailableError, why_unavailable
 from .outputs import AdvantageOutput, GRPOLossOutput
 
@@ -23,5 +25,6 @@ def available_backends(device="cpu"):
 
 __all__ = [
     "GRPOLossConfig", "GRPOLoss", "grpo_loss", "selective_logprobs", "group_advantages",
+    "FusedLinearGRPOLoss", "fused_linear_grpo_loss", "fused_linear_selective_logprobs",
     "GRPOLossOutput", "AdvantageOutput", "BackendUnavailableError", "available_backends", "__version__",
 ]

@@ -7,6 +7,7 @@ import torch
 
 from .config import GRPOLossConfig
 from .functional import grpo_loss
+from .fused_linear import fused_linear_grpo_loss
 from .outputs import GRPOLossOutput
 
 
@@ -22,8 +23,33 @@ class GRPOLoss(torch.nn.Module):
         self.backend = backend
 
     def forward(self, logits, ids, advantages, **kwargs) -> GRPOLossOutput:
-        return grpo_loss(logits, ids, advantages, config=self.config, backend=kwargs.pop("backend", self.backend),
-                         **kwargs)
+        kwargs.setdefault("backend", self.backend)
+        return grpo_loss(logits, ids, advantages, config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
         return f"loss_type={self.config.loss_type!r}, backend={self.backend!r}"
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """`fused_linear_grpo_loss` as a module: `loss_fn(hidden, lm_head.weight, ids, advantages, ...)`.
+
+    Swap it in where a trainer computed `grpo_loss(lm_head(hidden), ...)`: same numbers, the
+    logits are never materialised whole.
+    """
+
+    def __init__(self, config: Optional[GRPOLossConfig] = None, *, backend: str = "auto", chunk_size="auto",
+                 **overrides):
+        super().__init__()
+        base = config if config is not None else GRPOLossConfig()
+        if not isinstance(base, GRPOLossConfig):
+            raise TypeError(f"config must be a GRPOLossConfig, got {type(base).__name__}")
+        self.config = base.replace(**overrides)
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def forward(self, hidden, weight, ids, advantages, **kwargs) -> GRPOLossOutput:
+        kwargs.setdefault("backend", self.backend)
+        kwargs.setdefault("chunk_size", self.chunk_size)
+        return fused_linear_grpo_loss(hidden, weight, ids, advantages, config=self.config, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"loss_type={self.config.loss_type!r}, backend={self.backend!r}, chunk_size={self.chunk_size!r}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 # fp32 working set of one chunk of rows; several temporaries of this size may coexist.
-CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def rows_per_chunk(vocab: int) -> int:

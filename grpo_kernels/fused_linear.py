@@ -1,0 +1,345 @@
+"""Fused-linear GRPO: from the last hidden state and the lm_head to the loss, logits never whole.
+
+For a 150k vocabulary the logits are the largest tensor of a GRPO step. Here they exist one
+chunk at a time. For each chunk of whole sequences:
+    logits = hidden @ weight.T (+ bias)            one GEMM, the chunk only
+    logp, H, lse  <- one sweep of the fused kernel
+    dL/dlogp, dL/dH <- the per-token objective, with batch-wide normalisers
+    dlogits       <- one sweep, written over the chunk's logits (in place)
+    d_hidden = dlogits @ weight;  d_weight += dlogits.T @ hidden;  d_bias += Σ dlogits
+That is 6·N·H·V FLOPs, the GEMM floor of forward + backward. With `top_entropy_quantile < 1`,
+one extra forward GEMM pass finds the batch-wide entropy quantile first.
+Gradients are computed during the forward call and scaled by the upstream gradient in backward.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import reference
+from .config import resolve_config
+from .functional import (
+    check_ids_and_mask, check_num_items, check_objective_inputs, objective_from_logprobs, token_layout,
+)
+from .layout import TokenLayout
+from .ops.dispatch import backend_module, resolve_backend
+from .ops.objective import has_fused_objective
+from .outputs import GRPOLossOutput
+from .validation import FLOAT_DTYPES, check_ids, check_logp_finite, require_device, require_tensor
+
+# Logits of one chunk at most this many bytes (in the hidden dtype) for chunk_size="auto".
+AUTO_CHUNK_BYTES = {"cuda": 256 * 1024 * 1024, "cpu": 32 * 1024 * 1024}
+
+
+def _check_linear_inputs(hidden, weight, bias, cu_seqlens):
+    require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, kind="a float tensor of last hidden states")
+    require_tensor("weight", weight, dtypes=FLOAT_DTYPES, kind="the float (V, H) lm_head weight")
+    expected = 2 if cu_seqlens is not None else 3
+    if hidden.dim() != expected:
+        layout = "packed (N, H) with cu_seqlens" if cu_seqlens is not None else "padded (B, T, H)"
+        raise ValueError(f"hidden must be {layout}, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    require_device("weight", weight, hidden.device)
+    if bias is not None:
+        require_tensor("bias", bias, dtypes=FLOAT_DTYPES, kind="a float (V,) tensor")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (one per vocabulary entry), got "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+        require_device("bias", bias, hidden.device)
+
+
+def _chunk_rows(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
+    if chunk_size == "auto":
+        budget = AUTO_CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
+        return max(1, budget // (vocab * hidden.element_size()))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be 'auto' or a positive int (rows of logits per chunk), got {chunk_size!r}")
+    return chunk_size
+
+
+def sequence_chunks(layout: TokenLayout, cu_seqlens, rows_per_chunk: int) -> List[Tuple[int, int, int, int]]:
+    """(first sequence, end sequence, first row, end row) of chunks that hold whole sequences.
+
+    A chunk takes as many whole sequences as fit in `rows_per_chunk` rows, and at least one,
+    so a sequence longer than the budget makes a chunk of its own.
+    """
+    if not layout.packed:
+        per = max(1, rows_per_chunk // max(layout.length, 1))
+        return [(b0, min(b0 + per, layout.batch), b0 * layout.length, min(b0 + per, layout.batch) * layout.length)
+                for b0 in range(0, layout.batch, per)]
+    offsets = cu_seqlens.tolist()
+    chunks, b0 = [], 0
+    while b0 < layout.batch:
+        b1 = b0 + 1
+        while b1 < layout.batch and offsets[b1 + 1] - offsets[b0] <= rows_per_chunk:
+            b1 += 1
+        chunks.append((b0, b1, offsets[b0], offsets[b1]))
+        b0 = b1
+    return chunks
+
+
+class _Plan:
+    """Everything one fused-linear call needs besides the differentiable tensors."""
+
+    def __init__(self, ids, mask, advantages, old, ref, sampling, num_items, cu_seqlens, cfg, backend, rows,
+                 layout, accumulate_fp32):
+        self.ids, self.mask, self.advantages = ids, mask, advantages
+        self.old, self.ref, self.sampling, self.num_items = old, ref, sampling, num_items
+        self.cu_seqlens, self.cfg, self.backend, self.layout = cu_seqlens, cfg, backend, layout
+        self.chunks = sequence_chunks(layout, cu_seqlens, rows)
+        self.accumulate_fp32 = accumulate_fp32
+        self.output: Optional[GRPOLossOutput] = None
+
+    def chunk_layout(self, b0, b1, r0, r1) -> TokenLayout:
+        device = self.ids.device
+        if self.layout.packed:
+            return TokenLayout((r1 - r0,), device, self.cu_seqlens[b0:b1 + 1] - self.cu_seqlens[b0])
+        return TokenLayout((b1 - b0, self.layout.length), device)
+
+    def token_slice(self, x, b0, b1, r0, r1):
+        if x is None:
+            return None
+        return x.reshape(-1)[r0:r1] if self.layout.packed else x[b0:b1]
+
+    def chunk_advantages(self, b0, b1, r0, r1):
+        adv = self.advantages
+        return adv[b0:b1] if adv.shape == (self.layout.batch,) else self.token_slice(adv, b0, b1, r0, r1)
+
+
+def _logits(h, weight, bias):
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
+    """dL/dlogp and dL/dH of the chunk's rows, with batch-wide normalisers."""
+    b0, b1, r0, r1 = chunk
+    layout = plan.chunk_layout(*chunk)
+    pad = layout.to_padded
+    mask = layout.per_token_mask(plan.token_slice(plan.mask, *chunk))
+    adv = plan.chunk_advantages(*chunk).float()
+    adv = adv if adv.shape == (b1 - b0,) else pad(adv.reshape(-1))
+    as_f32 = lambda x: None if x is None else pad(plan.token_slice(x, *chunk).reshape(-1).float())  # noqa: E731
+    keep = None
+    if totals.entropy_keep is not None:
+        keep = totals.entropy_keep[b0:b1, :layout.length]
+    chunk_totals = reference.ObjectiveTotals(totals.normalizer, keep, totals.entropy_normalizer)
+    inputs = dict(old_logp=as_f32(plan.old), ref_logp=as_f32(plan.ref), sampling_logp=as_f32(plan.sampling),
+                  totals=chunk_totals)
+    if has_fused_objective(plan.backend):
+        _, _, g_logp, g_ent, _ = backend_module(plan.backend).grpo_objective(
+            pad(logp), pad(entropy), mask, adv, plan.cfg, **inputs)
+    else:
+        with torch.enable_grad():
+            logp_leaf = pad(logp).requires_grad_(True)
+            ent_leaf = pad(entropy).requires_grad_(True)
+            loss = reference.policy_objective(logp_leaf, ent_leaf, adv, mask, plan.cfg, **inputs).loss
+            g_logp, g_ent = torch.autograd.grad(loss, (logp_leaf, ent_leaf), allow_unused=True)
+        g_logp = torch.zeros_like(logp_leaf) if g_logp is None else g_logp
+        g_ent = torch.zeros_like(ent_leaf) if g_ent is None else g_ent
+    return layout.from_padded(g_logp).reshape(-1).contiguous(), layout.from_padded(g_ent).reshape(-1).contiguous()
+
+
+class _FusedLinearGRPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _Plan):
+        kernels = backend_module(plan.backend)
+        cfg, tau = plan.cfg, plan.cfg.temperature
+        h_rows = hidden.reshape(-1, hidden.shape[-1])
+        ids = plan.ids.reshape(-1)
+        n = ids.numel()
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        logp_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ent_all = torch.empty_like(logp_all)
+        padded_mask = plan.layout.per_token_mask(plan.mask)
+
+        if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
+            for b0, b1, r0, r1 in plan.chunks:
+                _, ent_all[r0:r1], _ = kernels.logprobs_forward(_logits(h_rows[r0:r1], weight, bias), ids[r0:r1], tau)
+        totals = reference.batch_totals(plan.layout.to_padded(ent_all), padded_mask, cfg, plan.num_items)
+
+        d_hidden = torch.empty_like(h_rows) if need_h else None
+        acc_dtype = torch.float32 if plan.accumulate_fp32 else weight.dtype
+        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for chunk in plan.chunks:
+            _, _, r0, r1 = chunk
+            h = h_rows[r0:r1]
+            logits = _logits(h, weight, bias)
+            logp, ent, lse = kernels.logprobs_forward(logits, ids[r0:r1], tau)
+            logp_all[r0:r1], ent_all[r0:r1] = logp, ent
+            if not (need_h or need_w or need_b):
+                continue
+            g_logp, g_ent = _objective_gradients(plan, chunk, logp, ent, totals)
+            dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse, ent, g_logp, g_ent, tau, logits)
+            if need_h:
+                torch.mm(dlogits, weight, out=d_hidden[r0:r1])
+            if need_w:
+                d_weight += (dlogits.t() @ h).to(acc_dtype)
+            if need_b:
+                d_bias += dlogits.sum(0, dtype=torch.float32)
+
+        flat_mask = None if plan.mask is None else plan.mask.reshape(-1)
+        check_logp_finite(logp_all, ent_all, flat_mask)
+        with torch.no_grad():
+            plan.output = objective_from_logprobs(
+                logp_all, ent_all, plan.layout, plan.mask, plan.advantages, cfg, plan.backend,
+                old_logps=plan.old, ref_logps=plan.ref, sampling_logps=plan.sampling,
+                num_items_in_batch=plan.num_items)
+        ctx.grads = (
+            None if d_hidden is None else d_hidden.view(hidden.shape),
+            None if d_weight is None else d_weight,
+            None if d_bias is None else d_bias,
+        )
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return plan.output.loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = []
+        for g, dtype in zip(ctx.grads, ctx.dtypes):
+            if g is not None:
+                g = g.to(dtype) if g.dtype != dtype else g
+                g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss.to(g.dtype)
+            grads.append(g)
+        ctx.grads = None
+        return grads[0], grads[1], grads[2], None
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config=None,
+    chunk_size="auto",
+    backend: str = "auto",
+    accumulate_weight_grad_fp32: bool = True,
+    **overrides,
+) -> GRPOLossOutput:
+    """The GRPO loss from hidden states and the lm_head, never materialising the whole logits.
+
+    Shapes (padded): hidden (B, T, H); ids, mask, old/ref/sampling_logps (B, T); advantages
+    (B,) or (B, T). Packed: hidden (N, H), per-token tensors (N,), cu_seqlens (B+1,).
+    weight (V, H) and bias (V,) are the lm_head (tied embeddings work: pass the embedding).
+    Same options and numbers as `grpo_loss` on logits = hidden @ weight.T + bias.
+    `chunk_size`: rows of logits per chunk, or "auto" (logits of a chunk <= 256 MiB on CUDA,
+    32 MiB on CPU, in the hidden dtype); chunks always hold whole sequences.
+    `accumulate_weight_grad_fp32`: accumulate d_weight in fp32 (default) or in weight's dtype
+    (saves V·H·2 bytes for a bf16 lm_head). Only the gradients that are needed are computed
+    (a frozen weight costs no d_weight GEMM).
+    """
+    cfg = resolve_config(config, overrides)
+    _check_linear_inputs(hidden, weight, bias, cu_seqlens)
+    token_shape = tuple(hidden.shape[:-1])
+    layout = token_layout(token_shape, hidden.device, cu_seqlens)
+    mask = check_ids_and_mask(ids, mask, token_shape, hidden.device)
+    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, hidden.device)
+    num_items_in_batch = check_num_items(num_items_in_batch)
+    vocab = weight.shape[0]
+    check_ids(ids, vocab, mask)
+    name = resolve_backend(backend, hidden.device)
+    plan = _Plan(ids, mask, advantages, old_logps, ref_logps, sampling_logps, num_items_in_batch, cu_seqlens, cfg,
+                 name, _chunk_rows(chunk_size, vocab, hidden), layout, accumulate_weight_grad_fp32)
+    loss = _FusedLinearGRPO.apply(hidden, weight, bias, plan)
+    out = plan.output
+    return GRPOLossOutput(loss=loss, logps=out.logps, entropy=out.entropy, per_token_loss=out.per_token_loss,
+                          metrics=out.metrics)
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Chunked logp/entropy; the backward recomputes each chunk's logits (nothing of size V is kept)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, rows, backend):
+        kernels = backend_module(backend)
+        h_rows = hidden.reshape(-1, hidden.shape[-1])
+        n = ids.numel()
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ent, lse = torch.empty_like(logp), torch.empty_like(logp)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            logp[r0:r1], ent[r0:r1], lse[r0:r1] = kernels.logprobs_forward(
+                _logits(h_rows[r0:r1], weight, bias), ids[r0:r1], temperature)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
+        ctx.temperature, ctx.rows, ctx.backend = temperature, rows, backend
+        ctx.mark_non_differentiable(lse)
+        return logp, ent, lse
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _):
+        hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
+        kernels = backend_module(ctx.backend)
+        h_rows = hidden.reshape(-1, hidden.shape[-1])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        d_hidden = torch.empty_like(h_rows) if need_h else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        for r0 in range(0, ids.numel(), ctx.rows):
+            r1 = min(ids.numel(), r0 + ctx.rows)
+            h = h_rows[r0:r1]
+            logits = _logits(h, weight, bias)
+            dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
+                                                None if g_ent is None else g_ent[r0:r1], ctx.temperature, logits)
+            if need_h:
+                torch.mm(dlogits, weight, out=d_hidden[r0:r1])
+            if need_w:
+                d_weight += (dlogits.t() @ h).float()
+            if need_b:
+                d_bias += dlogits.sum(0, dtype=torch.float32)
+        return (None if d_hidden is None else d_hidden.view(hidden.shape),
+                None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)
+
+
+def fused_linear_selective_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: Optional[torch.Tensor] = None,
+    chunk_size="auto",
+    backend: str = "auto",
+):
+    """Per-token log-probs (and entropy) of `ids` under softmax((hidden @ weight.T + bias) / τ).
+
+    hidden (..., H), ids (...) -> fp32 (...). The logits exist one chunk at a time; under
+    torch.no_grad() this is how old/reference log-probs are computed without the full logits.
+    Differentiable w.r.t. hidden, weight and bias (the backward recomputes each chunk).
+    Rows where `mask` is False return 0 and are not checked.
+    """
+    _check_linear_inputs(hidden, weight, bias, None if hidden.dim() == 3 else torch.zeros(2))
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device)
+    check_ids(ids, weight.shape[0], mask)
+    name = resolve_backend(backend, hidden.device)
+    rows = _chunk_rows(chunk_size, weight.shape[0], hidden)
+    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, ids.reshape(-1), float(temperature), rows, name)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    check_logp_finite(logp, ent, flat_mask)
+    if flat_mask is not None:
+        logp, ent = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, ent, 0.0)
+    logp, ent = logp.reshape(ids.shape), ent.reshape(ids.shape)
+    return (logp, ent) if return_entropy else logp
