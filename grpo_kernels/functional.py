@@ -184,13 +184,14 @@ def selective_logprobs(
     mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device)
     check_ids(ids, logits.shape[-1], mask)
     name = resolve_backend(backend, logits.device)
-    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), temperature, name, inplace_backward)
+    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), temperature, name, inplace_backward,
+                                             with_entropy=return_entropy)
     flat_mask = None if mask is None else mask.reshape(-1)
     check_logp_finite(logp, entropy, flat_mask)
     if flat_mask is not None:
         logp, entropy = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, entropy, 0.0)
-    logp, entropy = logp.reshape(ids.shape), entropy.reshape(ids.shape)
-    return (logp, entropy) if return_entropy else logp
+    logp = logp.reshape(ids.shape)
+    return (logp, entropy.reshape(ids.shape)) if return_entropy else logp
 
 
 def grpo_loss(
@@ -265,13 +266,13 @@ def group_advantages(
     r = rewards.float() if rewards.dtype != torch.float64 else rewards
     w = weights.to(r.dtype)
     if reward_aggregation == "normalize_then_sum":
-        r = backend_module("torch").zscore_within_groups(r, group_index, num_groups, eps)
+        r = backend_module("torch").zscore_within_groups(r, group_index, num_groups, eps, group_size)
         scale = "gdpo"
     else:
         scale = scale_rewards
     unscorable = torch.isnan(rewards).all(dim=1)
     total = torch.where(unscorable, float("nan"), torch.nansum(r * w, dim=1))
-    adv, mean, std, constant = impl.group_advantages(total, group_index, num_groups, scale, eps)
+    adv, mean, std, constant = impl.group_advantages(total, group_index, num_groups, scale, eps, group_size)
     return AdvantageOutput(
         advantages=adv.float(), group_mean=mean.float(), group_std=std.float(),
         frac_zero_std=constant.float().mean(), group_index=group_index,

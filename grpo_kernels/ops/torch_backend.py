@@ -35,27 +35,43 @@ def _row_blocks(logits: torch.Tensor):
         yield b * t, logits[b]
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32."""
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool = True):
+    """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32.
+
+    Without `with_entropy` the entropy is not computed (returned as zeros).
+    """
     vocab = logits.shape[-1]
     n = ids.numel()
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
     step = rows_per_chunk(vocab)
     for offset, rows in _row_blocks(logits):
         for c0 in range(0, rows.shape[0], step):
             c1 = min(rows.shape[0], c0 + step)
-            _forward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, temperature, logp, entropy, lse)
+            _forward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, temperature, logp,
+                           entropy if with_entropy else None, lse)
     return logp, entropy, lse
 
 
+def _scaled(chunk, temperature):
+    z = chunk.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 def _forward_chunk(chunk, ids, r0, r1, temperature, logp, entropy, lse):
-    z = chunk.float() / temperature
+    z = _scaled(chunk, temperature)
     chunk_lse = torch.logsumexp(z, dim=-1)
-    p, z_safe = _chunk_stats(z, chunk_lse)
     lse[r0:r1] = chunk_lse
     logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
+    if entropy is None:
+        return
+    if bool(torch.isfinite(chunk_lse).all()) and not bool(torch.isinf(z).any()):
+        # Fast path (no −inf, no NaN): E_p[z'] as one fused dot product per row.
+        p = torch.exp(z - chunk_lse.unsqueeze(-1))
+        entropy[r0:r1] = chunk_lse - torch.linalg.vecdot(p, z)
+        return
+    p, z_safe = _chunk_stats(z, chunk_lse)
     entropy[r0:r1] = chunk_lse - (p * z_safe).sum(-1)
 
 
@@ -74,7 +90,7 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temper
 
 
 def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, temperature):
-    z = chunk.float() / temperature
+    z = _scaled(chunk, temperature)
     chunk_lse = lse[r0:r1]
     p, z_safe = _chunk_stats(z, chunk_lse)
     g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
@@ -86,14 +102,14 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
     return grad / temperature
 
 
-def group_advantages(total, group_index, num_groups, scale_rewards, eps):
+def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_size=None):
     """Vectorised group statistics with deterministic row reductions (no atomics).
 
     total (N,) aggregated rewards (NaN = unscorable); group_index (N,) in [0, num_groups).
     Rows are laid out as a padded (num_groups, max_size) matrix, then reduced along dim 1.
     scale_rewards "gdpo" is the last step of normalize_then_sum: a batch z-score, no centring.
     """
-    grid = _group_grid(total, group_index, num_groups)
+    grid = total.view(num_groups, group_size) if group_size else _group_grid(total, group_index, num_groups)
     mean, std, count, constant = _nan_row_stats(grid)
     centred = total - mean[group_index]
     if scale_rewards == "gdpo":
@@ -115,12 +131,12 @@ def group_advantages(total, group_index, num_groups, scale_rewards, eps):
     return adv, mean, std, constant
 
 
-def zscore_within_groups(rewards, group_index, num_groups, eps):
+def zscore_within_groups(rewards, group_index, num_groups, eps, group_size=None):
     """GDPO step: z-score each reward function (column) within its group; constant groups give 0."""
     cols = []
     for f in range(rewards.shape[1]):
         col = rewards[:, f]
-        grid = _group_grid(col, group_index, num_groups)
+        grid = col.view(num_groups, group_size) if group_size else _group_grid(col, group_index, num_groups)
         mean, std, _, constant = _nan_row_stats(grid)
         z = (col - mean[group_index]) / (std[group_index] + eps)
         cols.append(torch.where(constant[group_index] & ~torch.isnan(col), torch.zeros_like(z), z))

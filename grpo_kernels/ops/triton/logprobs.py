@@ -36,7 +36,7 @@ def _num_warps(block: int) -> int:
 def _logprobs_fwd_kernel(
     logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr,
     stride_b, stride_t, T, V, inv_temp,
-    BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
@@ -52,7 +52,8 @@ def _logprobs_fwd_kernel(
         e = tl.exp(z - m_ref)
         rescale = tl.exp(m - m_ref)
         s = s * rescale + tl.sum(e, axis=0)
-        t = t * rescale + tl.sum(tl.where(e > 0, e * z, 0.0), axis=0)
+        if WITH_ENTROPY:
+            t = t * rescale + tl.sum(tl.where(e > 0, e * z, 0.0), axis=0)
         m = m_new
     lse = m + tl.log(s)
     mean_z = tl.where(s > 0, t / s, 0.0)
@@ -102,8 +103,11 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 2 else x
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """logits (B, T, V) or (N, V) with unit vocabulary stride, ids (N,) -> logp, entropy, lse, each (N,) fp32."""
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool = True):
+    """logits (B, T, V) or (N, V) with unit vocabulary stride, ids (N,) -> logp, entropy, lse, each (N,) fp32.
+
+    Without `with_entropy` the entropy sum is skipped (its output is then meaningless).
+    """
     logits = _as_3d(logits)
     _, t, vocab = logits.shape
     n = ids.numel()
@@ -115,7 +119,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float
     block = _block_v(vocab)
     _logprobs_fwd_kernel[(n,)](
         logits, ids, logp, entropy, lse, logits.stride(0), logits.stride(1), t, vocab, 1.0 / temperature,
-        BLOCK_V=block, num_warps=_num_warps(block),
+        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, lse
 

@@ -1,0 +1,31 @@
+"""Peak CPU memory of one contender, in a fresh interpreter: `python -m benchmarks.memprobe '<json spec>'`.
+
+The spec names the task, the shape and the contender. Prints one JSON line with the peak
+resident bytes above the resident set before the call (inputs already built).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from .measure import cpu_peak_extra_bytes_in_process
+from .tasks import TASKS, Shape
+
+
+def main(argv=None) -> None:
+    spec = json.loads((argv or sys.argv[1:])[0])
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
+    shape = Shape(**spec["shape"])
+    task = TASKS[shape.task]
+    device = torch.device("cpu")
+    inputs = task.build(shape, device)
+    contender = next(c for c in task.contenders(device) if c.name == spec["contender"])
+    contender.run(inputs)  # warm-up: lazy initialisation and compilation are not the op's memory
+    peak = cpu_peak_extra_bytes_in_process(lambda: contender.run(inputs))
+    print(json.dumps({"peak_extra_bytes": peak}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""What is benchmarked: four tasks, their inputs, their cost model and their contenders.
+
+Tasks:
+  logprobs    selective log-probs forward, no grad (the old/reference-policy pass)
+  loss        the GRPO loss from logits, forward + backward (dapo, beta=0.04, asymmetric clip)
+  linear      the fused-linear GRPO loss from hidden states and lm_head, forward + backward
+  advantages  group advantages of N rewards in groups of 8
+
+Each contender returns a value that is compared with the fp32 reference before it is timed
+(`agreement`): a contender that disagrees is reported, not timed.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import reference as R
+
+SEQ_LEN = 1024  # tokens per completion; N tokens make N / SEQ_LEN sequences
+LOSS_OPTIONS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False)
+
+
+@dataclass
+class Shape:
+    task: str
+    n: int
+    v: int
+    h: int = 0
+    dtype: str = "bfloat16"
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    def key(self) -> Dict:
+        return dict(task=self.task, N=self.n, V=self.v, H=self.h, dtype=self.dtype)
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[Dict], torch.Tensor]
+    # Bytes of gradient it necessarily allocates (not counted as overhead in the memory ratio).
+    grad_bytes: Callable[[Shape], int] = lambda s: 0
+    note: str = ""
+
+
+@dataclass
+class Task:
+    name: str
+    build: Callable[[Shape, torch.device], Dict]
+    contenders: Callable[[torch.device], List[Contender]]
+    bytes_moved: Optional[Callable[[Shape], float]] = None  # memory-bound: GB/s vs copy roofline
+    flops: Optional[Callable[[Shape], float]] = None  # compute-bound: TFLOP/s vs matmul roofline
+    tolerance: Callable[[Shape], float] = field(default=lambda s: 2e-2 if s.dtype != "float32" else 1e-4)
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _our_backends(device: torch.device) -> List[str]:
+    names = gk.available_backends(device)
+    if device.type == "cpu":  # interpreted Triton is a correctness tool, not a contender
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+def _token_inputs(shape: Shape, device: torch.device, gen: torch.Generator) -> Dict:
+    b, t = max(1, shape.n // SEQ_LEN), min(SEQ_LEN, shape.n)
+    ids = torch.randint(0, shape.v, (b, t), generator=gen).to(device)
+    mask = (torch.rand(b, t, generator=gen) > 0.1).to(device)
+    adv = torch.randn(b, generator=gen).to(device)
+    return dict(b=b, t=t, ids=ids, mask=mask, advantages=adv)
+
+
+def _logits_inputs(shape: Shape, device: torch.device, gen: torch.Generator, extra_position: bool) -> Dict:
+    inputs = _token_inputs(shape, device, gen)
+    b, t = inputs["b"], inputs["t"]
+    buffer = torch.randn(b, t + int(extra_position), shape.v, generator=gen, dtype=torch.float32).to(
+        device=device, dtype=shape.torch_dtype) * 2
+    inputs["buffer"] = buffer
+    with torch.no_grad():
+        logp = gk.selective_logprobs(buffer[:, :t], inputs["ids"], backend="torch" if device.type == "cpu" else "auto")
+    noise = lambda: 0.2 * torch.randn(b, t, generator=gen).to(device)  # noqa: E731
+    inputs["old_logps"], inputs["ref_logps"] = logp + noise(), logp + noise()
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------- logprobs
+
+def build_logprobs(shape, device):
+    gen = torch.Generator().manual_seed(0)
+    inputs = _token_inputs(shape, device, gen)
+    inputs["logits"] = (torch.randn(inputs["b"], inputs["t"], shape.v, generator=gen) * 2).to(
+        device=device, dtype=shape.torch_dtype)
+    return inputs
+
+
+def _reference_logprobs(x):
+    return torch.log_softmax(x["logits"].float(), -1).gather(-1, x["ids"].unsqueeze(-1)).squeeze(-1)
+
+
+def logprobs_contenders(device):
+    out = [Contender(f"grpo_kernels[{b}]", lambda x, b=b: gk.selective_logprobs(x["logits"], x["ids"], backend=b))
+           for b in _our_backends(device)]
+    out.append(Contender("reference (eager)", _reference_logprobs))
+    compiled = torch.compile(_reference_logprobs, dynamic=False)
+    out.append(Contender("reference (torch.compile)", compiled))
+    if _have("trl"):
+        from trl.trainer.utils import selective_log_softmax
+
+        out.append(Contender("TRL selective_log_softmax", lambda x: selective_log_softmax(x["logits"], x["ids"])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+def build_loss(shape, device):
+    return _logits_inputs(shape, device, torch.Generator().manual_seed(0), extra_position=True)
+
+
+def _with_grad(x):
+    """The (B, T, V) logits of the buffer (the usual logits[:, :-1] shift), tracked by autograd."""
+    leaf = x["buffer"].detach().requires_grad_(True)
+    return leaf, leaf[:, :-1]
+
+
+def _ours_loss(backend):
+    def run(x):
+        leaf, logits = _with_grad(x)
+        out = gk.grpo_loss(logits, x["ids"], x["advantages"], mask=x["mask"], old_logps=x["old_logps"],
+                           ref_logps=x["ref_logps"], backend=backend, inplace_backward=True, **LOSS_OPTIONS)
+        torch.autograd.grad(out.loss, logits)
+        return out.loss.detach()
+    return run
+
+
+def _reference_loss(x):
+    leaf, logits = _with_grad(x)
+    cfg = gk.GRPOLossConfig(**LOSS_OPTIONS)
+    terms, _, _ = R.grpo_loss(logits.float(), x["ids"], x["advantages"], mask=x["mask"], old_logps=x["old_logps"],
+                              ref_logps=x["ref_logps"], config=cfg)
+    torch.autograd.grad(terms.loss, logits)
+    return terms.loss.detach()
+
+
+def _trl_style_loss(x):
+    """TRL's recipe: selective_log_softmax on the logits, then GRPOTrainer's dapo loss lines."""
+    from trl.trainer.utils import selective_log_softmax
+
+    leaf, logits = _with_grad(x)
+    logp = selective_log_softmax(logits, x["ids"])
+    mask = x["mask"].float()
+    coef_1 = torch.exp(logp - x["old_logps"])
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+    adv = x["advantages"].unsqueeze(1)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    d = x["ref_logps"] - logp
+    per_token = per_token + 0.04 * (torch.exp(d) - d - 1)
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    torch.autograd.grad(loss, logits)
+    return loss.detach()
+
+
+def _liger_loss(x):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    leaf = x["buffer"].detach().requires_grad_(True)
+    loss, _ = triton_grpo_loss(leaf, x["old_logps"], x["ref_logps"], x["ids"], x["advantages"],
+                               completion_mask=x["mask"].int(), temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.28,
+                               inplace=True, loss_type="dapo", reduce=True)
+    torch.autograd.grad(loss, leaf)
+    return loss.detach()
+
+
+def loss_contenders(device):
+    grad = lambda s: s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()  # noqa: E731
+    out = [Contender(f"grpo_kernels[{b}]", _ours_loss(b), note="in-place backward") for b in _our_backends(device)]
+    out.append(Contender("reference (eager)", _reference_loss, grad_bytes=grad))
+    out.append(Contender("reference (torch.compile)", torch.compile(_reference_loss, dynamic=False), grad_bytes=grad))
+    if _have("trl"):
+        out.append(Contender("TRL (selective_log_softmax + GRPOTrainer loss)", _trl_style_loss, grad_bytes=grad))
+    if device.type == "cuda" and _have("liger_kernel"):
+        out.append(Contender("Liger triton_grpo_loss", _liger_loss, note="in-place backward"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- linear
+
+def build_linear(shape, device):
+    gen = torch.Generator().manual_seed(0)
+    inputs = _token_inputs(shape, device, gen)
+    b, t = inputs["b"], inputs["t"]
+    dt = shape.torch_dtype
+    inputs["hidden"] = torch.randn(b, t, shape.h, generator=gen).to(device=device, dtype=dt)
+    inputs["weight"] = (torch.randn(shape.v, shape.h, generator=gen) / shape.h ** 0.5).to(device=device, dtype=dt)
+    with torch.no_grad():
+        logp = gk.fused_linear_selective_logprobs(inputs["hidden"], inputs["weight"], inputs["ids"],
+                                                  backend="torch" if device.type == "cpu" else "auto")
+    noise = lambda: 0.2 * torch.randn(b, t, generator=gen).to(device)  # noqa: E731
+    inputs["old_logps"], inputs["ref_logps"] = logp + noise(), logp + noise()
+    return inputs
+
+
+def _linear_leaves(x):
+    return x["hidden"].detach().requires_grad_(True), x["weight"].detach().requires_grad_(True)
+
+
+def _ours_linear(backend):
+    def run(x):
+        h, w = _linear_leaves(x)
+        out = gk.fused_linear_grpo_loss(h, w, x["ids"], x["advantages"], mask=x["mask"], old_logps=x["old_logps"],
+                                        ref_logps=x["ref_logps"], backend=backend, **LOSS_OPTIONS)
+        torch.autograd.grad(out.loss, (h, w))
+        return out.loss.detach()
+    return run
+
+
+def _reference_linear(x):
+    h, w = _linear_leaves(x)
+    cfg = gk.GRPOLossConfig(**LOSS_OPTIONS)
+    terms, _, _ = R.grpo_loss((h @ w.T).float(), x["ids"], x["advantages"], mask=x["mask"],
+                              old_logps=x["old_logps"], ref_logps=x["ref_logps"], config=cfg)
+    torch.autograd.grad(terms.loss, (h, w))
+    return terms.loss.detach()
+
+
+def _liger_linear(x):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    h, w = _linear_leaves(x)
+    fn = LigerFusedLinearGRPOLoss(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo",
+                                  use_ref_model=True)
+    loss, _ = fn(h, w, x["ids"], x["mask"].int(), x["advantages"], ref_per_token_logps=x["ref_logps"],
+                 old_per_token_logps=x["old_logps"])
+    torch.autograd.grad(loss, (h, w))
+    return loss.detach()
+
+
+def linear_contenders(device):
+    def grad(s):
+        size = torch.tensor([], dtype=s.torch_dtype).element_size()
+        return (s.n * s.h + s.v * s.h) * size
+    out = [Contender(f"grpo_kernels[{b}]", _ours_linear(b), grad_bytes=grad, note="d_weight accumulated in fp32")
+           for b in _our_backends(device)]
+    out.append(Contender("reference (materialised logits)", _reference_linear, grad_bytes=grad))
+    if device.type == "cuda" and _have("liger_kernel"):
+        out.append(Contender("Liger LigerFusedLinearGRPOLoss", _liger_linear, grad_bytes=grad))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- advantages
+
+def build_advantages(shape, device):
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 3, (shape.n,), generator=gen).float()
+    rewards[torch.rand(shape.n, generator=gen) < 0.05] = float("nan")
+    return dict(rewards=rewards.to(device))
+
+
+def _reference_advantages(x):
+    n = x["rewards"].numel()
+    return R.group_advantages(x["rewards"], torch.arange(n, device=x["rewards"].device) // 8, n // 8).advantages
+
+
+def _trl_style_advantages(x):
+    r = x["rewards"].view(-1, 8)
+    mean = torch.nanmean(r, 1, keepdim=True)
+    std = ((r - mean) ** 2).nansum(1, keepdim=True).div((~torch.isnan(r)).sum(1, keepdim=True) - 1).sqrt()
+    return torch.nan_to_num(((r - mean) / (std + 1e-4)).flatten(), nan=0.0)
+
+
+def advantages_contenders(device):
+    out = [Contender(f"grpo_kernels[{b}]",
+                     lambda x, b=b: gk.group_advantages(x["rewards"], group_size=8, backend=b).advantages)
+           for b in _our_backends(device)]
+    out.append(Contender("reference (loop over groups)", _reference_advantages))
+    out.append(Contender("TRL-style vectorised", _trl_style_advantages))
+    return out
+
+
+TASKS = {
+    "logprobs": Task("logprobs", build_logprobs, logprobs_contenders,
+                     bytes_moved=lambda s: s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()),
+    "loss": Task("loss", build_loss, loss_contenders,
+                 bytes_moved=lambda s: 3 * s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()),
+    "linear": Task("linear", build_linear, linear_contenders, flops=lambda s: 6 * s.n * s.h * s.v),
+    "advantages": Task("advantages", build_advantages, advantages_contenders, tolerance=lambda s: 1e-4),
+}
+
+
+def agreement(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the expected magnitude (NaN where the shapes differ)."""
+    value, expected = value.detach().float().cpu(), expected.detach().float().cpu()
+    if value.shape != expected.shape:
+        return float("nan")
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    return float((value - expected).abs().max()) / scale if expected.numel() else 0.0
