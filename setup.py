@@ -7,7 +7,7 @@ resolves `torch` from the index and pulls CUDA wheels onto a machine without a G
 from setuptools import find_packages, setup
 
 TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl>=0.24", "transformers>=4.46"]
-BENCH = ["matplotlib>=3.7", "tqdm>=4.60"]
+BENCH = ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"]
 
 setup(
     name="grpo_kernels",
@@ -23,6 +23,7 @@ setup(
         "numpy",
         "tqdm>=4.60",
         "transformers>=4.46",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": TEST,

@@ -118,6 +118,21 @@ def _logits(h, weight, bias):
     return torch.nn.functional.linear(h, weight, bias)
 
 
+# Rows of the vocabulary per d_weight update when the accumulator's dtype differs from the
+# inputs': the temporary product is then at most this many rows of (V, H), not all of it.
+WEIGHT_GRAD_BLOCK = 8192
+
+
+def accumulate_weight_grad(d_weight: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+    """d_weight += dlogits.T @ h without a (V, H) temporary."""
+    if d_weight.dtype == dlogits.dtype:
+        d_weight.addmm_(dlogits.t(), h)
+        return
+    for v0 in range(0, d_weight.shape[0], WEIGHT_GRAD_BLOCK):
+        v1 = min(d_weight.shape[0], v0 + WEIGHT_GRAD_BLOCK)
+        d_weight[v0:v1] += (dlogits[:, v0:v1].t() @ h).to(d_weight.dtype)
+
+
 def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
     """dL/dlogp and dL/dH of the chunk's rows, with batch-wide normalisers."""
     b0, b1, r0, r1 = chunk
@@ -183,7 +198,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
             if need_h:
                 torch.mm(dlogits, weight, out=d_hidden[r0:r1])
             if need_w:
-                d_weight += (dlogits.t() @ h).to(acc_dtype)
+                accumulate_weight_grad(d_weight, dlogits, h)
             if need_b:
                 d_bias += dlogits.sum(0, dtype=torch.float32)
 
@@ -302,7 +317,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if need_h:
                 torch.mm(dlogits, weight, out=d_hidden[r0:r1])
             if need_w:
-                d_weight += (dlogits.t() @ h).float()
+                accumulate_weight_grad(d_weight, dlogits, h)
             if need_b:
                 d_bias += dlogits.sum(0, dtype=torch.float32)
         return (None if d_hidden is None else d_hidden.view(hidden.shape),

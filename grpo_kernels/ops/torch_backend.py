@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 # fp32 working set of one chunk of rows; several temporaries of this size may coexist.
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def rows_per_chunk(vocab: int) -> int:
@@ -92,10 +92,21 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temper
 def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, temperature):
     z = _scaled(chunk, temperature)
     chunk_lse = lse[r0:r1]
-    p, z_safe = _chunk_stats(z, chunk_lse)
     g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
+    target = ids[r0:r1].long().unsqueeze(-1)
+    if bool(torch.isfinite(chunk_lse).all()) and not bool(torch.isinf(z).any()):
+        # Fast path (no −inf): dz = onehot·g_logp − p·(g_logp + g_H·(z' − E_p z')), one buffer, in place.
+        p = torch.exp(z - chunk_lse.unsqueeze(-1))
+        if grad_entropy is None:
+            grad = p.mul_(-g_logp)
+        else:
+            mean_z = (chunk_lse - entropy[r0:r1]).unsqueeze(-1)
+            grad = torch.sub(z, mean_z).mul_(grad_entropy[r0:r1].float().unsqueeze(-1)).add_(g_logp).mul_(p).neg_()
+        grad.scatter_add_(-1, target, g_logp)
+        return grad if temperature == 1.0 else grad.div_(temperature)
+    p, z_safe = _chunk_stats(z, chunk_lse)
     grad = -g_logp * p
-    grad.scatter_add_(-1, ids[r0:r1].long().unsqueeze(-1), g_logp)
+    grad.scatter_add_(-1, target, g_logp)
     if grad_entropy is not None:
         mean_z = torch.where(torch.isfinite(chunk_lse), chunk_lse - entropy[r0:r1], torch.zeros_like(chunk_lse))
         grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * (z_safe - mean_z.unsqueeze(-1))

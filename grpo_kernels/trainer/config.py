@@ -1,0 +1,83 @@
+"""TrainerConfig: everything one GRPO run needs besides the model, tokenizer, rewards and data."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..config import GRPOLossConfig
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainerConfig:
+    """Options of `GRPOTrainer` (names follow TRL's GRPOConfig where it has them).
+
+    prompts_per_step × num_generations completions are sampled per optimizer step (a group
+    per prompt). `num_iterations` (μ) reuses each rollout batch for that many optimizer steps
+    with importance ratios against the sampling-time policy. The loss options live in `loss`;
+    its temperature is set to the sampling temperature, as TRL does.
+    """
+
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.99)
+    max_steps: int = 100
+    num_iterations: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    reward_weights: Optional[List[float]] = None
+    scale_rewards: str = "group"
+    mask_truncated_completions: bool = False
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    backend: str = "auto"
+    seed: int = 0
+    output_dir: str = "runs/grpo"
+    logging_steps: int = 1
+    save_steps: int = 0
+    progress: bool = True
+    stop_at_reward: Optional[float] = None
+
+    def __post_init__(self):
+        positive = ("prompts_per_step", "num_generations", "max_new_tokens", "max_steps", "num_iterations",
+                    "gradient_accumulation_steps", "logging_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainerConfig.{name} must be a positive int, got {value!r}")
+        if self.num_generations < 2:
+            raise ValueError("TrainerConfig.num_generations must be >= 2: GRPO compares completions within a group")
+        batch = self.prompts_per_step * self.num_generations
+        if batch % self.gradient_accumulation_steps:
+            raise ValueError(f"TrainerConfig.gradient_accumulation_steps={self.gradient_accumulation_steps} must divide "
+                             f"prompts_per_step * num_generations = {batch}")
+        if not self.temperature > 0:
+            raise ValueError(f"TrainerConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"TrainerConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"TrainerConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainerConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"TrainerConfig.lr_schedule={self.lr_schedule!r} is not one of {list(SCHEDULES)}")
+        if self.save_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("TrainerConfig.save_steps and warmup_steps must be >= 0")
+        if not isinstance(self.loss, GRPOLossConfig):
+            raise TypeError(f"TrainerConfig.loss must be a GRPOLossConfig, got {type(self.loss).__name__}")
+        if self.loss.temperature != self.temperature:
+            self.loss = self.loss.replace(temperature=self.temperature)
+
+    def to_dict(self):
+        data = dataclasses.asdict(self)
+        data["loss"] = dataclasses.asdict(self.loss)
+        return data

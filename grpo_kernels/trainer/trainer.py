@@ -1,0 +1,226 @@
+"""GRPOTrainer: rollout → reward → advantages → fused-linear loss → optimizer step, on the public API."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..functional import group_advantages
+from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
+from . import checkpoint
+from .config import TrainerConfig
+from .rewards import reward_name, score
+from .rollout import Rollout, generate
+
+
+def _lr_lambda(cfg: TrainerConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+class GRPOTrainer:
+    """A GRPO trainer thin enough to read in one sitting.
+
+    model: an HF causal LM (its backbone gives the last hidden state, its output embedding is
+    the lm_head); tokenizer: its HF tokenizer; reward_funcs: TRL-style reward functions.
+    `train(dataset)` takes a sequence of dicts with a "prompt" key; the other keys reach the
+    reward functions as keyword lists. The full logits are never materialised: log-probs and
+    the loss come from `fused_linear_*` on the hidden states.
+    """
+
+    def __init__(self, model, tokenizer, reward_funcs: Sequence[Callable], config: Optional[TrainerConfig] = None,
+                 ref_model=None):
+        self.cfg = config or TrainerConfig()
+        if not reward_funcs:
+            raise ValueError("reward_funcs must name at least one reward function")
+        if self.cfg.reward_weights is not None and len(self.cfg.reward_weights) != len(reward_funcs):
+            raise ValueError(f"TrainerConfig.reward_weights has {len(self.cfg.reward_weights)} entries for "
+                             f"{len(reward_funcs)} reward functions")
+        self.model, self.tokenizer, self.reward_funcs = model, tokenizer, list(reward_funcs)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.device = next(model.parameters()).device
+        self.ref_model = ref_model
+        if self.cfg.loss.beta != 0.0 and ref_model is None and not hasattr(model, "disable_adapter"):
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        torch.manual_seed(self.cfg.seed)
+        self.sampler = torch.Generator().manual_seed(self.cfg.seed)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.learning_rate,
+                                           betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg))
+        self.step = 0
+        self.history: List[Dict] = []
+
+    # ---------------------------------------------------------------- log-probs and loss
+    def _hidden(self, model, batch: Rollout):
+        """Last hidden states that predict the completion tokens: (B, T, H)."""
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        attention = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
+        # As generate() does: positions count only real tokens, so left padding shifts nothing.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
+        p = batch.prompt_ids.shape[1]
+        return hidden[:, p - 1:p - 1 + batch.completion_ids.shape[1]]
+
+    def _lm_head(self, model):
+        head = model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    @torch.no_grad()
+    def _logps(self, model, batch: Rollout) -> torch.Tensor:
+        weight, bias = self._lm_head(model)
+        return fused_linear_selective_logprobs(self._hidden(model, batch), weight, batch.completion_ids, bias=bias,
+                                               temperature=self.cfg.temperature, mask=batch.completion_mask,
+                                               backend=self.cfg.backend)
+
+    def _reference_logps(self, batch: Rollout) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._logps(self.ref_model, batch)
+        with self.model.disable_adapter():  # PEFT: the base model is the reference
+            return self._logps(self.model, batch)
+
+    def _micro_batches(self, size: int):
+        step = size // self.cfg.gradient_accumulation_steps
+        return [slice(i, i + step) for i in range(0, size, step)]
+
+    def _optimize(self, batch: Rollout, advantages, old, ref) -> Dict[str, float]:
+        """One optimizer step over the batch, in gradient-accumulation micro-batches.
+
+        Micro-batch losses are scaled so that their sum is the loss of the whole batch: token-mean
+        losses divide by the batch's token count, the others are weighted by their share of sequences.
+        """
+        cfg = self.cfg.loss
+        total_tokens = int(batch.completion_mask.sum())
+        size = batch.completion_ids.shape[0]
+        global_count = cfg.uses_num_items_in_batch
+        sums: Dict[str, float] = {}
+        weight, bias = self._lm_head(self.model)
+        use_sampling = cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None
+        for part in self._micro_batches(size):
+            share = (part.stop - part.start) / size
+            micro = Rollout(batch.prompts[part], batch.prompt_ids[part], batch.prompt_mask[part],
+                            batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
+                            batch.texts[part], batch.truncated[part])
+            out = fused_linear_grpo_loss(
+                self._hidden(self.model, micro), weight, micro.completion_ids, advantages[part], bias=bias,
+                mask=micro.completion_mask, old_logps=None if old is None else old[part],
+                ref_logps=None if ref is None else ref[part],
+                sampling_logps=batch.sampling_logps[part] if use_sampling else None,
+                num_items_in_batch=total_tokens if global_count else None,
+                config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg,
+                backend=self.cfg.backend)
+            (out.loss if global_count else out.loss * share).backward()
+            for key, value in out.metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * (1.0 if global_count else share)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = float(norm)
+        return sums
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, dataset) -> Dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        index = torch.randint(len(dataset), (cfg.prompts_per_step,), generator=self.sampler).tolist()
+        rows = [dataset[i] for i in index]
+        batch = generate(self.model, self.tokenizer, [r["prompt"] for r in rows], cfg)
+        columns = {k: [r[k] for r in rows for _ in range(cfg.num_generations)] for k in rows[0] if k != "prompt"}
+        rewards = score(self.reward_funcs, batch.prompts, batch.texts, columns, self.device)
+        adv = group_advantages(rewards, group_size=cfg.num_generations, scale_rewards=cfg.scale_rewards,
+                               reward_weights=cfg.reward_weights)
+        old = self._logps(self.model, batch) if cfg.num_iterations > 1 else None
+        ref = self._reference_logps(batch) if cfg.loss.beta != 0.0 else None
+        metrics: Dict[str, float] = {}
+        for _ in range(cfg.num_iterations):
+            metrics = self._optimize(batch, adv.advantages, old, ref)
+        weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
+        total = torch.nansum(rewards * weights, dim=1)
+        total = torch.where(torch.isnan(rewards).all(1), float("nan"), total)
+        tokens = int(batch.completion_mask.sum())
+        elapsed = time.perf_counter() - t0
+        self.step += 1
+        record = {"step": self.step, "reward": float(torch.nanmean(total)), "reward_std": float(total[~torch.isnan(total)].std())
+                  if int((~torch.isnan(total)).sum()) > 1 else 0.0,
+                  "frac_reward_zero_std": float(adv.frac_zero_std), "lr": self.scheduler.get_last_lr()[0],
+                  "completion_length": tokens / len(batch.texts), "truncated": float(batch.truncated.float().mean()),
+                  "tokens_per_s": tokens * cfg.num_iterations / elapsed, "step_time_s": elapsed}
+        for j, fn in enumerate(self.reward_funcs):
+            col = rewards[:, j]
+            record[f"rewards/{reward_name(fn)}"] = float(torch.nanmean(col)) if bool((~torch.isnan(col)).any()) else 0.0
+        record.update(metrics)
+        return record
+
+    # ---------------------------------------------------------------- the loop
+    def _save(self):
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
+                   "rng": checkpoint.rng_state(self.sampler), "config": self.cfg.to_dict()}
+        return checkpoint.save(self.cfg.output_dir, self.step, payload)
+
+    def _resume(self) -> bool:
+        state = checkpoint.load_latest(self.cfg.output_dir)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]
+        checkpoint.restore_rng(state["rng"], self.sampler)
+        return True
+
+    def train(self, dataset, resume: bool = False) -> List[Dict]:
+        """Run until max_steps (or stop_at_reward); returns the per-step metrics."""
+        if len(dataset) == 0 or "prompt" not in dataset[0]:
+            raise ValueError("dataset must be a non-empty sequence of dicts with a 'prompt' key")
+        cfg = self.cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if resume and not self._resume():
+            raise FileNotFoundError(f"resume=True but {cfg.output_dir} holds no checkpoint")
+        self.model.train()
+        log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        mode = "a" if resume else "w"
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="GRPO", disable=not cfg.progress, dynamic_ncols=True)
+        with open(log_path, mode) as log:
+            while self.step < cfg.max_steps:
+                record = self.train_step(dataset)
+                self.history.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if self.step % cfg.logging_steps == 0:
+                    bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.3f}",
+                                    clip=f"{record.get('clip_ratio/region', 0.0):.3f}",
+                                    entropy=f"{record.get('entropy', 0.0):.2f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self._save()
+                if cfg.stop_at_reward is not None and _recent_mean(self.history) >= cfg.stop_at_reward:
+                    break
+        bar.close()
+        return self.history
+
+
+def _recent_mean(history: List[Dict], window: int = 5) -> float:
+    recent = [h["reward"] for h in history[-window:]]
+    return sum(recent) / len(recent) if len(recent) == window else -math.inf
