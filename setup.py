@@ -3,20 +3,131 @@
 torch and triton are runtime requirements only. Install torch yourself first with the
 build that matches your machine (a CPU build on CPU-only machines), so that pip never
 resolves `torch` from the index and pulls CUDA wheels onto a machine without a GPU.
+
+Native extensions (csrc/), neither of which includes or links libtorch:
+- grpo_kernels._C: the CPU kernels (pybind11, OpenMP, -O3), always attempted.
+- grpo_kernels._C_cuda: the CUDA kernels, built when `nvcc` is found (GRPO_KERNELS_CUDA=1
+  forces it, =0 skips it), for sm_80 and sm_90; cudart is linked statically.
+A machine without a C++ compiler (or whose build fails) still installs the pure-Python
+package and says so; backend="cpp"/"cuda" then raise BackendUnavailableError.
+GRPO_KERNELS_NATIVE_ARCH=0 drops -march=native (for binaries that must run on other CPUs).
 """
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension
+except ImportError:  # building without pybind11: pure-Python install
+    Pybind11Extension = None
 
 TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl>=0.24", "transformers>=4.46"]
 BENCH = ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+              "-gencode=arch=compute_90,code=compute_90"]
+
+
+def _cxx_flags():
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    if os.environ.get("GRPO_KERNELS_NATIVE_ARCH", "1") != "0":
+        flags.append("-march=native")
+    return flags
+
+
+def _nvcc():
+    wanted = os.environ.get("GRPO_KERNELS_CUDA")
+    if wanted == "0":
+        return None
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    if nvcc and os.path.exists(nvcc):
+        return nvcc
+    if wanted == "1":
+        raise RuntimeError("GRPO_KERNELS_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    return None
+
+
+def _cuda_home(nvcc):
+    """The CUDA toolkit root: CUDA_HOME, or the first candidate with include/cuda_runtime.h."""
+    candidates = [os.environ.get("CUDA_HOME"), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                  "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    raise RuntimeError("found nvcc but no CUDA toolkit (include/cuda_runtime.h); set CUDA_HOME")
+
+
+class OptionalNativeBuild(build_ext):
+    """Builds the native extensions when it can; otherwise says why and carries on without them."""
+
+    def build_extensions(self):
+        built = []
+        for ext in self.extensions:
+            try:
+                if getattr(ext, "cuda_sources", None):
+                    ext.extra_objects = self._compile_cuda(ext)
+                self.build_extension(ext)
+                built.append(ext)
+            except Exception as exc:  # noqa: BLE001 - any toolchain failure means "no native backend"
+                print(f"\n*** grpo_kernels: could not build {ext.name} ({exc}).\n*** Installing without it: "
+                      f"backend='{'cuda' if 'cuda' in ext.name else 'cpp'}' will be unavailable; the torch and "
+                      "triton backends are unaffected.\n", file=sys.stderr)
+        self.extensions = built
+
+    def _compile_cuda(self, ext):
+        nvcc = _nvcc()
+        out_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(out_dir, exist_ok=True)
+        objects = []
+        for src in ext.cuda_sources:
+            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *CUDA_ARCHS, "-c", src, "-o", obj]
+            subprocess.check_call(cmd)
+            objects.append(obj)
+        return objects
+
+
+def _extensions():
+    if Pybind11Extension is None:
+        print("*** grpo_kernels: pybind11 missing, installing without native kernels", file=sys.stderr)
+        return []
+    cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    exts = [Pybind11Extension("grpo_kernels._C", cpu_sources, include_dirs=["csrc"], extra_compile_args=_cxx_flags(),
+                              extra_link_args=["-fopenmp"], cxx_std=17)]
+    nvcc = _nvcc()
+    if nvcc:
+        try:
+            cuda_home = _cuda_home(nvcc)
+        except RuntimeError as exc:
+            print(f"*** grpo_kernels: {exc}; building without CUDA kernels", file=sys.stderr)
+            return exts
+        lib_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
+                                os.path.join(cuda_home, "targets", "x86_64-linux", "lib")) if os.path.isdir(d)]
+        ext = Pybind11Extension(
+            "grpo_kernels._C_cuda", ["csrc/bindings.cpp"], include_dirs=["csrc", os.path.join(cuda_home, "include")],
+            define_macros=[("GK_WITH_CUDA", "1"), ("GK_MODULE_NAME", "_C_cuda")], extra_compile_args=["-O3"],
+            library_dirs=lib_dirs, libraries=["cudart_static", "rt", "dl", "pthread"], cxx_std=17)
+        ext.cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        exts.append(ext)
+    return exts
+
 
 setup(
     name="grpo_kernels",
     version="0.1.0",
     description="Fused Triton/CUDA kernels for GRPO: log-probs, group advantages and the clipped surrogate + KL loss",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["grpo_kernels", "grpo_kernels.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": OptionalNativeBuild},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",

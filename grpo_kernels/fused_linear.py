@@ -7,8 +7,10 @@ chunk at a time. For each chunk of whole sequences:
     dL/dlogp, dL/dH <- the per-token objective, with batch-wide normalisers
     dlogits       <- one sweep, written over the chunk's logits (in place)
     d_hidden = dlogits @ weight;  d_weight += dlogits.T @ hidden;  d_bias += Σ dlogits
-That is 6·N·H·V FLOPs, the GEMM floor of forward + backward. With `top_entropy_quantile < 1`,
-one extra forward GEMM pass finds the batch-wide entropy quantile first.
+That is 6·N·H·V FLOPs, the GEMM floor of forward + backward. A sequence whose logits exceed the
+chunk budget is split into row blocks: forward over its blocks, then each block's logits are
+recomputed for the backward (8·H·V FLOPs per token instead of 6, memory still bounded). With
+`top_entropy_quantile < 1`, one extra forward GEMM pass finds the batch-wide entropy quantile first.
 Gradients are computed during the forward call and scaled by the upstream gradient in backward.
 """
 from __future__ import annotations
@@ -94,9 +96,14 @@ class _Plan:
         self.ids, self.mask, self.advantages = ids, mask, advantages
         self.old, self.ref, self.sampling, self.num_items = old, ref, sampling, num_items
         self.cu_seqlens, self.cfg, self.backend, self.layout = cu_seqlens, cfg, backend, layout
+        self.rows = rows
         self.chunks = sequence_chunks(layout, cu_seqlens, rows)
         self.accumulate_fp32 = accumulate_fp32
         self.output: Optional[GRPOLossOutput] = None
+
+    def row_blocks(self, r0, r1):
+        """[r0, r1) cut into blocks of at most `rows` rows: the logits that may exist at once."""
+        return [(s, min(r1, s + self.rows)) for s in range(r0, r1, self.rows)]
 
     def chunk_layout(self, b0, b1, r0, r1) -> TokenLayout:
         device = self.ids.device
@@ -177,30 +184,48 @@ class _FusedLinearGRPO(torch.autograd.Function):
         padded_mask = plan.layout.per_token_mask(plan.mask)
 
         if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
-            for b0, b1, r0, r1 in plan.chunks:
-                _, ent_all[r0:r1], _ = kernels.logprobs_forward(_logits(h_rows[r0:r1], weight, bias), ids[r0:r1], tau)
+            for s0, s1 in plan.row_blocks(0, n):
+                _, ent_all[s0:s1], _ = kernels.logprobs_forward(_logits(h_rows[s0:s1], weight, bias), ids[s0:s1], tau)
         totals = reference.batch_totals(plan.layout.to_padded(ent_all), padded_mask, cfg, plan.num_items)
 
         d_hidden = torch.empty_like(h_rows) if need_h else None
         acc_dtype = torch.float32 if plan.accumulate_fp32 else weight.dtype
         d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        need_grad = need_h or need_w or need_b
+
+        def backward_rows(logits, s0, s1, lse, g_logp, g_ent):
+            dlogits = kernels.logprobs_backward(logits, ids[s0:s1], lse, ent_all[s0:s1], g_logp, g_ent, tau, logits)
+            if need_h:
+                torch.mm(dlogits, weight, out=d_hidden[s0:s1])
+            if need_w:
+                accumulate_weight_grad(d_weight, dlogits, h_rows[s0:s1])
+            if need_b:
+                d_bias.add_(dlogits.sum(0, dtype=torch.float32))
+
         for chunk in plan.chunks:
             _, _, r0, r1 = chunk
-            h = h_rows[r0:r1]
-            logits = _logits(h, weight, bias)
-            logp, ent, lse = kernels.logprobs_forward(logits, ids[r0:r1], tau)
-            logp_all[r0:r1], ent_all[r0:r1] = logp, ent
-            if not (need_h or need_w or need_b):
+            blocks = plan.row_blocks(r0, r1)
+            if len(blocks) == 1:  # the chunk's logits fit the budget: one pass, logits kept in between
+                logits = _logits(h_rows[r0:r1], weight, bias)
+                logp, ent, lse = kernels.logprobs_forward(logits, ids[r0:r1], tau)
+                logp_all[r0:r1], ent_all[r0:r1] = logp, ent
+                if need_grad:
+                    g_logp, g_ent = _objective_gradients(plan, chunk, logp, ent, totals)
+                    backward_rows(logits, r0, r1, lse, g_logp, g_ent)
                 continue
-            g_logp, g_ent = _objective_gradients(plan, chunk, logp, ent, totals)
-            dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse, ent, g_logp, g_ent, tau, logits)
-            if need_h:
-                torch.mm(dlogits, weight, out=d_hidden[r0:r1])
-            if need_w:
-                accumulate_weight_grad(d_weight, dlogits, h)
-            if need_b:
-                d_bias += dlogits.sum(0, dtype=torch.float32)
+            # A sequence longer than the budget: forward its row blocks, then recompute each
+            # block's logits for the backward (one extra forward GEMM, memory stays bounded).
+            lse_rows = torch.empty(r1 - r0, dtype=torch.float32, device=hidden.device)
+            for s0, s1 in blocks:
+                logp_all[s0:s1], ent_all[s0:s1], lse_rows[s0 - r0:s1 - r0] = kernels.logprobs_forward(
+                    _logits(h_rows[s0:s1], weight, bias), ids[s0:s1], tau)
+            if not need_grad:
+                continue
+            g_logp, g_ent = _objective_gradients(plan, chunk, logp_all[r0:r1], ent_all[r0:r1], totals)
+            for s0, s1 in blocks:
+                backward_rows(_logits(h_rows[s0:s1], weight, bias), s0, s1, lse_rows[s0 - r0:s1 - r0],
+                              g_logp[s0 - r0:s1 - r0], g_ent[s0 - r0:s1 - r0])
 
         flat_mask = None if plan.mask is None else plan.mask.reshape(-1)
         check_logp_finite(logp_all, ent_all, flat_mask)
@@ -254,8 +279,9 @@ def fused_linear_grpo_loss(
     (B,) or (B, T). Packed: hidden (N, H), per-token tensors (N,), cu_seqlens (B+1,).
     weight (V, H) and bias (V,) are the lm_head (tied embeddings work: pass the embedding).
     Same options and numbers as `grpo_loss` on logits = hidden @ weight.T + bias.
-    `chunk_size`: rows of logits per chunk, or "auto" (logits of a chunk <= 256 MiB on CUDA,
-    32 MiB on CPU, in the hidden dtype); chunks always hold whole sequences.
+    `chunk_size`: rows of logits alive at once, or "auto" (<= 256 MiB on CUDA, 32 MiB on CPU, in
+    the hidden dtype). Chunks hold whole sequences; a longer sequence is processed in row blocks
+    with its logits recomputed for the backward.
     `accumulate_weight_grad_fp32`: accumulate d_weight in fp32 (default) or in weight's dtype
     (saves V·H·2 bytes for a bf16 lm_head). Only the gradients that are needed are computed
     (a frozen weight costs no d_weight GEMM).
@@ -319,7 +345,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if need_w:
                 accumulate_weight_grad(d_weight, dlogits, h)
             if need_b:
-                d_bias += dlogits.sum(0, dtype=torch.float32)
+                d_bias.add_(dlogits.sum(0, dtype=torch.float32))
         return (None if d_hidden is None else d_hidden.view(hidden.shape),
                 None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)

@@ -33,12 +33,16 @@ def _triton_usable(device: torch.device):
     return f"triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret them on CPU"
 
 
+_MODULES = {"torch": "grpo_kernels.ops.torch_backend", "triton": "grpo_kernels.ops.triton",
+            "cpp": "grpo_kernels.ops.cpp", "cuda": "grpo_kernels.ops.cuda"}
+# The device type each backend's tensors must live on (None: any).
+_DEVICE = {"torch": None, "triton": "cuda", "cpp": "cpu", "cuda": "cuda"}
+
+
 def _module_for(name: str):
-    if name == "torch":
-        return importlib.import_module("grpo_kernels.ops.torch_backend")
-    if name == "triton":
-        return importlib.import_module("grpo_kernels.ops.triton")
-    raise BackendUnavailableError(f"backend={name!r} is not built into this installation of grpo_kernels")
+    if name not in _MODULES:
+        raise BackendUnavailableError(f"backend={name!r} is not one of {sorted(_MODULES)}")
+    return importlib.import_module(_MODULES[name])
 
 
 def why_unavailable(name: str, device: torch.device):
@@ -53,7 +57,14 @@ def why_unavailable(name: str, device: torch.device):
             except ImportError as exc:  # triton present but too old for our kernels
                 return f"grpo_kernels' triton kernels failed to import: {exc}"
         return reason
-    return f"backend={name!r} is not built into this installation of grpo_kernels"
+    if device.type != _DEVICE[name]:
+        return f"it runs on {_DEVICE[name]} tensors, got {device.type} tensors"
+    try:
+        _module_for(name)
+    except ImportError as exc:
+        return (f"the compiled extension was not built ({exc}); reinstall with a C++ compiler"
+                + (" and nvcc" if name == "cuda" else "") + " to build it")
+    return None
 
 
 @trace_as_constant

@@ -67,12 +67,14 @@ def _forward_chunk(chunk, ids, r0, r1, temperature, logp, entropy, lse):
     if entropy is None:
         return
     if bool(torch.isfinite(chunk_lse).all()) and not bool(torch.isinf(z).any()):
-        # Fast path (no −inf, no NaN): E_p[z'] as one fused dot product per row.
-        p = torch.exp(z - chunk_lse.unsqueeze(-1))
-        entropy[r0:r1] = chunk_lse - torch.linalg.vecdot(p, z)
+        # Fast path (no −inf, no NaN): H = −Σ p·(z' − lse), one fused dot product per row, and
+        # no cancellation between lse and E[z'] when the logits are large.
+        log_p = z - chunk_lse.unsqueeze(-1)
+        entropy[r0:r1] = -torch.linalg.vecdot(torch.exp(log_p), log_p)
         return
     p, z_safe = _chunk_stats(z, chunk_lse)
-    entropy[r0:r1] = chunk_lse - (p * z_safe).sum(-1)
+    log_p = torch.where(p > 0, z_safe - chunk_lse.unsqueeze(-1), torch.zeros_like(z_safe))
+    entropy[r0:r1] = -(p * log_p).sum(-1)
 
 
 def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
@@ -95,21 +97,25 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
     g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
     target = ids[r0:r1].long().unsqueeze(-1)
     if bool(torch.isfinite(chunk_lse).all()) and not bool(torch.isinf(z).any()):
-        # Fast path (no −inf): dz = onehot·g_logp − p·(g_logp + g_H·(z' − E_p z')), one buffer, in place.
-        p = torch.exp(z - chunk_lse.unsqueeze(-1))
+        # Fast path (no −inf): dz = onehot·g_logp − p·(g_logp + g_H·(z' − E_p z')), one buffer, in place,
+        # with z' − E_p z' = (z' − lse) + H (no cancellation when the logits are large).
+        log_p = z - chunk_lse.unsqueeze(-1)
+        p = torch.exp(log_p)
         if grad_entropy is None:
             grad = p.mul_(-g_logp)
         else:
-            mean_z = (chunk_lse - entropy[r0:r1]).unsqueeze(-1)
-            grad = torch.sub(z, mean_z).mul_(grad_entropy[r0:r1].float().unsqueeze(-1)).add_(g_logp).mul_(p).neg_()
+            grad = log_p.add_(entropy[r0:r1].unsqueeze(-1)).mul_(grad_entropy[r0:r1].float().unsqueeze(-1))
+            grad = grad.add_(g_logp).mul_(p).neg_()
         grad.scatter_add_(-1, target, g_logp)
         return grad if temperature == 1.0 else grad.div_(temperature)
     p, z_safe = _chunk_stats(z, chunk_lse)
     grad = -g_logp * p
     grad.scatter_add_(-1, target, g_logp)
     if grad_entropy is not None:
-        mean_z = torch.where(torch.isfinite(chunk_lse), chunk_lse - entropy[r0:r1], torch.zeros_like(chunk_lse))
-        grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * (z_safe - mean_z.unsqueeze(-1))
+        finite_lse = torch.where(torch.isfinite(chunk_lse), chunk_lse, torch.zeros_like(chunk_lse))
+        centred = torch.where(p > 0, z_safe - finite_lse.unsqueeze(-1) + entropy[r0:r1].unsqueeze(-1),
+                              torch.zeros_like(z_safe))
+        grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * centred
     return grad / temperature
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-MODES = {"group": 0, "batch": 1, "none": 2, "rloo": 3, "reinforce++": 4, "gdpo": 5}
+from ..objective_inputs import ADVANTAGE_MODES, group_layout
 
 
 @triton.jit
@@ -121,19 +121,13 @@ def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_s
     """
     total = total.float().contiguous()
     n = total.numel()
-    if group_size:
-        order = torch.arange(n, device=total.device)
-        offsets = torch.arange(0, n + 1, group_size, device=total.device)
-    else:
-        order = torch.argsort(group_index, stable=True)
-        offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=total.device)
-        offsets[1:] = torch.cumsum(torch.bincount(group_index, minlength=num_groups), 0)
+    order, offsets = group_layout(group_index, num_groups, group_size, n, total.device)
     adv = torch.empty_like(total)
     mean = torch.empty(num_groups, dtype=torch.float32, device=total.device)
     std, count = torch.empty_like(mean), torch.empty_like(mean)
     constant = torch.empty(num_groups, dtype=torch.int8, device=total.device)
     _group_advantages_kernel[(1,)](
         total, order, offsets, group_index.contiguous(), adv, mean, std, count, constant,
-        n, num_groups, float(eps), MODE=MODES[scale_rewards], BLOCK=128,
+        n, num_groups, float(eps), MODE=ADVANTAGE_MODES[scale_rewards], BLOCK=128,
     )
     return adv, mean, std, constant.bool()

@@ -8,7 +8,8 @@ time against that count at the device's measured copy bandwidth.
 Forward, one program per row, one sweep over V tiles with an online log-sum-exp:
     m   running max of z' = z/τ
     s   Σ exp(z' − m)
-    t   Σ exp(z' − m) · z'          (so E_p[z'] = t / s and H = lse − t/s, no second pass)
+    t   Σ exp(z' − m) · (z' − m)    (so H = log s − t/s, no second pass; relative to the max,
+                                     so no cancellation when the logits are large)
 Backward, one program per row, one sweep:
     dz = [g_logp (1[v=y] − p) − g_H p (z' − E_p[z'])] / τ,  p = exp(z' − lse)
 Rows whose upstream gradients are both 0 (masked tokens) write zeros without reading logits.
@@ -49,18 +50,18 @@ def _logprobs_fwd_kernel(
         z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all −inf so far: avoid −inf − −inf
-        e = tl.exp(z - m_ref)
+        d = z - m_ref
+        e = tl.exp(d)
         rescale = tl.exp(m - m_ref)
-        s = s * rescale + tl.sum(e, axis=0)
         if WITH_ENTROPY:
-            t = t * rescale + tl.sum(tl.where(e > 0, e * z, 0.0), axis=0)
+            t = tl.where(s > 0, rescale * (t + s * (m - m_ref)), 0.0) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
     lse = m + tl.log(s)
-    mean_z = tl.where(s > 0, t / s, 0.0)
     target = tl.load(ids_ptr + row).to(tl.int64)
     z_target = tl.load(base + target).to(tl.float32) * inv_temp
     tl.store(logp_ptr + row, z_target - lse)
-    tl.store(entropy_ptr + row, lse - mean_z)
+    tl.store(entropy_ptr + row, tl.log(s) - tl.where(s > 0, t / s, 0.0))
     tl.store(lse_ptr + row, lse)
 
 
@@ -87,15 +88,15 @@ def _logprobs_bwd_kernel(
             tl.store(out + offs, zero.to(out_ptr.dtype.element_ty), mask=offs < V)
     else:
         lse = tl.load(lse_ptr + row)
-        mean_z = lse - tl.load(entropy_ptr + row)
+        h = tl.load(entropy_ptr + row)  # z' − E[z'] = (z' − lse) + H: no cancellation with large logits
         target = tl.load(ids_ptr + row).to(tl.int64)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-            p = tl.exp(z - lse)
+            d = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp - lse
+            p = tl.exp(d)
             grad = tl.where(offs == target, g_logp, 0.0) - g_logp * p
             if HAS_GRAD_ENTROPY:
-                grad -= g_ent * tl.where(p > 0, p * (z - mean_z), 0.0)
+                grad -= g_ent * tl.where(p > 0, p * (d + h), 0.0)
             tl.store(out + offs, (grad * inv_temp).to(out_ptr.dtype.element_ty), mask=offs < V)
 
 

@@ -18,16 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference import ObjectiveTotals, batch_totals
-
-PG = {"clip": 0, "cispo": 1, "sapo": 2}
-LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
-KL = {"k1": 1, "k2": 2, "k3": 3}
-IS = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4}
-AGG = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
-# Per-sequence partial sums written by the kernel, in this order.
-SLOTS = ("loss", "count", "entropy", "low", "high", "region", "ratio_sum", "ratio_max", "kl", "is")
-NUM_SLOTS = 16
+from .. import objective_inputs as io
+from ...reference import ObjectiveTotals
 
 
 @triton.jit
@@ -273,53 +265,23 @@ def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_l
     g_logp and g_entropy are dL/dlogp and dL/dH for an upstream gradient of 1 on the loss.
     `totals` (see reference.ObjectiveTotals) makes this a chunk of whole sequences of a larger batch.
     """
-    bsz, t = logp.shape
-    f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
-    logp, entropy = f32(logp), f32(entropy)
-    mask_u8 = mask.to(torch.uint8).contiguous()
-    agg = cfg.agg_mode
-    if totals is None:
-        totals = batch_totals(torch.where(mask, entropy, 0), mask, cfg, num_items_in_batch)
-    norm = totals.normalizer.float().reshape(1)
-    ent_norm = totals.entropy_normalizer.float().reshape(1)
-    keep_ent = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
-    per_token = torch.empty_like(logp)
-    g_logp = torch.empty_like(logp)
-    g_ent = torch.empty_like(logp)
-    partials = torch.empty(bsz, NUM_SLOTS, dtype=torch.float32, device=logp.device)
-    inf = float("inf")
-    adv = f32(advantages)
+    prep = io.prepare(logp, entropy, mask, advantages, cfg, old_logp=old_logp, ref_logp=ref_logp,
+                      sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch, totals=totals)
+    bsz, t = prep.logp.shape
+    p = io.params(cfg)
     _grpo_objective_kernel[(bsz,)](
-        logp, entropy, mask_u8, adv, f32(old_logp) if old_logp is not None else logp,
-        f32(ref_logp) if ref_logp is not None else logp, f32(sampling_logp) if sampling_logp is not None else logp,
-        keep_ent if keep_ent is not None else mask_u8, norm, ent_norm,
-        per_token, g_logp, g_ent, partials,
-        t, cfg.eps_low, cfg.eps_high, float(cfg.delta or 0.0), float(cfg.dual_clip or 0.0),
-        cfg.sapo_temperature_pos, cfg.sapo_temperature_neg, float(cfg.beta), float(cfg.kl_clamp or 0.0),
-        float(cfg.off_policy_mask_threshold or 0.0),
-        -inf if cfg.is_clip_min is None else float(cfg.is_clip_min),
-        inf if cfg.is_clip_max is None else float(cfg.is_clip_max), float(cfg.entropy_coef),
-        PG_KIND=PG[cfg.pg_loss], LEVEL=LEVEL[cfg.importance_sampling_level],
-        KL_KIND=KL[cfg.kl_kind] if cfg.beta != 0.0 else 0, IS_MODE=IS[cfg.is_correction],
-        AGG=AGG[agg], ADV_PER_TOKEN=advantages.dim() == 2, ON_POLICY=old_logp is None,
-        HAS_SAMPLING=sampling_logp is not None, HAS_DELTA=cfg.delta is not None, HAS_DUAL=cfg.dual_clip is not None,
-        HAS_KL_CLAMP=cfg.kl_clamp is not None, BIAS_CORR=bool(cfg.use_bias_correction_kl),
-        HAS_OFF_POLICY=cfg.off_policy_mask_threshold is not None, HAS_ENT_MASK=keep_ent is not None,
-        HAS_ENT_BONUS=cfg.entropy_coef != 0.0, NUM_SLOTS=NUM_SLOTS,
+        prep.logp, prep.entropy, prep.mask, prep.advantages,
+        prep.old if prep.old is not None else prep.logp, prep.ref if prep.ref is not None else prep.logp,
+        prep.sampling if prep.sampling is not None else prep.logp,
+        prep.keep_entropy if prep.keep_entropy is not None else prep.mask, prep.norm, prep.ent_norm,
+        prep.per_token_loss, prep.g_logp, prep.g_entropy, prep.partials,
+        t, p["eps_low"], p["eps_high"], p["delta"], p["dual_clip"], p["sapo_pos"], p["sapo_neg"], p["beta"],
+        p["kl_clamp"], p["off_thresh"], p["is_lo"], p["is_hi"], p["entropy_coef"],
+        PG_KIND=p["pg"], LEVEL=p["level"], KL_KIND=p["kl"], IS_MODE=p["is_mode"], AGG=p["agg"],
+        ADV_PER_TOKEN=prep.adv_per_token, ON_POLICY=prep.old is None, HAS_SAMPLING=prep.sampling is not None,
+        HAS_DELTA=bool(p["has_delta"]), HAS_DUAL=bool(p["has_dual"]), HAS_KL_CLAMP=bool(p["has_kl_clamp"]),
+        BIAS_CORR=bool(p["bias_corr"]), HAS_OFF_POLICY=bool(p["has_off_policy"]),
+        HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=p["entropy_coef"] != 0.0, NUM_SLOTS=io.NUM_SLOTS,
         BLOCK_T=min(1024, triton.next_power_of_2(max(t, 1))),
     )
-    totals = partials.sum(0)
-    denom = totals[1].clamp(min=1)
-    metrics = {
-        "entropy": totals[2] / denom,
-        "clip_ratio/low": totals[3] / denom,
-        "clip_ratio/high": totals[4] / denom,
-        "clip_ratio/region": totals[5] / denom,
-        "ratio/mean": totals[6] / denom,
-        "ratio/max": partials[:, 7].amax() if bsz else totals[7],
-    }
-    if cfg.beta != 0.0:
-        metrics["kl"] = totals[8] / denom
-    if cfg.is_correction is not None:
-        metrics["is_ratio/mean"] = totals[9] / denom
-    return totals[0], per_token, g_logp, g_ent, metrics
+    return io.finish(prep, cfg)

@@ -1,0 +1,68 @@
+// CUDA group advantages in one launch of one block: groups in parallel over threads, batch
+// statistics with block reductions (fixed order, deterministic), then one pass over rows.
+#include "../advantages_math.h"
+#include "../kernels.h"
+#include "common.cuh"
+
+namespace gk {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+
+__device__ void batch_stats_block(const float* total, const int64_t* group, const float* mean, int64_t n,
+                                  bool centred, float* out_mean, float* out_std) {
+  float count = 0.f, acc = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = total[i] - (centred ? mean[group[i]] : 0.f);
+    if (v == v) {
+      count += 1.f;
+      acc += v;
+    }
+  }
+  count = block_sum(count);
+  acc = block_sum(acc);
+  const float m = acc / fmaxf(count, 1.f);
+  float sq = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float v = total[i] - (centred ? mean[group[i]] : 0.f);
+    if (v == v) sq += (v - m) * (v - m);
+  }
+  sq = block_sum(sq);
+  *out_mean = m;
+  *out_std = count > 1.f ? sqrtf(sq / fmaxf(count - 1.f, 1.f)) : 0.f;
+}
+
+__global__ void __launch_bounds__(kThreads) advantages_kernel(const float* total, const int64_t* order,
+                                                              const int64_t* offsets, const int64_t* group,
+                                                              float* adv, float* mean, float* std, float* count,
+                                                              int8_t* constant, int64_t n, int64_t num_groups,
+                                                              float eps, int mode) {
+  for (int64_t g = threadIdx.x; g < num_groups; g += blockDim.x) {
+    SegmentStats s = segment_stats(total, order, offsets[g], offsets[g + 1]);
+    mean[g] = s.mean;
+    std[g] = s.std;
+    count[g] = s.count;
+    constant[g] = s.constant ? 1 : 0;
+  }
+  __syncthreads();
+  float b_mean = 0.f, b_std = 0.f;
+  if (mode == 1 || mode == 4 || mode == 5) batch_stats_block(total, group, mean, n, mode == 4, &b_mean, &b_std);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    int64_t g = group[i];
+    adv[i] = advantage_of(total[i], mean[g], std[g], count[g], constant[g] != 0, b_mean, b_std, eps, mode);
+  }
+}
+
+}  // namespace
+
+void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
+                      float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
+                      int64_t num_groups, float eps, int mode, uintptr_t stream) {
+  advantages_kernel<<<1, kThreads, 0, as_stream(stream)>>>(total, order, offsets, group, adv, mean, std, count,
+                                                           constant, n, num_groups, eps, mode);
+  check(cudaGetLastError(), "grpo_kernels group_advantages launch");
+}
+
+}  // namespace cuda
+}  // namespace gk

@@ -1,0 +1,328 @@
+// The per-token math of SPEC.md as __host__ __device__ inline functions: the single C++ source
+// of that math, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) builds. It mirrors
+// grpo_kernels/reference.py and the Triton objective kernel; tests check all three agree.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define GK_HD __host__ __device__ __forceinline__
+#else
+#define GK_HD inline
+#endif
+
+namespace gk {
+
+// ------------------------------------------------------------------ storage types
+enum DType : int { DT_FLOAT32 = 0, DT_BFLOAT16 = 1, DT_FLOAT16 = 2 };
+
+GK_HD float bits_to_float(uint32_t u) {
+  union { uint32_t u; float f; } x;
+  x.u = u;
+  return x.f;
+}
+
+GK_HD uint32_t float_to_bits(float f) {
+  union { float f; uint32_t u; } x;
+  x.f = f;
+  return x.u;
+}
+
+GK_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+GK_HD uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t x = float_to_bits(f);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+GK_HD float fp16_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  if (exp == 0) {
+    float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // subnormal: mant * 2^-24
+    return sign ? -f : f;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7F800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+GK_HD uint16_t float_to_fp16(float f) {  // round to nearest even, overflow to inf
+  uint32_t x = float_to_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0u));
+  if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal half
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(rintf(bits_to_float(ax) * 16777216.0f)));
+  }
+  uint32_t r = ax + 0x0FFFu + ((ax >> 13) & 1u) - (112u << 23);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+template <int DT> struct Storage;
+template <> struct Storage<DT_FLOAT32> {
+  using T = float;
+  static GK_HD float load(T v) { return v; }
+  static GK_HD T store(float f) { return f; }
+};
+template <> struct Storage<DT_BFLOAT16> {
+  using T = uint16_t;
+  static GK_HD float load(T v) { return bf16_to_float(v); }
+  static GK_HD T store(float f) { return float_to_bf16(f); }
+};
+template <> struct Storage<DT_FLOAT16> {
+  using T = uint16_t;
+  static GK_HD float load(T v) { return fp16_to_float(v); }
+  static GK_HD T store(float f) { return float_to_fp16(f); }
+};
+
+// ------------------------------------------------------------------ exp that vectorises
+// exp(x) for x <= 88.7 with ~1 ulp error (Cephes' polynomial), exactly 0 for x < -87.3 (so −inf
+// logits get probability 0). Branch-free, so the compiler vectorises loops that call it.
+GK_HD float exp_fast(float x) {
+  const float lo = -87.3f, hi = 88.7f;
+  float xc = fminf(fmaxf(x, lo), hi);
+  float n = floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = fmaf(n, -0.693359375f, xc);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  float y = fmaf(p * r, r, r) + 1.0f;
+  float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return x < lo ? 0.0f : y * scale;
+}
+
+// ------------------------------------------------------------------ the loss options
+enum PolicyLoss : int { PG_CLIP = 0, PG_CISPO = 1, PG_SAPO = 2 };
+enum Level : int { LEVEL_TOKEN = 0, LEVEL_SEQUENCE = 1, LEVEL_SEQUENCE_TOKEN = 2 };
+enum KlKind : int { KL_NONE = 0, KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 };
+enum IsMode : int { IS_NONE = 0, IS_TOKEN_TRUNCATE = 1, IS_TOKEN_MASK = 2, IS_SEQ_TRUNCATE = 3, IS_SEQ_MASK = 4 };
+enum Agg : int { AGG_SEQ_MEAN_TOKEN_MEAN = 0, AGG_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_SEQ_SUM_NORM = 3 };
+
+struct LossParams {
+  int pg, level, kl, is_mode, agg;
+  float eps_low, eps_high;
+  int has_delta;
+  float delta;
+  int has_dual;
+  float dual_clip, sapo_pos, sapo_neg, beta;
+  int has_kl_clamp;
+  float kl_clamp;
+  int bias_corr, has_off_policy;
+  float off_thresh, is_lo, is_hi, entropy_coef;
+};
+
+struct PolicyTerm {
+  float loss, d_rho, direct;  // ℓ_pg, ∂ℓ/∂ρ, ∂ℓ/∂logp through other paths (cispo)
+};
+
+// ℓ_pg and its derivatives, matching autograd on reference.py: torch.minimum splits the
+// gradient in half at ties, clamp passes it at the (inclusive) bounds.
+GK_HD PolicyTerm policy_term(float rho, float adv, float logp, const LossParams& p) {
+  PolicyTerm out{0.f, 0.f, 0.f};
+  if (p.pg == PG_CLIP) {
+    float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
+    float rho_c = fminf(fmaxf(rho, lo), hi);
+    float rho_d = p.has_delta ? fminf(rho, p.delta) : rho;
+    float d_rho_d = p.has_delta ? (rho <= p.delta ? 1.f : 0.f) : 1.f;
+    float a = rho_d * adv, b = rho_c * adv;
+    float da = adv * d_rho_d, db = adv * ((rho >= lo && rho <= hi) ? 1.f : 0.f);
+    out.loss = -fminf(a, b);
+    out.d_rho = -(a < b ? da : (b < a ? db : 0.5f * (da + db)));
+    if (p.has_dual && adv < 0.f) {
+      float cap = -p.dual_clip * adv;
+      float d = out.loss < cap ? out.d_rho : (out.loss > cap ? 0.f : 0.5f * out.d_rho);
+      out.loss = fminf(out.loss, cap);
+      out.d_rho = d;
+    }
+  } else if (p.pg == PG_CISPO) {
+    float w = fminf(rho, p.eps_high);
+    out.loss = -w * adv * logp;
+    out.direct = -w * adv;
+  } else {
+    float s = adv > 0.f ? p.sapo_pos : p.sapo_neg;
+    float sig = 1.f / (1.f + expf(-s * (rho - 1.f)));
+    out.loss = -sig * 4.f / s * adv;
+    out.d_rho = -4.f * adv * sig * (1.f - sig);
+  }
+  return out;
+}
+
+struct KlTerm {
+  float value, d_logp;
+};
+
+// k1/k2/k3 estimators of KL(π‖π_ref) with x = ref_logp − logp, and ∂/∂logp.
+GK_HD KlTerm kl_term(float logp, float ref, const LossParams& p) {
+  float x = ref - logp;
+  KlTerm out{0.f, 0.f};
+  if (p.kl == KL_K1) {
+    out.value = -x;
+    out.d_logp = 1.f;
+  } else if (p.kl == KL_K2) {
+    out.value = 0.5f * x * x;
+    out.d_logp = -x;
+  } else {
+    float d_x = 1.f;
+    if (p.has_kl_clamp) {
+      d_x = (x >= -20.f && x <= 20.f) ? 1.f : 0.f;
+      x = fminf(fmaxf(x, -20.f), 20.f);
+    }
+    float ex = expf(x);
+    out.value = ex - x - 1.f;
+    out.d_logp = -(ex - 1.f) * d_x;
+  }
+  if (p.has_kl_clamp) {
+    if (!(out.value >= -p.kl_clamp && out.value <= p.kl_clamp)) out.d_logp = 0.f;
+    out.value = fminf(fmaxf(out.value, -p.kl_clamp), p.kl_clamp);
+  }
+  return out;
+}
+
+GK_HD float nan_to_zero(float x) { return x == x ? x : 0.f; }
+
+GK_HD float is_clip(float w, int truncate, float lo, float hi) {
+  if (truncate) return fminf(fmaxf(w, lo), hi);
+  return (w < lo || w > hi) ? 0.f : w;
+}
+
+// Per-sequence partial sums written by objective_sequence, in this order.
+enum Slot : int {
+  SLOT_LOSS = 0, SLOT_COUNT, SLOT_ENTROPY, SLOT_LOW, SLOT_HIGH, SLOT_REGION, SLOT_RATIO_SUM, SLOT_RATIO_MAX,
+  SLOT_KL, SLOT_IS, NUM_SLOTS = 16
+};
+
+struct ObjectiveArgs {
+  const float* logp;
+  const float* entropy;
+  const uint8_t* mask;
+  const float* adv;  // (B,) or (B, T)
+  const float* old;  // nullptr: on policy
+  const float* ref;
+  const float* sampling;
+  const uint8_t* keep_entropy;  // nullptr: no entropy mask
+  const float* norm;      // aggregation normaliser (1 element)
+  const float* ent_norm;  // entropy-bonus normaliser (1 element)
+  float* per_token_loss;
+  float* g_logp;
+  float* g_entropy;
+  float* partials;  // (B, NUM_SLOTS)
+  int64_t T;
+  int adv_per_token;
+  LossParams p;
+};
+
+// The whole objective of sequence b: per-token loss, dL/dlogp, dL/dH, and partial sums.
+// Pass 1: sequence sums; pass 2: tokens; pass 3 (GSPO): the gradient through the sequence mean.
+GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
+  const LossParams& p = a.p;
+  const int64_t row = b * a.T;
+  const float norm = *a.norm;
+  float n_tok = 0.f, sum_delta = 0.f, sum_off = 0.f, sum_isd = 0.f;
+  for (int64_t t = 0; t < a.T; ++t) {
+    if (!a.mask[row + t]) continue;
+    float logp = a.logp[row + t];
+    float old = a.old ? a.old[row + t] : logp;
+    n_tok += 1.f;
+    sum_delta += logp - old;
+    if (p.has_off_policy) {
+      float behaviour = a.sampling ? a.sampling[row + t] : old;
+      sum_off += nan_to_zero(behaviour - logp);
+    }
+    if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[row + t]);
+  }
+  const float n_b = fmaxf(n_tok, 1.f);
+  const float rho_seq = expf(sum_delta / n_b);
+  const float off_kl = sum_off / n_b;
+  float is_seq = expf(sum_isd);
+  if (p.is_mode == IS_SEQ_TRUNCATE || p.is_mode == IS_SEQ_MASK)
+    is_seq = is_clip(is_seq, p.is_mode == IS_SEQ_TRUNCATE, p.is_lo, p.is_hi);
+  const float agg_w = p.agg == AGG_SEQ_MEAN_TOKEN_MEAN ? 1.f / (n_b * norm) : 1.f / norm;
+  const float ent_w = p.entropy_coef != 0.f ? p.entropy_coef / *a.ent_norm : 0.f;
+  const float adv_seq = a.adv_per_token ? 0.f : a.adv[b];
+
+  float acc_loss = 0.f, acc_ent = 0.f, acc_low = 0.f, acc_high = 0.f, acc_region = 0.f, acc_rho = 0.f,
+        max_rho = 0.f, acc_kl = 0.f, acc_is = 0.f, acc_drho = 0.f;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t i = row + t;
+    if (!a.mask[i]) {
+      a.per_token_loss[i] = 0.f;
+      a.g_logp[i] = 0.f;
+      a.g_entropy[i] = -0.f;
+      continue;
+    }
+    float logp = a.logp[i], ent = a.entropy[i];
+    float old = a.old ? a.old[i] : logp;
+    float adv = a.adv_per_token ? a.adv[i] : adv_seq;
+    float rho, d_rho_direct;
+    if (p.level == LEVEL_TOKEN) {
+      rho = expf(logp - old);
+      d_rho_direct = rho;
+    } else {
+      rho = rho_seq;
+      d_rho_direct = p.level == LEVEL_SEQUENCE_TOKEN ? rho : 0.f;
+    }
+    PolicyTerm pg = policy_term(rho, adv, logp, p);
+    float mult = 1.f;
+    if (p.has_off_policy && adv < 0.f && off_kl > p.off_thresh) mult = 0.f;
+    float keep_ent = 1.f;
+    if (a.keep_entropy) {
+      keep_ent = a.keep_entropy[i] ? 1.f : 0.f;
+      mult *= keep_ent;
+    }
+    float is_w = 1.f;
+    if (p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK)
+      is_w = is_clip(expf(nan_to_zero(old - a.sampling[i])), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo, p.is_hi);
+    else if (p.is_mode != IS_NONE)
+      is_w = is_seq;
+    if (p.is_mode != IS_NONE) mult *= is_w;
+    float loss = pg.loss * mult;
+    float g = mult * (pg.d_rho * d_rho_direct + pg.direct);
+    float kl = 0.f;
+    if (p.kl != KL_NONE) {
+      KlTerm k = kl_term(logp, a.ref[i], p);
+      kl = p.bias_corr ? k.value * rho : k.value;
+      float dk = p.bias_corr ? k.d_logp * rho : k.d_logp;
+      loss += p.beta * kl;
+      g += p.beta * dk;
+    }
+    a.per_token_loss[i] = loss;
+    a.g_logp[i] = g * agg_w;
+    a.g_entropy[i] = -ent_w * keep_ent;
+    acc_loss += loss * agg_w - ent_w * keep_ent * ent;
+    acc_drho += agg_w * mult * pg.d_rho;
+    float low = (rho < 1.f - p.eps_low && adv < 0.f) ? 1.f : 0.f;
+    float high = (rho > 1.f + p.eps_high && adv > 0.f) ? 1.f : 0.f;
+    acc_ent += ent;
+    acc_low += low;
+    acc_high += high;
+    acc_region += fmaxf(low, high);
+    acc_rho += rho;
+    max_rho = fmaxf(max_rho, rho);
+    acc_kl += kl;
+    acc_is += is_w;
+  }
+  if (p.level == LEVEL_SEQUENCE) {
+    const float scale = acc_drho * rho_seq / n_b;
+    for (int64_t t = 0; t < a.T; ++t)
+      if (a.mask[row + t]) a.g_logp[row + t] += scale;
+  }
+  float* part = a.partials + b * NUM_SLOTS;
+  part[SLOT_LOSS] = acc_loss;
+  part[SLOT_COUNT] = n_tok;
+  part[SLOT_ENTROPY] = acc_ent;
+  part[SLOT_LOW] = acc_low;
+  part[SLOT_HIGH] = acc_high;
+  part[SLOT_REGION] = acc_region;
+  part[SLOT_RATIO_SUM] = acc_rho;
+  part[SLOT_RATIO_MAX] = max_rho;
+  part[SLOT_KL] = acc_kl;
+  part[SLOT_IS] = acc_is;
+}
+
+}  // namespace gk

@@ -1,0 +1,44 @@
+// Declarations of the CPU and CUDA entry points that bindings.cpp exposes to Python.
+// Every function takes raw pointers, sizes, strides and a dtype code (gk::DType); nothing here
+// includes or links libtorch, so one build serves every torch version.
+#pragma once
+
+#include <cstdint>
+
+#include "grpo_math.h"
+
+namespace gk {
+
+// Log-probs over rows of logits laid out as (B, T, V) with strides (stride_b, stride_t, 1);
+// row r is (r / T, r % T). Packed (N, V) logits are (1, N, V).
+struct RowsView {
+  const void* logits;
+  int dtype;
+  int64_t stride_b, stride_t, T, N, V;
+};
+
+namespace cpu {
+void logprobs_forward(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+                      float* entropy, float* lse);
+void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
+                       const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
+                       int64_t out_stride_t, float inv_temp);
+void objective(const ObjectiveArgs& args, int64_t num_sequences);
+void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
+                      float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
+                      int64_t num_groups, float eps, int mode);
+}  // namespace cpu
+
+namespace cuda {
+void logprobs_forward(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+                      float* entropy, float* lse, uintptr_t stream);
+void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
+                       const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
+                       int64_t out_stride_t, float inv_temp, uintptr_t stream);
+void objective(const ObjectiveArgs& args, int64_t num_sequences, uintptr_t stream);
+void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
+                      float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
+                      int64_t num_groups, float eps, int mode, uintptr_t stream);
+}  // namespace cuda
+
+}  // namespace gk

@@ -1,0 +1,9 @@
+"""`backend="cuda"`: the hand-written CUDA kernels of csrc/cuda for CUDA tensors."""
+from .. import _C_cuda  # noqa: F401 - ImportError here means the extension was not built
+from .native import NativeKernels
+
+_kernels = NativeKernels(_C_cuda)
+logprobs_forward = _kernels.logprobs_forward
+logprobs_backward = _kernels.logprobs_backward
+grpo_objective = _kernels.grpo_objective
+group_advantages = _kernels.group_advantages

@@ -1,0 +1,91 @@
+"""The compiled csrc/ extensions as a backend: tensors in, raw pointers, sizes and strides out.
+
+`NativeKernels(module)` wraps grpo_kernels._C (CPU, backend="cpp") or grpo_kernels._C_cuda
+(CUDA, backend="cuda") with the same interface as the torch and Triton backends. The extension
+does not link libtorch; this file is the only place that turns tensors into pointers.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import objective_inputs as io
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def _f32(x):
+    return None if x is None else x.float().contiguous()
+
+
+class NativeKernels:
+    def __init__(self, module):
+        self.module = module
+        self.on_cuda = module.device == "cuda"
+
+    def _stream(self, t: torch.Tensor):
+        return (torch.cuda.current_stream(t.device).cuda_stream,) if self.on_cuda else (0,)
+
+    def _rows(self, logits: torch.Tensor):
+        x = _as_3d(logits)
+        if x.dtype not in DTYPE_CODES:  # fp64: computed from an fp32 copy
+            x = x.float()
+        return x, (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), x.stride(1), x.shape[1], x.shape[0] * x.shape[1],
+                   x.shape[2])
+
+    def logprobs_forward(self, logits, ids, temperature, with_entropy=True):
+        x, view = self._rows(logits)
+        n = view[5]
+        logp = torch.empty(n, dtype=torch.float32, device=x.device)
+        entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+        ids = ids.reshape(-1).long().contiguous()
+        self.module.logprobs_forward(*view, ids.data_ptr(), 1.0 / temperature, bool(with_entropy), logp.data_ptr(),
+                                     entropy.data_ptr(), lse.data_ptr(), *self._stream(x))
+        return logp, entropy, lse
+
+    def logprobs_backward(self, logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
+        x, view = self._rows(logits)
+        target = _as_3d(out)
+        work = target if target.dtype == x.dtype and target.stride(-1) == 1 else torch.empty_like(x)
+        ids = ids.reshape(-1).long().contiguous()
+        g = _f32(grad_logp)
+        gh = _f32(grad_entropy)
+        lse, entropy = _f32(lse), _f32(entropy)
+        self.module.logprobs_backward(*view, ids.data_ptr(), lse.data_ptr(), entropy.data_ptr(), g.data_ptr(),
+                                      0 if gh is None else gh.data_ptr(), work.data_ptr(), work.stride(0),
+                                      work.stride(1), 1.0 / temperature, *self._stream(x))
+        if work is not target:
+            target.copy_(work)
+        return out
+
+    def grpo_objective(self, logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None,
+                       sampling_logp=None, num_items_in_batch=None, totals=None):
+        prep = io.prepare(logp, entropy, mask, advantages, cfg, old_logp=old_logp, ref_logp=ref_logp,
+                          sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch, totals=totals)
+        addr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        ptrs = dict(logp=addr(prep.logp), entropy=addr(prep.entropy), mask=addr(prep.mask),
+                    advantages=addr(prep.advantages), old=addr(prep.old), ref=addr(prep.ref),
+                    sampling=addr(prep.sampling), keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
+                    ent_norm=addr(prep.ent_norm), per_token_loss=addr(prep.per_token_loss),
+                    g_logp=addr(prep.g_logp), g_entropy=addr(prep.g_entropy), partials=addr(prep.partials))
+        bsz, t = prep.logp.shape
+        self.module.objective(ptrs, io.params(cfg), bsz, t, prep.adv_per_token, *self._stream(prep.logp))
+        return io.finish(prep, cfg)
+
+    def group_advantages(self, total, group_index, num_groups, scale_rewards, eps, group_size=None):
+        total = total.float().contiguous()
+        n = total.numel()
+        order, offsets = io.group_layout(group_index, num_groups, group_size, n, total.device)
+        group_index = group_index.long().contiguous()
+        adv = torch.empty_like(total)
+        mean = torch.empty(num_groups, dtype=torch.float32, device=total.device)
+        std, count = torch.empty_like(mean), torch.empty_like(mean)
+        constant = torch.empty(num_groups, dtype=torch.int8, device=total.device)
+        self.module.group_advantages(total.data_ptr(), order.data_ptr(), offsets.data_ptr(), group_index.data_ptr(),
+                                     adv.data_ptr(), mean.data_ptr(), std.data_ptr(), count.data_ptr(),
+                                     constant.data_ptr(), n, num_groups, float(eps),
+                                     io.ADVANTAGE_MODES[scale_rewards], *self._stream(total))
+        return adv, mean, std, constant.bool()

@@ -1,0 +1,109 @@
+"""Inputs and outputs of the fused objective kernels (Triton and native C++/CUDA alike), and the
+option codes every kernel shares (they match csrc/grpo_math.h and csrc/advantages_math.h).
+
+`prepare` turns the padded (B, T) tensors and the config into contiguous fp32/uint8 buffers,
+the batch-wide normalisers and the output buffers; `finish` turns the kernel's per-sequence
+partial sums into the loss and the metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..reference import ObjectiveTotals, batch_totals
+
+PG = {"clip": 0, "cispo": 1, "sapo": 2}
+LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
+KL = {"k1": 1, "k2": 2, "k3": 3}
+IS = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4}
+AGG = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
+ADVANTAGE_MODES = {"group": 0, "batch": 1, "none": 2, "rloo": 3, "reinforce++": 4, "gdpo": 5}
+SLOTS = ("loss", "count", "entropy", "low", "high", "region", "ratio_sum", "ratio_max", "kl", "is")
+NUM_SLOTS = 16
+
+
+@dataclass
+class PreparedObjective:
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor  # uint8
+    advantages: torch.Tensor
+    old: Optional[torch.Tensor]
+    ref: Optional[torch.Tensor]
+    sampling: Optional[torch.Tensor]
+    keep_entropy: Optional[torch.Tensor]  # uint8
+    norm: torch.Tensor  # (1,) fp32
+    ent_norm: torch.Tensor  # (1,) fp32
+    per_token_loss: torch.Tensor
+    g_logp: torch.Tensor
+    g_entropy: torch.Tensor
+    partials: torch.Tensor  # (B, NUM_SLOTS)
+
+    @property
+    def adv_per_token(self) -> bool:
+        return self.advantages.dim() == 2
+
+
+def params(cfg) -> dict:
+    """The config as the flat scalar parameters the kernels take."""
+    inf = float("inf")
+    return dict(
+        pg=PG[cfg.pg_loss], level=LEVEL[cfg.importance_sampling_level],
+        kl=KL[cfg.kl_kind] if cfg.beta != 0.0 else 0, is_mode=IS[cfg.is_correction], agg=AGG[cfg.agg_mode],
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, has_delta=int(cfg.delta is not None),
+        delta=float(cfg.delta or 0.0), has_dual=int(cfg.dual_clip is not None), dual_clip=float(cfg.dual_clip or 0.0),
+        sapo_pos=float(cfg.sapo_temperature_pos), sapo_neg=float(cfg.sapo_temperature_neg), beta=float(cfg.beta),
+        has_kl_clamp=int(cfg.kl_clamp is not None), kl_clamp=float(cfg.kl_clamp or 0.0),
+        bias_corr=int(bool(cfg.use_bias_correction_kl)), has_off_policy=int(cfg.off_policy_mask_threshold is not None),
+        off_thresh=float(cfg.off_policy_mask_threshold or 0.0),
+        is_lo=-inf if cfg.is_clip_min is None else float(cfg.is_clip_min),
+        is_hi=inf if cfg.is_clip_max is None else float(cfg.is_clip_max), entropy_coef=float(cfg.entropy_coef),
+    )
+
+
+def prepare(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
+            num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None) -> PreparedObjective:
+    f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
+    logp, entropy = f32(logp), f32(entropy)
+    if totals is None:
+        totals = batch_totals(torch.where(mask, entropy, 0), mask, cfg, num_items_in_batch)
+    keep = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
+    return PreparedObjective(
+        logp=logp, entropy=entropy, mask=mask.to(torch.uint8).contiguous(), advantages=f32(advantages),
+        old=f32(old_logp), ref=f32(ref_logp), sampling=f32(sampling_logp), keep_entropy=keep,
+        norm=totals.normalizer.float().reshape(1), ent_norm=totals.entropy_normalizer.float().reshape(1),
+        per_token_loss=torch.empty_like(logp), g_logp=torch.empty_like(logp), g_entropy=torch.empty_like(logp),
+        partials=torch.empty(logp.shape[0], NUM_SLOTS, dtype=torch.float32, device=logp.device),
+    )
+
+
+def finish(prep: PreparedObjective, cfg):
+    """(loss 0-d, per_token_loss, g_logp, g_entropy, metrics) from the kernel's outputs."""
+    partials = prep.partials
+    totals = partials.sum(0)  # a fixed-order sum over sequences: deterministic
+    denom = totals[1].clamp(min=1)
+    metrics = {
+        "entropy": totals[2] / denom,
+        "clip_ratio/low": totals[3] / denom,
+        "clip_ratio/high": totals[4] / denom,
+        "clip_ratio/region": totals[5] / denom,
+        "ratio/mean": totals[6] / denom,
+        "ratio/max": partials[:, 7].amax() if partials.shape[0] else totals[7],
+    }
+    if cfg.beta != 0.0:
+        metrics["kl"] = totals[8] / denom
+    if cfg.is_correction is not None:
+        metrics["is_ratio/mean"] = totals[9] / denom
+    return totals[0], prep.per_token_loss, prep.g_logp, prep.g_entropy, metrics
+
+
+def group_layout(group_index, num_groups, group_size, n, device):
+    """Rows in group order and group boundaries: (order (N,), offsets (G+1,)), int64."""
+    if group_size:
+        return torch.arange(n, device=device), torch.arange(0, n + 1, group_size, device=device)
+    order = torch.argsort(group_index, stable=True)
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(torch.bincount(group_index, minlength=num_groups), 0)
+    return order, offsets
