@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define GK_HD __host__ __device__ __forceinline__
@@ -17,16 +18,26 @@ namespace gk {
 // ------------------------------------------------------------------ storage types
 enum DType : int { DT_FLOAT32 = 0, DT_BFLOAT16 = 1, DT_FLOAT16 = 2 };
 
+// memcpy (a register move once optimised), not a union: a union's stack temporary stops gcc
+// from vectorising the loops that call these.
 GK_HD float bits_to_float(uint32_t u) {
-  union { uint32_t u; float f; } x;
-  x.u = u;
-  return x.f;
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
 }
 
 GK_HD uint32_t float_to_bits(float f) {
-  union { float f; uint32_t u; } x;
-  x.f = f;
-  return x.u;
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
 }
 
 GK_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
@@ -79,10 +90,11 @@ template <> struct Storage<DT_FLOAT16> {
 
 // ------------------------------------------------------------------ exp that vectorises
 // exp(x) for x <= 88.7 with ~1 ulp error (Cephes' polynomial), exactly 0 for x < -87.3 (so −inf
-// logits get probability 0). Branch-free, so the compiler vectorises loops that call it.
+// logits get probability 0). Branch-free and written with ternaries, not fminf/fmaxf (whose NaN
+// rules stop gcc from vectorising without -ffast-math), so loops that call it vectorise.
 GK_HD float exp_fast(float x) {
   const float lo = -87.3f, hi = 88.7f;
-  float xc = fminf(fmaxf(x, lo), hi);
+  float xc = x < lo ? lo : (x > hi ? hi : x);
   float n = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = fmaf(n, -0.693359375f, xc);
   r = fmaf(n, 2.12194440e-4f, r);

@@ -23,7 +23,10 @@ void forward_rows(const RowsView& x, const int64_t* ids, float inv_temp, bool wi
     const auto* row = base + (r / x.T) * x.stride_b + (r % x.T) * x.stride_t;
     float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < V; ++v) m = fmaxf(m, S::load(row[v]) * inv_temp);
+    for (int64_t v = 0; v < V; ++v) {
+      const float z = S::load(row[v]) * inv_temp;
+      m = z > m ? z : m;  // a ternary vectorises; fmaxf (NaN rules) does not without -ffast-math
+    }
     const float shift = std::isfinite(m) ? m : 0.f;
     // Vectorised fp32 sums over blocks of kBlock values, added up in fp64: the rounding error
     // stays ~1e-7 relative even for 256k-entry vocabularies.

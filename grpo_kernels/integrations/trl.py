@@ -1,0 +1,170 @@
+"""Drop-in use from TRL: `FusedGRPOTrainer`, a `trl.GRPOTrainer` whose loss is `fused_linear_grpo_loss`.
+
+    from grpo_kernels.integrations.trl import FusedGRPOTrainer
+    trainer = FusedGRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+
+Everything but the loss is TRL's (generation, rewards, advantages, old/reference log-probs,
+logging). The loss is computed from the last hidden state and the lm_head, and the logits are
+never materialised. GRPOConfig options map 1:1 (see `config_from_trl`). An option this trainer
+cannot honour raises at construction instead of silently training something else. TRL's
+metric names are logged. `patch_trl()` does the same for `trl.GRPOTrainer` objects that users
+construct themselves.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..config import GRPOLossConfig
+from ..fused_linear import fused_linear_grpo_loss
+
+try:
+    from trl import GRPOTrainer
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError("grpo_kernels.integrations.trl needs trl: pip install 'grpo_kernels[trl]'") from exc
+
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+def config_from_trl(args, trainer=None) -> GRPOLossConfig:
+    """The GRPOLossConfig equivalent of a TRL GRPOConfig; raises for what we cannot honour."""
+    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+        raise ValueError(f"GRPOConfig.loss_type={args.loss_type!r} is not supported by grpo_kernels "
+                         f"(supported: {list(SUPPORTED_LOSS_TYPES)})")
+    if getattr(args, "use_adaptive_entropy", False):
+        raise ValueError("GRPOConfig.use_adaptive_entropy is not supported by grpo_kernels (use a fixed entropy_coef)")
+    if trainer is not None and getattr(trainer, "aux_loss_enabled", False):
+        raise ValueError("MoE router aux loss (output_router_logits) is not supported by FusedGRPOTrainer")
+    use_is = bool(getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False))
+    return GRPOLossConfig(
+        loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
+        beta=args.beta, kl_estimator="k3", use_bias_correction_kl=bool(args.use_bias_correction_kl),
+        temperature=args.temperature, importance_sampling_level=args.importance_sampling_level,
+        max_completion_length=args.max_completion_length, sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg, entropy_coef=float(getattr(args, "entropy_coef", 0.0) or 0.0),
+        off_policy_mask_threshold=args.off_policy_mask_threshold, top_entropy_quantile=args.top_entropy_quantile,
+        is_correction=args.vllm_importance_sampling_mode if use_is else None,
+        is_clip_min=args.vllm_importance_sampling_clip_min, is_clip_max=args.vllm_importance_sampling_clip_max,
+    )
+
+
+def _backbone(model):
+    """The module that returns last_hidden_state (PEFT and plain HF models), and the lm_head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def _fused_compute_loss(self, model, inputs):
+    """TRL's `_compute_loss`, with the per-token log-probs and the loss fused from hidden states."""
+    cfg = _loss_config(self)
+    if inputs.get("pixel_values") is not None:
+        raise ValueError("FusedGRPOTrainer does not support multimodal inputs (pixel_values)")
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits_to_keep = completion_ids.size(1)
+
+    unwrapped = self.accelerator.unwrap_model(model)
+    backbone, lm_head = _backbone(unwrapped)
+    with self.accelerator.autocast():
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = hidden[:, -logits_to_keep - 1:-1]
+
+    mode = "train" if self.model.training else "eval"
+    accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+    num_items = None
+    if cfg.uses_num_items_in_batch and cfg.loss_type in ("dapo", "cispo"):
+        # As TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window.
+        num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            num_items = num_items * accumulation / self.args.steps_per_generation
+    global_count = num_items is not None
+    if global_count and cfg.entropy_coef != 0.0:  # TRL scales only the bonus by the accumulation steps
+        cfg = cfg.replace(entropy_coef=cfg.entropy_coef / accumulation)
+    old = inputs.get("old_per_token_logps")
+    sampling = inputs.get("sampling_per_token_logps")
+    out = fused_linear_grpo_loss(
+        hidden, lm_head.weight, completion_ids, inputs["advantages"], bias=getattr(lm_head, "bias", None),
+        mask=mask, old_logps=old, ref_logps=inputs.get("ref_per_token_logps"),
+        sampling_logps=sampling if (cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None) else None,
+        num_items_in_batch=num_items, config=cfg, backend=getattr(self, "_grpo_kernels_backend", "auto"))
+    loss = out.loss if global_count else out.loss / accumulation
+    _log_trl_metrics(self, mode, out, inputs, mask, old, cfg)
+    return loss
+
+
+def _log_trl_metrics(self, mode, out, inputs, mask, old, cfg):
+    """The metrics TRL's _compute_loss logs, under TRL's names, reduced across processes as TRL does."""
+    metrics = self._metrics[mode]
+    count = mask.sum().float()
+
+    def global_mean(value):
+        totals = self.accelerator.reduce(torch.stack([value.float() * count, count]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    if cfg.beta != 0.0:
+        metrics["kl"].append(global_mean(out.metrics["kl"]))
+    metrics["entropy"].append(global_mean(out.metrics["entropy"]))
+    adv = inputs["advantages"]
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    logp = out.logps
+    log_ratio = torch.zeros_like(logp) if old is None else torch.where(mask.bool(), logp - old, 0.0)
+    if cfg.importance_sampling_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        ratio = torch.exp(log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
+    m = mask.float()
+    if cfg.pg_loss == "clip":
+        low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
+        high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
+        for name in ("low", "high", "region"):
+            metrics[f"clip_ratio/{name}_mean"].append(global_mean(out.metrics[f"clip_ratio/{name}"]))
+        seq_mean = lambda x: (x * m).sum(-1) / m.sum(-1)  # noqa: E731
+        metrics["clip_ratio/low_min"].append(torch.nan_to_num(self.accelerator.gather(seq_mean(low)), nan=float("inf"))
+                                              .min().item())
+        metrics["clip_ratio/high_max"].append(torch.nan_to_num(self.accelerator.gather(seq_mean(high)),
+                                                               nan=float("-inf")).max().item())
+    elif cfg.pg_loss == "cispo":
+        clipped = ((ratio > cfg.eps_high) & (adv > 0)).float()
+        metrics["cispo_clip_ratio"].append(global_mean((clipped * m).sum() / count.clamp(min=1)))
+
+
+def _loss_config(trainer) -> GRPOLossConfig:
+    cfg = getattr(trainer, "_grpo_kernels_config", None)
+    if cfg is None:
+        cfg = config_from_trl(trainer.args, trainer)
+        trainer._grpo_kernels_config = cfg
+    return cfg
+
+
+class FusedGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` with the loss computed by `fused_linear_grpo_loss` (no full logits).
+
+    Takes every argument of trl.GRPOTrainer, plus `grpo_kernels_backend` ("auto", "triton", ...).
+    """
+
+    def __init__(self, *args, grpo_kernels_backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._grpo_kernels_backend = grpo_kernels_backend
+        _loss_config(self)  # unsupported options raise now, not at the first step
+
+    _compute_loss = _fused_compute_loss
+
+
+def patch_trl() -> Callable[[], None]:
+    """Make every trl.GRPOTrainer compute its loss with grpo_kernels. Returns a function that undoes it."""
+    original = GRPOTrainer._compute_loss
+    GRPOTrainer._compute_loss = _fused_compute_loss
+
+    def undo() -> None:
+        GRPOTrainer._compute_loss = original
+
+    return undo
+
+
+def trl_options(trainer) -> Optional[GRPOLossConfig]:
+    """The GRPOLossConfig a (patched) trainer uses, for inspection."""
+    return _loss_config(trainer)
