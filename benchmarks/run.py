@@ -28,7 +28,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def quick_shapes() -> List[Shape]:
     return [
+        Shape("logprobs", 2048, 16000, dtype="float32"),
         Shape("logprobs", 2048, 32000, dtype="float32"),
+        Shape("loss", 2048, 16000, dtype="float32"),
         Shape("loss", 2048, 32000, dtype="float32"),
         Shape("linear", 4096, 32000, 1024, dtype="float32"),
         Shape("advantages", 4096, 0, dtype="float32"),
