@@ -104,8 +104,8 @@ def write_plots(rows: List[Dict], out_dir: str) -> None:
                 axes[1].plot(*zip(*mem), marker="o", label=name)
         suffix = f"N={n}" + (f", H={h}" if h else "") + f", {dtype}"
         axes[0].set(xlabel="vocabulary V", ylabel="ms (median)", title=f"{task} time, {suffix}", yscale="log")
-        axes[1].set(xlabel="vocabulary V", ylabel="MiB above inputs and gradients", title=f"{task} memory, {suffix}",
-                    yscale="log")
+        axes[1].set(xlabel="vocabulary V", ylabel="MiB above inputs and gradients", title=f"{task} memory, {suffix}")
+        axes[1].set_yscale("symlog", linthresh=1.0)  # 0 MiB (in-place kernels) must stay visible
         for ax in axes:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)

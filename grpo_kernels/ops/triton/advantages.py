@@ -45,29 +45,30 @@ def _segment_stats(total_ptr, order_ptr, start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_values(total_ptr, group_ptr, mean_ptr, idx, ok, CENTRED: tl.constexpr):
+    """total[idx] (NaN outside the batch), minus its group's mean when CENTRED."""
+    v = tl.load(total_ptr + idx, mask=ok, other=float("nan"))
+    if CENTRED:
+        v -= tl.load(mean_ptr + tl.load(group_ptr + idx, mask=ok, other=0), mask=ok, other=0.0)
+    return v
+
+
+@triton.jit
 def _batch_stats(total_ptr, group_ptr, mean_ptr, N, CENTRED: tl.constexpr, BLOCK: tl.constexpr):
     """NaN-aware mean and Bessel std over all rows of total (or of total − group mean)."""
     lanes = tl.arange(0, BLOCK)
     count = tl.zeros((), tl.float32)
     acc = tl.zeros((), tl.float32)
     for i in range(0, N, BLOCK):
-        idx = i + lanes
-        ok = idx < N
-        v = tl.load(total_ptr + idx, mask=ok, other=float("nan"))
-        if CENTRED:
-            v -= tl.load(mean_ptr + tl.load(group_ptr + idx, mask=ok, other=0), mask=ok, other=0.0)
-        valid = ok & (v == v)
+        v = _row_values(total_ptr, group_ptr, mean_ptr, i + lanes, i + lanes < N, CENTRED)
+        valid = v == v
         count += tl.sum(valid.to(tl.float32), axis=0)
         acc += tl.sum(tl.where(valid, v, 0.0), axis=0)
     mean = acc / tl.maximum(count, 1.0)
     sq = tl.zeros((), tl.float32)
     for i in range(0, N, BLOCK):
-        idx = i + lanes
-        ok = idx < N
-        v = tl.load(total_ptr + idx, mask=ok, other=float("nan"))
-        if CENTRED:
-            v -= tl.load(mean_ptr + tl.load(group_ptr + idx, mask=ok, other=0), mask=ok, other=0.0)
-        sq += tl.sum(tl.where(ok & (v == v), (v - mean) * (v - mean), 0.0), axis=0)
+        v = _row_values(total_ptr, group_ptr, mean_ptr, i + lanes, i + lanes < N, CENTRED)
+        sq += tl.sum(tl.where(v == v, (v - mean) * (v - mean), 0.0), axis=0)
     return mean, tl.where(count > 1, tl.sqrt(sq / tl.maximum(count - 1.0, 1.0)), 0.0)
 
 

@@ -28,6 +28,18 @@ def _nan_to_zero(x):
 
 
 @triton.jit
+def _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY: tl.constexpr):
+    """The mask, logp and old logp of one block of a sequence's tokens (0 where masked)."""
+    inb = offs < T
+    m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
+    logp = tl.where(m, tl.load(logp_ptr + row + offs, mask=m, other=0.0), 0.0)
+    old = logp
+    if not ON_POLICY:
+        old = tl.where(m, tl.load(old_ptr + row + offs, mask=m, other=0.0), 0.0)
+    return inb, m, logp, old
+
+
+@triton.jit
 def _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_neg,
                  PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
     """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp."""
@@ -118,12 +130,7 @@ def _grpo_objective_kernel(
     sum_isd = tl.zeros((), tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs = t0 + lanes
-        inb = offs < T
-        m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
-        logp = tl.where(m, tl.load(logp_ptr + row + offs, mask=m, other=0.0), 0.0)
-        old = logp
-        if not ON_POLICY:
-            old = tl.where(m, tl.load(old_ptr + row + offs, mask=m, other=0.0), 0.0)
+        inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY)
         n_tok += tl.sum(m.to(tl.float32), axis=0)
         sum_delta += tl.sum(logp - old, axis=0)
         if HAS_OFF_POLICY:
@@ -163,14 +170,9 @@ def _grpo_objective_kernel(
     acc_drho = tl.zeros((), tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs = t0 + lanes
-        inb = offs < T
-        m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
+        inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY)
         mf = m.to(tl.float32)
-        logp = tl.where(m, tl.load(logp_ptr + row + offs, mask=m, other=0.0), 0.0)
         ent = tl.where(m, tl.load(ent_ptr + row + offs, mask=m, other=0.0), 0.0)
-        old = logp
-        if not ON_POLICY:
-            old = tl.where(m, tl.load(old_ptr + row + offs, mask=m, other=0.0), 0.0)
         if ADV_PER_TOKEN:
             adv = tl.where(m, tl.load(adv_ptr + row + offs, mask=m, other=0.0), 0.0)
         else:
