@@ -100,3 +100,29 @@ def test_reward_function_with_bad_type_raises(tmp_path):
 def test_bad_config(kwargs, words):
     with pytest.raises(ValueError, match=words):
         TrainerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_padding_free_batches_give_the_padded_numbers(tmp_path, loss_type):
+    """Packed (one row, positions restarting per sequence) == padded, loss and gradients."""
+    from grpo_kernels.trainer.rollout import generate
+
+    trainer = make_trainer(tmp_path, loss=GRPOLossConfig(loss_type=loss_type, beta=0.1, max_completion_length=3))
+    prompts = [r["prompt"] for r in toy.successor_dataset(4)]
+    torch.manual_seed(3)
+    batch = generate(trainer.model, trainer.tokenizer, prompts, trainer.cfg)
+    adv = torch.randn(batch.completion_ids.shape[0])
+    ref = trainer._logps(trainer.model, batch) - 0.1
+    results = []
+    for packed in (False, True):
+        trainer.cfg.padding_free = packed
+        trainer.model.zero_grad()
+        out = trainer.micro_batch_loss(batch, adv, None, ref)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        results.append((out.loss.detach(), grads, trainer._logps(trainer.model, batch)))
+    (l0, g0, lp0), (l1, g1, lp1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

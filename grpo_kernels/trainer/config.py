@@ -17,7 +17,9 @@ class TrainerConfig:
     prompts_per_step × num_generations completions are sampled per optimizer step (a group
     per prompt). `num_iterations` (μ) reuses each rollout batch for that many optimizer steps
     with importance ratios against the sampling-time policy. The loss options live in `loss`;
-    its temperature is set to the sampling temperature, as TRL does.
+    its temperature is set to the sampling temperature, as TRL does. `padding_free` ("auto",
+    True, False) packs each micro-batch into one row without padding; "auto" packs when
+    flash-attn is installed and the model is on CUDA.
     """
 
     prompts_per_step: int = 16
@@ -40,6 +42,7 @@ class TrainerConfig:
     mask_truncated_completions: bool = False
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
     backend: str = "auto"
+    padding_free: object = "auto"
     seed: int = 0
     output_dir: str = "runs/grpo"
     logging_steps: int = 1
@@ -68,6 +71,8 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not self.learning_rate > 0:
             raise ValueError(f"TrainerConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.padding_free not in ("auto", True, False):
+            raise ValueError(f"TrainerConfig.padding_free must be 'auto', True or False, got {self.padding_free!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"TrainerConfig.lr_schedule={self.lr_schedule!r} is not one of {list(SCHEDULES)}")
         if self.save_steps < 0 or self.warmup_steps < 0:

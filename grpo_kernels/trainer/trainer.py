@@ -66,16 +66,53 @@ class GRPOTrainer:
         self.history: List[Dict] = []
 
     # ---------------------------------------------------------------- log-probs and loss
-    def _hidden(self, model, batch: Rollout):
-        """Last hidden states that predict the completion tokens: (B, T, H)."""
-        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-        attention = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
-        # As generate() does: positions count only real tokens, so left padding shifts nothing.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    def _packing(self, model) -> bool:
+        """Padding-free batches: on by default with flash-attn on CUDA, selectable everywhere."""
+        choice = self.cfg.padding_free
+        if choice != "auto":
+            return bool(choice)
+        import importlib.util
+
+        return self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+    def _token_states(self, model, batch: Rollout) -> Dict:
+        """Last hidden states that predict the completion tokens, with the loss's layout arguments.
+
+        Padded: hidden (B, T, H) from the padded batch. Packed (padding-free): every sequence's
+        real prompt and completion tokens concatenated into one row, positions restarting per
+        sequence, so transformers attends within sequences only (flash-attn's varlen kernel, or
+        a block-diagonal mask for SDPA); hidden (N, H) for the N completion tokens, with cu_seqlens.
+        """
         backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention, position_ids=positions).last_hidden_state
         p = batch.prompt_ids.shape[1]
-        return hidden[:, p - 1:p - 1 + batch.completion_ids.shape[1]]
+        if not self._packing(model):
+            input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+            attention = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
+            # As generate() does: positions count only real tokens, so left padding shifts nothing.
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            hidden = backbone(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                              use_cache=False).last_hidden_state
+            return dict(hidden=hidden[:, p - 1:p - 1 + batch.completion_ids.shape[1]], ids=batch.completion_ids,
+                        mask=batch.completion_mask, cu_seqlens=None, pack=lambda x: x)
+        pieces, positions, targets, lengths = [], [], [], []
+        offset = 0
+        for i in range(batch.completion_ids.shape[0]):
+            prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+            completion = batch.completion_ids[i][batch.completion_mask[i]]
+            seq = torch.cat([prompt, completion])
+            pieces.append(seq)
+            positions.append(torch.arange(seq.numel(), device=seq.device))
+            targets.append(offset + prompt.numel() - 1 + torch.arange(completion.numel(), device=seq.device))
+            lengths.append(completion.numel())
+            offset += seq.numel()
+        # No attention mask and no cache: transformers then reads the sequence boundaries from the
+        # restarting position ids (a KV cache would switch that detection off).
+        hidden = backbone(input_ids=torch.cat(pieces)[None], position_ids=torch.cat(positions)[None],
+                          use_cache=False).last_hidden_state
+        cu = torch.tensor([0] + lengths, device=self.device).cumsum(0).to(torch.int32)
+        mask = batch.completion_mask
+        return dict(hidden=hidden[0, torch.cat(targets)], ids=batch.completion_ids[mask], mask=None, cu_seqlens=cu,
+                    pack=lambda x: x[mask])
 
     def _lm_head(self, model):
         head = model.get_output_embeddings()
@@ -83,16 +120,37 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _logps(self, model, batch: Rollout) -> torch.Tensor:
+        """(B, T) log-probs of the completion tokens (0 where masked)."""
         weight, bias = self._lm_head(model)
-        return fused_linear_selective_logprobs(self._hidden(model, batch), weight, batch.completion_ids, bias=bias,
-                                               temperature=self.cfg.temperature, mask=batch.completion_mask,
+        states = self._token_states(model, batch)
+        logp = fused_linear_selective_logprobs(states["hidden"], weight, states["ids"], bias=bias,
+                                               temperature=self.cfg.temperature, mask=states["mask"],
                                                backend=self.cfg.backend)
+        if states["cu_seqlens"] is None:
+            return logp
+        padded = torch.zeros(batch.completion_ids.shape, dtype=logp.dtype, device=logp.device)
+        padded[batch.completion_mask] = logp
+        return padded
 
     def _reference_logps(self, batch: Rollout) -> torch.Tensor:
         if self.ref_model is not None:
             return self._logps(self.ref_model, batch)
         with self.model.disable_adapter():  # PEFT: the base model is the reference
             return self._logps(self.model, batch)
+
+    def micro_batch_loss(self, micro: Rollout, advantages, old, ref, *, num_items_in_batch=None, config=None):
+        """The loss of one micro-batch (padded or packed, as configured): a GRPOLossOutput."""
+        cfg = config or self.cfg.loss
+        weight, bias = self._lm_head(self.model)
+        states = self._token_states(self.model, micro)
+        pack = states["pack"]
+        use_sampling = cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None
+        return fused_linear_grpo_loss(
+            states["hidden"], weight, states["ids"], advantages, bias=bias, mask=states["mask"],
+            old_logps=None if old is None else pack(old), ref_logps=None if ref is None else pack(ref),
+            sampling_logps=pack(micro.sampling_logps) if use_sampling else None,
+            num_items_in_batch=num_items_in_batch, cu_seqlens=states["cu_seqlens"], config=cfg,
+            backend=self.cfg.backend)
 
     def _micro_batches(self, size: int):
         step = size // self.cfg.gradient_accumulation_steps
@@ -109,21 +167,15 @@ class GRPOTrainer:
         size = batch.completion_ids.shape[0]
         global_count = cfg.uses_num_items_in_batch
         sums: Dict[str, float] = {}
-        weight, bias = self._lm_head(self.model)
-        use_sampling = cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None
         for part in self._micro_batches(size):
             share = (part.stop - part.start) / size
             micro = Rollout(batch.prompts[part], batch.prompt_ids[part], batch.prompt_mask[part],
                             batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
                             batch.texts[part], batch.truncated[part])
-            out = fused_linear_grpo_loss(
-                self._hidden(self.model, micro), weight, micro.completion_ids, advantages[part], bias=bias,
-                mask=micro.completion_mask, old_logps=None if old is None else old[part],
-                ref_logps=None if ref is None else ref[part],
-                sampling_logps=batch.sampling_logps[part] if use_sampling else None,
+            out = self.micro_batch_loss(
+                micro, advantages[part], None if old is None else old[part], None if ref is None else ref[part],
                 num_items_in_batch=total_tokens if global_count else None,
-                config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg,
-                backend=self.cfg.backend)
+                config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
             (out.loss if global_count else out.loss * share).backward()
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
