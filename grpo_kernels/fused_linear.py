@@ -67,6 +67,11 @@ def _chunk_rows(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
     return chunk_size
 
 
+def row_blocks(r0: int, r1: int, rows: int):
+    """[r0, r1) cut into blocks of at most `rows` rows: the logits that may exist at once."""
+    return [(s, min(r1, s + rows)) for s in range(r0, r1, rows)]
+
+
 def sequence_chunks(layout: TokenLayout, cu_seqlens, rows_per_chunk: int) -> List[Tuple[int, int, int, int]]:
     """(first sequence, end sequence, first row, end row) of chunks that hold whole sequences.
 
@@ -100,10 +105,6 @@ class _Plan:
         self.chunks = sequence_chunks(layout, cu_seqlens, rows)
         self.accumulate_fp32 = accumulate_fp32
         self.output: Optional[GRPOLossOutput] = None
-
-    def row_blocks(self, r0, r1):
-        """[r0, r1) cut into blocks of at most `rows` rows: the logits that may exist at once."""
-        return [(s, min(r1, s + self.rows)) for s in range(r0, r1, self.rows)]
 
     def chunk_layout(self, b0, b1, r0, r1) -> TokenLayout:
         device = self.ids.device
@@ -184,7 +185,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
         padded_mask = plan.layout.per_token_mask(plan.mask)
 
         if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
-            for s0, s1 in plan.row_blocks(0, n):
+            for s0, s1 in row_blocks(0, n, plan.rows):
                 _, ent_all[s0:s1], _ = kernels.logprobs_forward(_logits(h_rows[s0:s1], weight, bias), ids[s0:s1], tau)
         totals = reference.batch_totals(plan.layout.to_padded(ent_all), padded_mask, cfg, plan.num_items)
 
@@ -205,7 +206,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         for chunk in plan.chunks:
             _, _, r0, r1 = chunk
-            blocks = plan.row_blocks(r0, r1)
+            blocks = row_blocks(r0, r1, plan.rows)
             if len(blocks) == 1:  # the chunk's logits fit the budget: one pass, logits kept in between
                 logits = _logits(h_rows[r0:r1], weight, bias)
                 logp, ent, lse = kernels.logprobs_forward(logits, ids[r0:r1], tau)
@@ -314,8 +315,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         n = ids.numel()
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent, lse = torch.empty_like(logp), torch.empty_like(logp)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
+        for r0, r1 in row_blocks(0, n, rows):
             logp[r0:r1], ent[r0:r1], lse[r0:r1] = kernels.logprobs_forward(
                 _logits(h_rows[r0:r1], weight, bias), ids[r0:r1], temperature)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
@@ -334,8 +334,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
-        for r0 in range(0, ids.numel(), ctx.rows):
-            r1 = min(ids.numel(), r0 + ctx.rows)
+        for r0, r1 in row_blocks(0, ids.numel(), ctx.rows):
             h = h_rows[r0:r1]
             logits = _logits(h, weight, bias)
             dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],

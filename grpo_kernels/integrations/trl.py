@@ -12,7 +12,7 @@ construct themselves.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -164,7 +164,3 @@ def patch_trl() -> Callable[[], None]:
 
     return undo
 
-
-def trl_options(trainer) -> Optional[GRPOLossConfig]:
-    """The GRPOLossConfig a (patched) trainer uses, for inspection."""
-    return _loss_config(trainer)

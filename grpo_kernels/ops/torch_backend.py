@@ -25,6 +25,11 @@ def _chunk_stats(z: torch.Tensor, lse: torch.Tensor):
     return p, z_safe
 
 
+def _finite(z: torch.Tensor, lse: torch.Tensor) -> bool:
+    """No −inf or NaN in the chunk: the fast paths, without the −inf-safe masking, apply."""
+    return bool(torch.isfinite(lse).all()) and not bool(torch.isinf(z).any())
+
+
 def _row_blocks(logits: torch.Tensor):
     """(first row, 2-D view of rows) pieces covering (N, V) or strided (B, T, V) logits without copying."""
     if logits.dim() == 2:
@@ -66,7 +71,7 @@ def _forward_chunk(chunk, ids, r0, r1, temperature, logp, entropy, lse):
     logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
     if entropy is None:
         return
-    if bool(torch.isfinite(chunk_lse).all()) and not bool(torch.isinf(z).any()):
+    if _finite(z, chunk_lse):
         # Fast path (no −inf, no NaN): H = −Σ p·(z' − lse), one fused dot product per row, and
         # no cancellation between lse and E[z'] when the logits are large.
         log_p = z - chunk_lse.unsqueeze(-1)
@@ -96,7 +101,7 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
     chunk_lse = lse[r0:r1]
     g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
     target = ids[r0:r1].long().unsqueeze(-1)
-    if bool(torch.isfinite(chunk_lse).all()) and not bool(torch.isinf(z).any()):
+    if _finite(z, chunk_lse):
         # Fast path (no −inf): dz = onehot·g_logp − p·(g_logp + g_H·(z' − E_p z')), one buffer, in place,
         # with z' − E_p z' = (z' − lse) + H (no cancellation when the logits are large).
         log_p = z - chunk_lse.unsqueeze(-1)

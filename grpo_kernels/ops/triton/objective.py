@@ -14,7 +14,6 @@ the gradient in half at ties, and clamp passes it at the bounds (inclusive).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
