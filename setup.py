@@ -26,7 +26,11 @@ try:
 except ImportError:  # building without pybind11: pure-Python install
     Pybind11Extension = None
 
-TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl>=0.24", "transformers>=4.46"]
+# verl itself pins transformers<5.11 and pulls Ray's full stack, so the test set installs only
+# what `import verl.trainer.ppo.core_algos` needs, and the README adds `pip install --no-deps verl`.
+VERL_IMPORT_DEPS = ["ray>=2.41", "tensordict>=0.8,<=0.10.0,!=0.9.0", "omegaconf>=2.3", "hydra-core>=1.3",
+                    "codetiming>=1.4"]
+TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl>=0.24", "transformers>=4.46"] + VERL_IMPORT_DEPS
 BENCH = ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
@@ -141,7 +145,12 @@ setup(
         "bench": BENCH,
         "gpu": ["flash-attn>=2.6"],
         "trl": ["trl>=0.24"],
+        "verl": ["verl>=0.7"],
         "dev": TEST + BENCH,
     },
-    entry_points={"console_scripts": ["grpo-kernels-train=grpo_kernels.train:main"]},
+    entry_points={
+        "console_scripts": ["grpo-kernels-train=grpo_kernels.train:main"],
+        # verl imports these in every process that imports verl: our policy losses get registered there.
+        "verl.plugins": ["grpo_kernels=grpo_kernels.integrations.verl_plugin"],
+    },
 )

@@ -43,6 +43,7 @@ gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, i
   a.old = opt_f("old");
   a.ref = opt_f("ref");
   a.sampling = opt_f("sampling");
+  a.token_weights = opt_f("token_weights");
   a.keep_entropy = ptrs["keep_entropy"].is_none() ? nullptr : ptr<const uint8_t>(ptrs["keep_entropy"].cast<uintptr_t>());
   a.norm = ptr<const float>(get<uintptr_t>(ptrs, "norm"));
   a.ent_norm = ptr<const float>(get<uintptr_t>(ptrs, "ent_norm"));
@@ -75,6 +76,9 @@ gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, i
   p.is_lo = get<float>(params, "is_lo");
   p.is_hi = get<float>(params, "is_hi");
   p.entropy_coef = get<float>(params, "entropy_coef");
+  p.log_ratio_lo = get<float>(params, "log_ratio_lo");
+  p.log_ratio_hi = get<float>(params, "log_ratio_hi");
+  p.cispo_lo = get<float>(params, "cispo_lo");
   return a;
 }
 

@@ -127,6 +127,8 @@ struct LossParams {
   float kl_clamp;
   int bias_corr, has_off_policy;
   float off_thresh, is_lo, is_hi, entropy_coef;
+  float log_ratio_lo, log_ratio_hi;  // clamp of the log importance weight (±inf: none)
+  float cispo_lo;                    // lower bound of cispo's weight (−inf: none)
 };
 
 struct PolicyTerm {
@@ -153,7 +155,7 @@ GK_HD PolicyTerm policy_term(float rho, float adv, float logp, const LossParams&
       out.d_rho = d;
     }
   } else if (p.pg == PG_CISPO) {
-    float w = fminf(rho, p.eps_high);
+    float w = fminf(fmaxf(rho, p.cispo_lo), p.eps_high);
     out.loss = -w * adv * logp;
     out.direct = -w * adv;
   } else {
@@ -198,6 +200,12 @@ GK_HD KlTerm kl_term(float logp, float ref, const LossParams& p) {
 
 GK_HD float nan_to_zero(float x) { return x == x ? x : 0.f; }
 
+// clamp(w, lo, hi) and its derivative (1 inside the inclusive bounds, as torch.clamp).
+GK_HD float clamp_log_ratio(float w, const LossParams& p) { return fminf(fmaxf(w, p.log_ratio_lo), p.log_ratio_hi); }
+GK_HD float log_ratio_inside(float w, const LossParams& p) {
+  return (w >= p.log_ratio_lo && w <= p.log_ratio_hi) ? 1.f : 0.f;
+}
+
 GK_HD float is_clip(float w, int truncate, float lo, float hi) {
   if (truncate) return fminf(fmaxf(w, lo), hi);
   return (w < lo || w > hi) ? 0.f : w;
@@ -217,6 +225,7 @@ struct ObjectiveArgs {
   const float* old;  // nullptr: on policy
   const float* ref;
   const float* sampling;
+  const float* token_weights;   // the caller's is_weights; nullptr: none
   const uint8_t* keep_entropy;  // nullptr: no entropy mask
   const float* norm;      // aggregation normaliser (1 element)
   const float* ent_norm;  // entropy-bonus normaliser (1 element)
@@ -249,7 +258,9 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[row + t]);
   }
   const float n_b = fmaxf(n_tok, 1.f);
-  const float rho_seq = expf(sum_delta / n_b);
+  const float w_seq = sum_delta / n_b;
+  const float rho_seq = expf(clamp_log_ratio(w_seq, p));
+  const float seq_inside = log_ratio_inside(w_seq, p);
   const float off_kl = sum_off / n_b;
   float is_seq = expf(sum_isd);
   if (p.is_mode == IS_SEQ_TRUNCATE || p.is_mode == IS_SEQ_MASK)
@@ -273,11 +284,11 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     float adv = a.adv_per_token ? a.adv[i] : adv_seq;
     float rho, d_rho_direct;
     if (p.level == LEVEL_TOKEN) {
-      rho = expf(logp - old);
-      d_rho_direct = rho;
+      rho = expf(clamp_log_ratio(logp - old, p));
+      d_rho_direct = rho * log_ratio_inside(logp - old, p);
     } else {
       rho = rho_seq;
-      d_rho_direct = p.level == LEVEL_SEQUENCE_TOKEN ? rho : 0.f;
+      d_rho_direct = p.level == LEVEL_SEQUENCE_TOKEN ? rho * seq_inside : 0.f;
     }
     PolicyTerm pg = policy_term(rho, adv, logp, p);
     float mult = 1.f;
@@ -293,6 +304,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     else if (p.is_mode != IS_NONE)
       is_w = is_seq;
     if (p.is_mode != IS_NONE) mult *= is_w;
+    if (a.token_weights) mult *= a.token_weights[i];
     float loss = pg.loss * mult;
     float g = mult * (pg.d_rho * d_rho_direct + pg.direct);
     float kl = 0.f;
@@ -320,7 +332,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     acc_is += is_w;
   }
   if (p.level == LEVEL_SEQUENCE) {
-    const float scale = acc_drho * rho_seq / n_b;
+    const float scale = acc_drho * rho_seq * seq_inside / n_b;
     for (int64_t t = 0; t < a.T; ++t)
       if (a.mask[row + t]) a.g_logp[row + t] += scale;
   }

@@ -1,12 +1,12 @@
 """grpo_kernels: fused kernels for GRPO log-probs, group advantages and the clipped surrogate + KL loss.
 
 Public API:
-    GRPOLossConfig, GRPOLoss, grpo_loss, selective_logprobs, group_advantages,
+    GRPOLossConfig, GRPOLoss, grpo_loss, grpo_loss_from_logprobs, selective_logprobs, group_advantages,
     FusedLinearGRPOLoss, fused_linear_grpo_loss, fused_linear_selective_logprobs,
     GRPOLossOutput, AdvantageOutput, BackendUnavailableError, available_backends.
 """
 from .config import GRPOLossConfig
-from .functional import group_advantages, grpo_loss, selective_logprobs
+from .functional import group_advantages, grpo_loss, grpo_loss_from_logprobs, selective_logprobs
 from .fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from .modules import FusedLinearGRPOLoss, GRPOLoss
 from .ops.dispatch import BACKENDS, BackendUnavailableError, why_unavailable
@@ -24,7 +24,7 @@ def available_backends(device="cpu"):
 
 
 __all__ = [
-    "GRPOLossConfig", "GRPOLoss", "grpo_loss", "selective_logprobs", "group_advantages",
+    "GRPOLossConfig", "GRPOLoss", "grpo_loss", "grpo_loss_from_logprobs", "selective_logprobs", "group_advantages",
     "FusedLinearGRPOLoss", "fused_linear_grpo_loss", "fused_linear_selective_logprobs",
     "GRPOLossOutput", "AdvantageOutput", "BackendUnavailableError", "available_backends", "__version__",
 ]

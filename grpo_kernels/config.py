@@ -54,6 +54,10 @@ class GRPOLossConfig:
             "seq-mean-token-mean" | "token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm").
         epsilon, epsilon_high: lower / upper clip range (epsilon_high defaults to epsilon;
             for cispo it is the absolute cap on the ratio, e.g. 5.0).
+        cispo_weight_min: lower bound of cispo's detached weight (None in TRL; verl clamps the
+            weight to [1 - clip_ratio_low, 1 + clip_ratio_high]).
+        log_ratio_min / log_ratio_max: clamp the log importance weight before exp (None: no
+            clamp). verl clamps token log-ratios to [-20, 20] and GSPO's to <= 10.
         delta: two-sided clipping, caps the unclipped ratio at delta (> 1).
         dual_clip: dual-clip constant c > 1 for negative advantages (verl's clip_ratio_c).
         beta, kl_estimator ("k1"|"k2"|"k3" and aliases "kl"|"mse"|"low_var_kl"), kl_clamp,
@@ -74,6 +78,7 @@ class GRPOLossConfig:
     loss_agg_mode: Optional[str] = None
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
+    cispo_weight_min: Optional[float] = None
     delta: Optional[float] = None
     dual_clip: Optional[float] = None
     beta: float = 0.0
@@ -82,6 +87,8 @@ class GRPOLossConfig:
     use_bias_correction_kl: bool = True
     temperature: float = 1.0
     importance_sampling_level: str = "token"
+    log_ratio_min: Optional[float] = None
+    log_ratio_max: Optional[float] = None
     max_completion_length: Optional[int] = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
@@ -100,6 +107,16 @@ class GRPOLossConfig:
             _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _finite("epsilon", self.epsilon, lower=0)
         _finite("epsilon_high", self.epsilon_high, lower=0, allow_none=True)
+        _finite("cispo_weight_min", self.cispo_weight_min, lower=0, allow_none=True)
+        if self.cispo_weight_min is not None and self.pg_loss != "cispo":
+            raise ValueError(
+                f"GRPOLossConfig.cispo_weight_min only applies to the cispo policy loss, not {self.pg_loss!r}"
+            )
+        if self.cispo_weight_min is not None and self.cispo_weight_min > self.eps_high:
+            raise ValueError(
+                f"GRPOLossConfig.cispo_weight_min ({self.cispo_weight_min}) must be <= the cispo cap "
+                f"epsilon_high ({self.eps_high})"
+            )
         _finite("delta", self.delta, lower=1, strict=True, allow_none=True)
         _finite("dual_clip", self.dual_clip, lower=1, strict=True, allow_none=True)
         _finite("beta", self.beta)
@@ -109,6 +126,11 @@ class GRPOLossConfig:
             raise ValueError(f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         _finite("temperature", self.temperature, lower=0, strict=True)
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        # The bounds must keep log-ratio 0 inside, or an on-policy call would not have ratio 1.
+        _finite("log_ratio_min", self.log_ratio_min, allow_none=True)
+        _finite("log_ratio_max", self.log_ratio_max, lower=0, strict=True, allow_none=True)
+        if self.log_ratio_min is not None and self.log_ratio_min >= 0:
+            raise ValueError(f"GRPOLossConfig.log_ratio_min must be < 0, got {self.log_ratio_min!r}")
         if self.max_completion_length is not None and (
             isinstance(self.max_completion_length, bool)
             or not isinstance(self.max_completion_length, int)

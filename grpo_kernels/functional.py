@@ -50,6 +50,11 @@ def check_ids_and_mask(ids, mask, token_shape, device):
     require_tensor("ids", ids, dtypes=INT_DTYPES, kind="an integer tensor of token ids")
     require_shape("ids", ids, token_shape, "one target token per logits row")
     require_device("ids", ids, device)
+    return check_mask(mask, token_shape, device)
+
+
+def check_mask(mask, token_shape, device):
+    """None, or the mask as bool after checking its shape, device and 0/1 values."""
     if mask is None:
         return None
     require_tensor("mask", mask, dtypes=(torch.bool,) + INT_DTYPES + FLOAT_DTYPES, kind="bool or 0/1 numbers")
@@ -62,7 +67,8 @@ def check_ids_and_mask(ids, mask, token_shape, device):
     return mask
 
 
-def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, device):
+def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, device,
+                           is_weights=None):
     shape = layout.token_shape
     require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, kind="a float tensor")
     require_device("advantages", advantages, device)
@@ -77,6 +83,13 @@ def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_lo
             require_tensor(name, x, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
             require_shape(name, x, shape, "one log-prob per token")
             require_device(name, x, device)
+    if is_weights is not None:
+        require_tensor("is_weights", is_weights, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token weights")
+        require_shape("is_weights", is_weights, shape, "one importance-sampling weight per token")
+        require_device("is_weights", is_weights, device)
+        check_finite("is_weights", is_weights, mask)
+        if not tracing() and bool((is_weights < 0).any()):
+            raise ValueError("is_weights must be >= 0 (importance-sampling weights)")
     check_finite("old_logps", old_logps, mask)
     check_finite("ref_logps", ref_logps, mask)
     if cfg.beta != 0.0 and ref_logps is None:
@@ -101,7 +114,7 @@ def check_num_items(num_items_in_batch):
 
 def objective_from_logprobs(
     logp_rows, entropy_rows, layout: TokenLayout, mask, advantages, cfg, backend: str, *,
-    old_logps=None, ref_logps=None, sampling_logps=None, num_items_in_batch=None,
+    old_logps=None, ref_logps=None, sampling_logps=None, is_weights=None, num_items_in_batch=None,
 ) -> GRPOLossOutput:
     """Apply the per-token objective to flat per-row logp/entropy (differentiable).
 
@@ -114,7 +127,7 @@ def objective_from_logprobs(
     adv = adv if adv.shape == (layout.batch,) else pad(adv)
     as_f32 = lambda x: None if x is None else pad(x.float())  # noqa: E731
     inputs = dict(old_logp=as_f32(old_logps), ref_logp=as_f32(ref_logps), sampling_logp=as_f32(sampling_logps),
-                  num_items_in_batch=num_items_in_batch)
+                  is_weights=as_f32(is_weights), num_items_in_batch=num_items_in_batch)
     logp_pad, entropy_pad = pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1))
     if has_fused_objective(backend):
         loss, per_token_loss, metrics = fused_objective(logp_pad, entropy_pad, padded_mask, adv, cfg, backend, **inputs)
@@ -203,6 +216,7 @@ def grpo_loss(
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     sampling_logps: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     config: Optional[GRPOLossConfig] = None,
@@ -212,11 +226,12 @@ def grpo_loss(
 ) -> GRPOLossOutput:
     """The GRPO loss from logits (SPEC.md), fused over the vocabulary.
 
-    Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps (B, T);
+    Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps, is_weights (B, T);
     advantages (B,) or (B, T). Packed: logits (N, V), per-token tensors (N,),
     cu_seqlens (B+1,) int32, advantages (B,) or (N,).
     `config` (GRPOLossConfig) and/or keyword overrides of its fields select the loss.
-    old_logps defaults to on-policy (logps.detach(), ratio exactly 1).
+    old_logps defaults to on-policy (logps.detach(), ratio exactly 1). `is_weights`:
+    precomputed rollout importance-sampling weights (>= 0, detached) on the policy term.
     Returns GRPOLossOutput; `.loss` is differentiable w.r.t. logits. With
     inplace_backward=True, backward writes the gradient over `logits` (no extra (N, V)).
     """
@@ -225,7 +240,8 @@ def grpo_loss(
     token_shape = tuple(logits.shape[:-1])
     layout = token_layout(token_shape, logits.device, cu_seqlens)
     mask = check_ids_and_mask(ids, mask, token_shape, logits.device)
-    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logits.device)
+    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logits.device,
+                           is_weights)
     num_items_in_batch = check_num_items(num_items_in_batch)
     check_ids(ids, logits.shape[-1], mask)
     name = resolve_backend(backend, logits.device)
@@ -234,7 +250,59 @@ def grpo_loss(
     check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1))
     return objective_from_logprobs(
         logp, entropy, layout, mask, advantages, cfg, name, old_logps=old_logps, ref_logps=ref_logps,
-        sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch,
+        sampling_logps=sampling_logps, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
+    )
+
+
+def grpo_loss_from_logprobs(
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    entropy: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config: Optional[GRPOLossConfig] = None,
+    backend: str = "auto",
+    **overrides,
+) -> GRPOLossOutput:
+    """The GRPO objective from per-token log-probs the caller already has (SPEC.md after the
+    vocabulary sweep), for trainers that compute log-probs their own way (verl, OpenRLHF).
+
+    Shapes: logps, entropy, mask, old/ref/sampling_logps, is_weights (B, T) padded, or (N,)
+    packed with cu_seqlens (B+1,); advantages (B,) or per token. `entropy` is needed only by
+    the entropy bonus and the entropy mask. The loss is differentiable w.r.t. logps (and
+    entropy); the backends with a fused objective kernel compute its gradient analytically.
+    """
+    cfg = resolve_config(config, overrides)
+    require_tensor("logps", logps, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
+    token_shape = tuple(logps.shape)
+    layout = token_layout(token_shape, logps.device, cu_seqlens)
+    mask = check_mask(mask, token_shape, logps.device)
+    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logps.device,
+                           is_weights)
+    check_finite("logps", logps, mask)
+    if entropy is None:
+        if cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "entropy is required by entropy_coef != 0 and top_entropy_quantile < 1 "
+                f"(got entropy_coef={cfg.entropy_coef}, top_entropy_quantile={cfg.top_entropy_quantile})"
+            )
+        entropy = torch.zeros_like(logps, dtype=torch.float32)
+    else:
+        require_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token entropies")
+        require_shape("entropy", entropy, token_shape, "one entropy per token")
+        require_device("entropy", entropy, logps.device)
+        check_finite("entropy", entropy, mask)
+    name = resolve_backend(backend, logps.device)
+    return objective_from_logprobs(
+        logps.float().reshape(-1), entropy.float().reshape(-1), layout, mask, advantages, cfg, name,
+        old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps, is_weights=is_weights,
+        num_items_in_batch=check_num_items(num_items_in_batch),
     )
 
 

@@ -96,10 +96,11 @@ def sequence_chunks(layout: TokenLayout, cu_seqlens, rows_per_chunk: int) -> Lis
 class _Plan:
     """Everything one fused-linear call needs besides the differentiable tensors."""
 
-    def __init__(self, ids, mask, advantages, old, ref, sampling, num_items, cu_seqlens, cfg, backend, rows,
-                 layout, accumulate_fp32):
+    def __init__(self, ids, mask, advantages, old, ref, sampling, is_weights, num_items, cu_seqlens, cfg, backend,
+                 rows, layout, accumulate_fp32):
         self.ids, self.mask, self.advantages = ids, mask, advantages
-        self.old, self.ref, self.sampling, self.num_items = old, ref, sampling, num_items
+        self.old, self.ref, self.sampling, self.is_weights = old, ref, sampling, is_weights
+        self.num_items = num_items
         self.cu_seqlens, self.cfg, self.backend, self.layout = cu_seqlens, cfg, backend, layout
         self.rows = rows
         self.chunks = sequence_chunks(layout, cu_seqlens, rows)
@@ -155,7 +156,7 @@ def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
         keep = totals.entropy_keep[b0:b1, :layout.length]
     chunk_totals = reference.ObjectiveTotals(totals.normalizer, keep, totals.entropy_normalizer)
     inputs = dict(old_logp=as_f32(plan.old), ref_logp=as_f32(plan.ref), sampling_logp=as_f32(plan.sampling),
-                  totals=chunk_totals)
+                  is_weights=as_f32(plan.is_weights), totals=chunk_totals)
     if has_fused_objective(plan.backend):
         _, _, g_logp, g_ent, _ = backend_module(plan.backend).grpo_objective(
             pad(logp), pad(entropy), mask, adv, plan.cfg, **inputs)
@@ -233,7 +234,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
         with torch.no_grad():
             plan.output = objective_from_logprobs(
                 logp_all, ent_all, plan.layout, plan.mask, plan.advantages, cfg, plan.backend,
-                old_logps=plan.old, ref_logps=plan.ref, sampling_logps=plan.sampling,
+                old_logps=plan.old, ref_logps=plan.ref, sampling_logps=plan.sampling, is_weights=plan.is_weights,
                 num_items_in_batch=plan.num_items)
         ctx.grads = (
             None if d_hidden is None else d_hidden.view(hidden.shape),
@@ -266,6 +267,7 @@ def fused_linear_grpo_loss(
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     sampling_logps: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     config=None,
@@ -276,7 +278,7 @@ def fused_linear_grpo_loss(
 ) -> GRPOLossOutput:
     """The GRPO loss from hidden states and the lm_head, never materialising the whole logits.
 
-    Shapes (padded): hidden (B, T, H); ids, mask, old/ref/sampling_logps (B, T); advantages
+    Shapes (padded): hidden (B, T, H); ids, mask, old/ref/sampling_logps, is_weights (B, T); advantages
     (B,) or (B, T). Packed: hidden (N, H), per-token tensors (N,), cu_seqlens (B+1,).
     weight (V, H) and bias (V,) are the lm_head (tied embeddings work: pass the embedding).
     Same options and numbers as `grpo_loss` on logits = hidden @ weight.T + bias.
@@ -292,13 +294,14 @@ def fused_linear_grpo_loss(
     token_shape = tuple(hidden.shape[:-1])
     layout = token_layout(token_shape, hidden.device, cu_seqlens)
     mask = check_ids_and_mask(ids, mask, token_shape, hidden.device)
-    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, hidden.device)
+    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, hidden.device,
+                           is_weights)
     num_items_in_batch = check_num_items(num_items_in_batch)
     vocab = weight.shape[0]
     check_ids(ids, vocab, mask)
     name = resolve_backend(backend, hidden.device)
-    plan = _Plan(ids, mask, advantages, old_logps, ref_logps, sampling_logps, num_items_in_batch, cu_seqlens, cfg,
-                 name, _chunk_rows(chunk_size, vocab, hidden), layout, accumulate_weight_grad_fp32)
+    plan = _Plan(ids, mask, advantages, old_logps, ref_logps, sampling_logps, is_weights, num_items_in_batch,
+                 cu_seqlens, cfg, name, _chunk_rows(chunk_size, vocab, hidden), layout, accumulate_weight_grad_fp32)
     loss = _FusedLinearGRPO.apply(hidden, weight, bias, plan)
     out = plan.output
     return GRPOLossOutput(loss=loss, logps=out.logps, entropy=out.entropy, per_token_loss=out.per_token_loss,

@@ -146,12 +146,15 @@ def policy_objective(
     old_logp: Optional[torch.Tensor] = None,
     ref_logp: Optional[torch.Tensor] = None,
     sampling_logp: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
     totals: Optional[ObjectiveTotals] = None,
 ) -> ObjectiveTerms:
     """The GRPO objective from per-token log-probs, on padded tensors.
 
-    Shapes: logp, entropy, mask, old/ref/sampling_logp (B, T); advantages (B,) or (B, T).
+    Shapes: logp, entropy, mask, old/ref/sampling_logp, is_weights (B, T); advantages (B,) or (B, T).
+    `is_weights` are precomputed rollout importance-sampling weights (e.g. verl's
+    rollout_is_weights), a detached multiplier on the policy term after the others.
     `mask` is bool. Masked positions may hold anything finite or not: they are replaced
     before any arithmetic, so they contribute exactly 0 to the loss, gradients and metrics.
     `totals` (batch-wide normalisers and entropy mask) makes this the contribution of a chunk
@@ -165,15 +168,20 @@ def policy_objective(
     old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
     log_ratio = torch.where(m, logp - old, 0)
 
-    # Importance ratio rho, (B, T) or (B, 1).
+    # Importance ratio rho, (B, T) or (B, 1), from the (optionally clamped) log weight.
+    def clamp_log(w):
+        if cfg.log_ratio_min is None and cfg.log_ratio_max is None:
+            return w
+        return w.clamp(min=cfg.log_ratio_min, max=cfg.log_ratio_max)
+
     level = cfg.importance_sampling_level
     if level == "token":
-        rho = torch.exp(log_ratio)
+        rho = torch.exp(clamp_log(log_ratio))
     elif level == "sequence":
-        rho = torch.exp(log_ratio.sum(-1, keepdim=True) / n_b)
+        rho = torch.exp(clamp_log(log_ratio.sum(-1, keepdim=True) / n_b))
     else:  # sequence_token: value exp(w_b), gradient per token
         w_b = (log_ratio.sum(-1, keepdim=True) / n_b).detach()
-        rho = torch.exp(logp_m - logp_m.detach() + w_b)
+        rho = torch.exp(clamp_log(logp_m - logp_m.detach() + w_b))
     rho_value = torch.broadcast_to(rho.detach(), m.shape)
 
     pg = cfg.pg_loss
@@ -184,7 +192,7 @@ def policy_objective(
         if cfg.dual_clip is not None:
             loss_pg = torch.where(adv < 0, torch.minimum(loss_pg, -cfg.dual_clip * adv), loss_pg)
     elif pg == "cispo":
-        loss_pg = -rho.clamp(max=cfg.eps_high).detach() * adv * logp_m
+        loss_pg = -rho.clamp(min=cfg.cispo_weight_min, max=cfg.eps_high).detach() * adv * logp_m
     else:  # sapo
         # Tensors, not Python floats: torch.where would make the temperatures fp32.
         s = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))
@@ -209,6 +217,8 @@ def policy_objective(
             old.to(logp.dtype), sampling_logp.to(logp.dtype), m, cfg.is_correction, cfg.is_clip_min, cfg.is_clip_max
         )
         loss_pg = loss_pg * is_weight
+    if is_weights is not None:
+        loss_pg = loss_pg * torch.where(m, is_weights.to(logp.dtype), 0)
 
     per_token = loss_pg
     kl = None
@@ -264,6 +274,7 @@ def grpo_loss(
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     sampling_logps: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
     config: Optional[GRPOLossConfig] = None,
 ):
@@ -273,7 +284,8 @@ def grpo_loss(
     logp, entropy = logprobs_and_entropy(logits, ids, config.temperature)
     terms = policy_objective(
         logp, entropy, advantages, mask, config,
-        old_logp=old_logps, ref_logp=ref_logps, sampling_logp=sampling_logps, num_items_in_batch=num_items_in_batch,
+        old_logp=old_logps, ref_logp=ref_logps, sampling_logp=sampling_logps, is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch,
     )
     return terms, logp, entropy
 

@@ -22,6 +22,14 @@ OPTION_CASES = [
     ("gspo", dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4), ()),
     ("gspo_token", dict(loss_type="grpo", importance_sampling_level="sequence_token", epsilon=0.05), ()),
     ("sapo_sequence", dict(loss_type="sapo", importance_sampling_level="sequence"), ()),
+    ("log_ratio_clamp", dict(loss_type="grpo", log_ratio_min=-0.1, log_ratio_max=0.15, epsilon=0.3), ()),
+    ("gspo_clamp", dict(loss_type="grpo", importance_sampling_level="sequence", log_ratio_min=-0.04,
+                        log_ratio_max=0.05, epsilon=0.2), ()),
+    ("gspo_token_clamp", dict(loss_type="grpo", importance_sampling_level="sequence_token", log_ratio_max=0.05,
+                              epsilon=0.2), ()),
+    ("cispo_two_sided", dict(loss_type="cispo", epsilon_high=1.1, cispo_weight_min=0.9, log_ratio_min=-0.5,
+                             log_ratio_max=0.5), ()),
+    ("is_weights", dict(loss_type="dapo"), ("is_weights",)),
     ("asym_clip", dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28), ()),
     ("two_sided_delta", dict(loss_type="grpo", delta=1.3), ()),
     ("dual_clip", dict(loss_type="grpo", dual_clip=1.5, epsilon=0.05), ()),
@@ -57,12 +65,14 @@ class Case:
     old_logps: torch.Tensor
     ref_logps: Optional[torch.Tensor]
     sampling_logps: Optional[torch.Tensor]
+    is_weights: Optional[torch.Tensor]
     num_items_in_batch: Optional[int]
     config: GRPOLossConfig
 
     def kwargs(self):
         return dict(mask=self.mask, old_logps=self.old_logps, ref_logps=self.ref_logps,
-                    sampling_logps=self.sampling_logps, num_items_in_batch=self.num_items_in_batch, config=self.config)
+                    sampling_logps=self.sampling_logps, is_weights=self.is_weights,
+                    num_items_in_batch=self.num_items_in_batch, config=self.config)
 
 
 def make_logits(b, t, v, dtype=torch.float32, *, seed=0, scale=2.0, neg_inf_frac=0.05, ids=None):
@@ -93,7 +103,11 @@ def make_case(option_id, *, b=4, t=7, v=37, dtype=torch.float32, seed=0, drift=0
     adv_shape = (b, t) if "token_adv" in needs else (b,)
     advantages = torch.randn(adv_shape, generator=g)
     num_items = int(mask.sum()) + 5 if "num_items" in needs else None
-    return Case(logits, ids, mask, advantages, old, ref, sampling, num_items, GRPOLossConfig(**overrides))
+    is_weights = None
+    if "is_weights" in needs:  # truncated weights with some exact zeros, as masked rollout correction gives
+        is_weights = torch.rand(b, t, generator=g) * 2
+        is_weights[is_weights < 0.3] = 0.0
+    return Case(logits, ids, mask, advantages, old, ref, sampling, is_weights, num_items, GRPOLossConfig(**overrides))
 
 
 def reference_result(case: Case):
@@ -102,7 +116,7 @@ def reference_result(case: Case):
     as64 = lambda x: None if x is None else x.double()  # noqa: E731
     terms, logp, entropy = R.grpo_loss(
         logits, case.ids, case.advantages.double(), mask=case.mask, old_logps=as64(case.old_logps),
-        ref_logps=as64(case.ref_logps), sampling_logps=as64(case.sampling_logps),
+        ref_logps=as64(case.ref_logps), sampling_logps=as64(case.sampling_logps), is_weights=as64(case.is_weights),
         num_items_in_batch=case.num_items_in_batch, config=case.config,
     )
     terms.loss.backward()

@@ -18,7 +18,7 @@ def assert_grad_close(actual, expected, *, rel=1e-5, name="grad"):
 
 
 def to_device(case):
-    for f in ("logits", "ids", "mask", "advantages", "old_logps", "ref_logps", "sampling_logps"):
+    for f in ("logits", "ids", "mask", "advantages", "old_logps", "ref_logps", "sampling_logps", "is_weights"):
         x = getattr(case, f)
         if x is not None:
             setattr(case, f, x.to(DEVICE))

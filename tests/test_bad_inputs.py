@@ -44,6 +44,14 @@ def call(case, **changes):
     (lambda c: dict(num_items_in_batch=-3), ValueError, "num_items_in_batch"),
     (lambda c: dict(cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "logits must be packed (N, V) with cu_seqlens"),
     (lambda c: dict(config="grpo"), TypeError, "config must be a GRPOLossConfig"),
+    (lambda c: dict(is_weights=torch.ones(4, 3)), ValueError, "is_weights must have shape"),
+    (lambda c: dict(is_weights=-torch.ones_like(c.old_logps)), ValueError, "is_weights must be >= 0"),
+    (lambda c: dict(is_weights=torch.full_like(c.old_logps, float("inf"))), ValueError, "is_weights contains"),
+    (lambda c: dict(log_ratio_min=0.5), ValueError, "log_ratio_min must be < 0"),
+    (lambda c: dict(log_ratio_max=-1.0), ValueError, "log_ratio_max must be > 0"),
+    (lambda c: dict(cispo_weight_min=0.5), ValueError, "cispo_weight_min only applies to the cispo"),
+    (lambda c: dict(loss_type="cispo", epsilon_high=2.0, cispo_weight_min=3.0), ValueError,
+     "cispo_weight_min (3.0) must be <= the cispo cap"),
 ])
 def test_bad_input_is_named(case, changes, error, words):
     with pytest.raises(error) as info:

@@ -25,8 +25,8 @@ def reference_linear(case, hidden, weight, bias):
     as64 = lambda x: None if x is None else x.double()  # noqa: E731
     terms, _, _ = R.grpo_loss(h @ w.T + bb, case.ids, case.advantages.double(), mask=case.mask,
                               old_logps=as64(case.old_logps), ref_logps=as64(case.ref_logps),
-                              sampling_logps=as64(case.sampling_logps), num_items_in_batch=case.num_items_in_batch,
-                              config=case.config)
+                              sampling_logps=as64(case.sampling_logps), is_weights=as64(case.is_weights),
+                              num_items_in_batch=case.num_items_in_batch, config=case.config)
     terms.loss.backward()
     return terms, h.grad, w.grad, bb.grad
 
@@ -36,7 +36,7 @@ def run_linear(case, hidden, weight, bias, backend, **kw):
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     out = gk.fused_linear_grpo_loss(
         h, w, dev(case.ids), dev(case.advantages), bias=bb, mask=dev(case.mask), old_logps=dev(case.old_logps),
-        ref_logps=dev(case.ref_logps), sampling_logps=dev(case.sampling_logps),
+        ref_logps=dev(case.ref_logps), sampling_logps=dev(case.sampling_logps), is_weights=dev(case.is_weights),
         num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend, **kw)
     out.loss.backward()
     return out, h.grad, w.grad, bb.grad

@@ -9,7 +9,8 @@ from grpo_kernels import reference as R
 # derivative of the loss value), so gradcheck runs with the KL correction off and CISPO is
 # checked against its closed-form gradient below.
 OPTIONS = ["grpo", "dapo_num_items", "sapo", "gspo", "gspo_token", "k1", "k2", "k3_clamped", "temperature",
-           "entropy_bonus", "entropy_mask_bonus", "is_sequence_truncate", "per_token_adv", "everything"]
+           "entropy_bonus", "entropy_mask_bonus", "is_sequence_truncate", "per_token_adv", "everything",
+           "log_ratio_clamp", "gspo_clamp", "gspo_token_clamp", "is_weights"]
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -22,7 +23,7 @@ def test_reference_gradcheck(option):
     def loss(logits):
         terms, _, _ = R.grpo_loss(logits, case.ids, case.advantages.double(), mask=case.mask,
                                   old_logps=as64(case.old_logps), ref_logps=as64(case.ref_logps),
-                                  sampling_logps=as64(case.sampling_logps),
+                                  sampling_logps=as64(case.sampling_logps), is_weights=as64(case.is_weights),
                                   num_items_in_batch=case.num_items_in_batch, config=case.config)
         return terms.loss
 

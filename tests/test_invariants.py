@@ -113,7 +113,7 @@ def test_packed_equals_padded(backend, option):
     adv = case.advantages if case.advantages.dim() == 1 else packed(case.advantages)
     out_p = gk.grpo_loss(logits, packed(case.ids), adv, cu_seqlens=cu, old_logps=packed(case.old_logps),
                          ref_logps=packed(case.ref_logps), sampling_logps=packed(case.sampling_logps),
-                         num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend)
+                         is_weights=packed(case.is_weights), num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend)
     out_p.loss.backward()
     torch.testing.assert_close(out_p.loss, out.loss, rtol=1e-6, atol=1e-7)
     assert torch.equal(out_p.logps, packed(out.logps)) and torch.equal(out_p.entropy, packed(out.entropy))

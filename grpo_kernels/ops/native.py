@@ -62,13 +62,14 @@ class NativeKernels:
         return out
 
     def grpo_objective(self, logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None,
-                       sampling_logp=None, num_items_in_batch=None, totals=None):
+                       sampling_logp=None, is_weights=None, num_items_in_batch=None, totals=None):
         prep = io.prepare(logp, entropy, mask, advantages, cfg, old_logp=old_logp, ref_logp=ref_logp,
-                          sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch, totals=totals)
+                          sampling_logp=sampling_logp, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
+                          totals=totals)
         addr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         ptrs = dict(logp=addr(prep.logp), entropy=addr(prep.entropy), mask=addr(prep.mask),
                     advantages=addr(prep.advantages), old=addr(prep.old), ref=addr(prep.ref),
-                    sampling=addr(prep.sampling), keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
+                    sampling=addr(prep.sampling), token_weights=addr(prep.token_weights), keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
                     ent_norm=addr(prep.ent_norm), per_token_loss=addr(prep.per_token_loss),
                     g_logp=addr(prep.g_logp), g_entropy=addr(prep.g_entropy), partials=addr(prep.partials))
         bsz, t = prep.logp.shape

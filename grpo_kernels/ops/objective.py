@@ -40,12 +40,12 @@ def has_fused_objective(backend: str) -> bool:
 @torch.library.custom_op("grpo_kernels::grpo_objective", mutates_args=())
 def _grpo_objective(
     logp: Tensor, entropy: Tensor, mask: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
-    ref_logp: Optional[Tensor], sampling_logp: Optional[Tensor], num_items: Optional[Tensor],
-    config: str, backend: str,
+    ref_logp: Optional[Tensor], sampling_logp: Optional[Tensor], is_weights: Optional[Tensor],
+    num_items: Optional[Tensor], config: str, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, per_token, g_logp, g_ent, metrics = backend_module(backend).grpo_objective(
         logp, entropy, mask, advantages, _config(config), old_logp=old_logp, ref_logp=ref_logp,
-        sampling_logp=sampling_logp, num_items_in_batch=num_items,
+        sampling_logp=sampling_logp, is_weights=is_weights, num_items_in_batch=num_items,
     )
     zero = loss.new_zeros(())
     vector = torch.stack([metrics.get(k, zero) for k in METRIC_ORDER])
@@ -53,7 +53,7 @@ def _grpo_objective(
 
 
 @_grpo_objective.register_fake
-def _(logp, entropy, mask, advantages, old_logp, ref_logp, sampling_logp, num_items, config, backend):
+def _(logp, entropy, mask, advantages, old_logp, ref_logp, sampling_logp, is_weights, num_items, config, backend):
     f = lambda: torch.empty_like(logp, dtype=torch.float32)  # noqa: E731
     return logp.new_empty((), dtype=torch.float32), f(), f(), f(), logp.new_empty(len(METRIC_ORDER),
                                                                                    dtype=torch.float32)
@@ -67,20 +67,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     g_logp, g_ent = ctx.saved_tensors
-    return g_logp * grad_loss, g_ent * grad_loss, None, None, None, None, None, None, None, None
+    return g_logp * grad_loss, g_ent * grad_loss, None, None, None, None, None, None, None, None, None
 
 
 _grpo_objective.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_objective(logp, entropy, mask, advantages, cfg, backend, *, old_logp=None, ref_logp=None,
-                    sampling_logp=None, num_items_in_batch=None):
+                    sampling_logp=None, is_weights=None, num_items_in_batch=None):
     """Padded (B, T) inputs -> (loss, per_token_loss, metrics dict), loss differentiable w.r.t. logp, entropy."""
     num_items = None
     if num_items_in_batch is not None:
         num_items = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logp.device).reshape(())
     loss, per_token, _, _, vector = _grpo_objective(
-        logp, entropy, mask, advantages, old_logp, ref_logp, sampling_logp, num_items, config_json(cfg), backend)
+        logp, entropy, mask, advantages, old_logp, ref_logp, sampling_logp, is_weights, num_items, config_json(cfg),
+        backend)
     keys: List[str] = list(METRIC_ORDER[:6])
     if cfg.beta != 0.0:
         keys.append("kl")

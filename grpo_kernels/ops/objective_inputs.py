@@ -33,6 +33,7 @@ class PreparedObjective:
     old: Optional[torch.Tensor]
     ref: Optional[torch.Tensor]
     sampling: Optional[torch.Tensor]
+    token_weights: Optional[torch.Tensor]  # the caller's is_weights
     keep_entropy: Optional[torch.Tensor]  # uint8
     norm: torch.Tensor  # (1,) fp32
     ent_norm: torch.Tensor  # (1,) fp32
@@ -49,6 +50,7 @@ class PreparedObjective:
 def params(cfg) -> dict:
     """The config as the flat scalar parameters the kernels take."""
     inf = float("inf")
+    bound = lambda x, default: default if x is None else float(x)  # noqa: E731
     return dict(
         pg=PG[cfg.pg_loss], level=LEVEL[cfg.importance_sampling_level],
         kl=KL[cfg.kl_kind] if cfg.beta != 0.0 else 0, is_mode=IS[cfg.is_correction], agg=AGG[cfg.agg_mode],
@@ -58,13 +60,14 @@ def params(cfg) -> dict:
         has_kl_clamp=int(cfg.kl_clamp is not None), kl_clamp=float(cfg.kl_clamp or 0.0),
         bias_corr=int(bool(cfg.use_bias_correction_kl)), has_off_policy=int(cfg.off_policy_mask_threshold is not None),
         off_thresh=float(cfg.off_policy_mask_threshold or 0.0),
-        is_lo=-inf if cfg.is_clip_min is None else float(cfg.is_clip_min),
-        is_hi=inf if cfg.is_clip_max is None else float(cfg.is_clip_max), entropy_coef=float(cfg.entropy_coef),
+        is_lo=bound(cfg.is_clip_min, -inf), is_hi=bound(cfg.is_clip_max, inf), entropy_coef=float(cfg.entropy_coef),
+        log_ratio_lo=bound(cfg.log_ratio_min, -inf), log_ratio_hi=bound(cfg.log_ratio_max, inf),
+        cispo_lo=bound(cfg.cispo_weight_min, -inf),
     )
 
 
 def prepare(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
-            num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None) -> PreparedObjective:
+            is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None) -> PreparedObjective:
     f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
     logp, entropy = f32(logp), f32(entropy)
     if totals is None:
@@ -72,7 +75,8 @@ def prepare(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=Non
     keep = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
     return PreparedObjective(
         logp=logp, entropy=entropy, mask=mask.to(torch.uint8).contiguous(), advantages=f32(advantages),
-        old=f32(old_logp), ref=f32(ref_logp), sampling=f32(sampling_logp), keep_entropy=keep,
+        old=f32(old_logp), ref=f32(ref_logp), sampling=f32(sampling_logp), token_weights=f32(is_weights),
+        keep_entropy=keep,
         norm=totals.normalizer.float().reshape(1), ent_norm=totals.entropy_normalizer.float().reshape(1),
         per_token_loss=torch.empty_like(logp), g_logp=torch.empty_like(logp), g_entropy=torch.empty_like(logp),
         partials=torch.empty(logp.shape[0], NUM_SLOTS, dtype=torch.float32, device=logp.device),

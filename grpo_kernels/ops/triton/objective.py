@@ -39,7 +39,7 @@ def _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY: tl.conste
 
 
 @triton.jit
-def _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_neg,
+def _policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip, s_pos, s_neg,
                  PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
     """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp."""
     direct = tl.zeros_like(rho)
@@ -65,7 +65,7 @@ def _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_n
             loss = tl.where(adv < 0, capped, loss)
             d_rho = tl.where(adv < 0, d_capped, d_rho)
     elif PG_KIND == 1:
-        weight = tl.minimum(rho, eps_high)
+        weight = tl.minimum(tl.maximum(rho, cispo_lo), eps_high)
         loss = -weight * adv * logp
         d_rho = tl.zeros_like(rho)
         direct = -weight * adv
@@ -75,6 +75,12 @@ def _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_n
         loss = -sig * 4.0 / s * adv
         d_rho = -4.0 * adv * sig * (1.0 - sig)
     return loss, d_rho, direct
+
+
+@triton.jit
+def _clamp_log_ratio(w, lo, hi):
+    """clamp(w, lo, hi) and its derivative (1 inside the inclusive bounds, as torch.clamp)."""
+    return tl.minimum(tl.maximum(w, lo), hi), tl.where((w >= lo) & (w <= hi), 1.0, 0.0)
 
 
 @triton.jit
@@ -103,15 +109,15 @@ def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.conste
 
 @triton.jit
 def _grpo_objective_kernel(
-    logp_ptr, ent_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, samp_ptr, keep_ent_ptr,
+    logp_ptr, ent_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, samp_ptr, weights_ptr, keep_ent_ptr,
     norm_ptr, ent_norm_ptr,
     loss_ptr, g_logp_ptr, g_ent_ptr, part_ptr,
     T, eps_low, eps_high, delta, dual_clip, s_pos, s_neg, beta, kl_clamp, off_thresh,
-    is_lo, is_hi, entropy_coef,
+    is_lo, is_hi, entropy_coef, log_ratio_lo, log_ratio_hi, cispo_lo,
     PG_KIND: tl.constexpr, LEVEL: tl.constexpr, KL_KIND: tl.constexpr, IS_MODE: tl.constexpr,
     AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, ON_POLICY: tl.constexpr, HAS_SAMPLING: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, BIAS_CORR: tl.constexpr,
-    HAS_OFF_POLICY: tl.constexpr, HAS_ENT_MASK: tl.constexpr, HAS_ENT_BONUS: tl.constexpr,
+    HAS_OFF_POLICY: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, HAS_ENT_MASK: tl.constexpr, HAS_ENT_BONUS: tl.constexpr,
     NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -141,7 +147,8 @@ def _grpo_objective_kernel(
             samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
             sum_isd += tl.sum(tl.where(m, _nan_to_zero(old - samp), 0.0), axis=0)
     n_b = tl.maximum(n_tok, 1.0)
-    rho_seq = tl.exp(sum_delta / n_b)
+    w_seq, seq_inside = _clamp_log_ratio(sum_delta / n_b, log_ratio_lo, log_ratio_hi)
+    rho_seq = tl.exp(w_seq)
     off_kl = sum_off / n_b
     is_seq = tl.exp(sum_isd)
     if IS_MODE == 3:
@@ -177,16 +184,17 @@ def _grpo_objective_kernel(
         else:
             adv = tl.zeros((BLOCK_T,), tl.float32) + adv_seq
         if LEVEL == 0:
-            rho = tl.exp(logp - old)
-            d_rho_direct = rho * mf
+            w_tok, inside = _clamp_log_ratio(logp - old, log_ratio_lo, log_ratio_hi)
+            rho = tl.exp(w_tok)
+            d_rho_direct = rho * mf * inside
         elif LEVEL == 1:
             rho = tl.zeros((BLOCK_T,), tl.float32) + rho_seq
             d_rho_direct = tl.zeros((BLOCK_T,), tl.float32)
         else:
             rho = tl.zeros((BLOCK_T,), tl.float32) + rho_seq
-            d_rho_direct = rho * mf
-        pg, d_pg_rho, d_pg_direct = _policy_term(rho, adv, logp, eps_low, eps_high, delta, dual_clip, s_pos, s_neg,
-                                                 PG_KIND, HAS_DELTA, HAS_DUAL)
+            d_rho_direct = rho * mf * seq_inside
+        pg, d_pg_rho, d_pg_direct = _policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip,
+                                                 s_pos, s_neg, PG_KIND, HAS_DELTA, HAS_DUAL)
         mult = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_OFF_POLICY:
             stale = tl.zeros((BLOCK_T,), tl.float32) + off_kl > off_thresh
@@ -207,6 +215,8 @@ def _grpo_objective_kernel(
             is_w = tl.zeros((BLOCK_T,), tl.float32) + is_seq
         if IS_MODE != 0:
             mult = mult * is_w
+        if HAS_TOKEN_WEIGHTS:
+            mult = mult * tl.load(weights_ptr + row + offs, mask=m, other=0.0)
         loss_t = pg * mult
         g_t = mult * (d_pg_rho * d_rho_direct + d_pg_direct)
         kl = tl.zeros((BLOCK_T,), tl.float32)
@@ -238,7 +248,7 @@ def _grpo_objective_kernel(
 
     # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
     if LEVEL == 1:
-        scale = acc_drho * rho_seq / n_b
+        scale = acc_drho * rho_seq * seq_inside / n_b
         for t0 in range(0, T, BLOCK_T):
             offs = t0 + lanes
             inb = offs < T
@@ -260,28 +270,32 @@ def _grpo_objective_kernel(
 
 
 def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
-                   num_items_in_batch=None, totals: ObjectiveTotals = None):
+                   is_weights=None, num_items_in_batch=None, totals: ObjectiveTotals = None):
     """Padded (B, T) fp32 inputs -> (loss 0-d, per_token_loss, g_logp, g_entropy, metrics dict).
 
     g_logp and g_entropy are dL/dlogp and dL/dH for an upstream gradient of 1 on the loss.
     `totals` (see reference.ObjectiveTotals) makes this a chunk of whole sequences of a larger batch.
     """
     prep = io.prepare(logp, entropy, mask, advantages, cfg, old_logp=old_logp, ref_logp=ref_logp,
-                      sampling_logp=sampling_logp, num_items_in_batch=num_items_in_batch, totals=totals)
+                      sampling_logp=sampling_logp, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
+                      totals=totals)
     bsz, t = prep.logp.shape
     p = io.params(cfg)
     _grpo_objective_kernel[(bsz,)](
         prep.logp, prep.entropy, prep.mask, prep.advantages,
         prep.old if prep.old is not None else prep.logp, prep.ref if prep.ref is not None else prep.logp,
         prep.sampling if prep.sampling is not None else prep.logp,
+        prep.token_weights if prep.token_weights is not None else prep.logp,
         prep.keep_entropy if prep.keep_entropy is not None else prep.mask, prep.norm, prep.ent_norm,
         prep.per_token_loss, prep.g_logp, prep.g_entropy, prep.partials,
         t, p["eps_low"], p["eps_high"], p["delta"], p["dual_clip"], p["sapo_pos"], p["sapo_neg"], p["beta"],
-        p["kl_clamp"], p["off_thresh"], p["is_lo"], p["is_hi"], p["entropy_coef"],
+        p["kl_clamp"], p["off_thresh"], p["is_lo"], p["is_hi"], p["entropy_coef"], p["log_ratio_lo"],
+        p["log_ratio_hi"], p["cispo_lo"],
         PG_KIND=p["pg"], LEVEL=p["level"], KL_KIND=p["kl"], IS_MODE=p["is_mode"], AGG=p["agg"],
         ADV_PER_TOKEN=prep.adv_per_token, ON_POLICY=prep.old is None, HAS_SAMPLING=prep.sampling is not None,
         HAS_DELTA=bool(p["has_delta"]), HAS_DUAL=bool(p["has_dual"]), HAS_KL_CLAMP=bool(p["has_kl_clamp"]),
         BIAS_CORR=bool(p["bias_corr"]), HAS_OFF_POLICY=bool(p["has_off_policy"]),
+        HAS_TOKEN_WEIGHTS=prep.token_weights is not None,
         HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=p["entropy_coef"] != 0.0, NUM_SLOTS=io.NUM_SLOTS,
         BLOCK_T=min(1024, triton.next_power_of_2(max(t, 1))),
     )
