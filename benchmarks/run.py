@@ -34,6 +34,7 @@ def quick_shapes() -> List[Shape]:
         Shape("loss", 2048, 32000, dtype="float32"),
         Shape("linear", 4096, 32000, 1024, dtype="float32"),
         Shape("advantages", 4096, 0, dtype="float32"),
+        Shape("verl_policy", 262144, 0, dtype="float32"),
     ]
 
 
@@ -49,6 +50,7 @@ def full_shapes(vs=(32000, 128256, 151936, 262144), ns=(4096, 16384), hs=(2048, 
                     shapes.append(Shape("linear", n, v, h, dtype=dtype))
         for n in ns:
             shapes.append(Shape("advantages", n, 0, dtype=dtype))
+    shapes.append(Shape("verl_policy", 1 << 20, 0, dtype="float32"))
     return shapes
 
 
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU-sized set (default without CUDA)")
     mode.add_argument("--full", action="store_true", help="the full GPU sweep (default with CUDA)")
-    parser.add_argument("--tasks", default="logprobs,loss,linear,advantages")
+    parser.add_argument("--tasks", default="logprobs,loss,linear,advantages,verl_policy")
     parser.add_argument("--vocab", type=int, nargs="*", help="override V of the full sweep")
     parser.add_argument("--tokens", type=int, nargs="*", help="override N of the full sweep")
     parser.add_argument("--dtypes", nargs="*", help="override the dtypes of the full sweep")

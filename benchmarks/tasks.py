@@ -254,6 +254,51 @@ def linear_contenders(device):
     return out
 
 
+# ----------------------------------------------------------------------------------------- verl policy loss
+
+def build_verl_policy(shape, device):
+    """verl's inputs to a policy loss: per-token log-probs (B, T), advantages per token."""
+    gen = torch.Generator().manual_seed(0)
+    b, t = max(1, shape.n // SEQ_LEN), min(SEQ_LEN, shape.n)
+    logp = (torch.randn(b, t, generator=gen) - 2).to(device)
+    return dict(log_prob=logp, old_log_prob=logp + 0.2 * torch.randn(b, t, generator=gen).to(device),
+                advantages=torch.randn(b, 1, generator=gen).expand(b, t).contiguous().to(device),
+                mask=(torch.rand(b, t, generator=gen) > 0.1).to(device))
+
+
+def _verl_actor_config():
+    from verl.workers.config import ActorConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=0.2,
+                       clip_ratio_high=0.28)
+
+
+def _verl_policy_run(loss_fn, config):
+    def run(x):
+        leaf = x["log_prob"].detach().requires_grad_(True)
+        loss, _ = loss_fn(x["old_log_prob"], leaf, x["advantages"], x["mask"], "token-mean", config)
+        torch.autograd.grad(loss, leaf)
+        return loss.detach()
+    return run
+
+
+def verl_policy_contenders(device):
+    if not _have("verl"):
+        return []
+    from verl.trainer.ppo import core_algos
+
+    from grpo_kernels.integrations import verl as gk_verl
+
+    config = _verl_actor_config()
+    grad = lambda s: s.n * 4  # noqa: E731 - d log_prob, fp32
+    out = [Contender("reference: verl 'vanilla' (eager)",
+                     _verl_policy_run(core_algos.get_policy_loss_fn("vanilla"), config), grad_bytes=grad)]
+    out += [Contender(f"grpo_kernels[{b}] 'grpo_kernels_vanilla'",
+                      _verl_policy_run(gk_verl.policy_loss_fn("vanilla", b), config), grad_bytes=grad)
+            for b in _our_backends(device)]
+    return out
+
+
 # ----------------------------------------------------------------------------------------- advantages
 
 def build_advantages(shape, device):
@@ -291,6 +336,7 @@ TASKS = {
                  bytes_moved=lambda s: 3 * s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()),
     "linear": Task("linear", build_linear, linear_contenders, flops=lambda s: 6 * s.n * s.h * s.v),
     "advantages": Task("advantages", build_advantages, advantages_contenders, tolerance=lambda s: 1e-4),
+    "verl_policy": Task("verl_policy", build_verl_policy, verl_policy_contenders, tolerance=lambda s: 1e-4),
 }
 
 

@@ -64,6 +64,8 @@ def check_logp_finite(logp: torch.Tensor, entropy: torch.Tensor, mask: Optional[
 def check_finite(name: str, x: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None) -> None:
     if x is None or tracing() or x.numel() == 0:
         return
-    live = x if mask is None or x.shape != mask.shape else x[mask]
-    if not bool(torch.isfinite(live).all()):
+    finite = torch.isfinite(x)
+    if mask is not None and x.shape == mask.shape:
+        finite = finite | ~mask  # elementwise, not x[mask]: boolean indexing costs a nonzero() pass
+    if not bool(finite.all()):
         raise ValueError(f"{name} contains NaN or inf in unmasked positions")

@@ -131,28 +131,28 @@ def policy_metrics(loss_mode: str, cfg: GRPOLossConfig, old_log_prob, log_prob, 
     """verl's actor/pg_clipfrac, actor/ppo_kl and actor/pg_clipfrac_lower, by verl's definitions."""
     m = mask.bool()
     lp, old, adv = log_prob.detach().float(), old_log_prob.float(), advantages.float()
+    count = m.sum() + 1e-8
 
     def masked_mean(x):
-        return torch.where(m, x.float(), 0.0).sum() / (m.sum() + 1e-8)
+        return (x & m).sum() / count if x.dtype == torch.bool else torch.where(m, x, 0.0).sum() / count
 
     delta = lp - old
     zero = torch.zeros((), device=lp.device)
     clipfrac = lower = zero
     if loss_mode == "gspo":
-        n = m.sum(-1).clamp(min=1)
-        seq = (torch.where(m, delta, 0.0).sum(-1) / n).clamp(max=GSPO_LOG_RATIO_MAX)
+        seq = (torch.where(m, delta, 0.0).sum(-1) / m.sum(-1).clamp(min=1)).clamp(max=GSPO_LOG_RATIO_MAX)
         ratio = torch.exp(seq).unsqueeze(-1).expand_as(lp)
-        ppo_kl = masked_mean(-delta)
+        ppo_kl = -masked_mean(delta)
     else:
-        clamped = delta.clamp(-TOKEN_LOG_RATIO_BOUND, TOKEN_LOG_RATIO_BOUND)
-        ratio = torch.exp(clamped)
-        ppo_kl = masked_mean(-clamped)
+        delta = delta.clamp_(-TOKEN_LOG_RATIO_BOUND, TOKEN_LOG_RATIO_BOUND)
+        ppo_kl = -masked_mean(delta)
+        ratio = delta.exp_()
     if loss_mode in ("vanilla", "gspo"):
         unclipped = -adv * ratio
         clipped = -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
-        clipfrac = masked_mean(torch.gt(clipped, unclipped))
+        clipfrac = masked_mean(clipped > unclipped)
         if loss_mode == "vanilla":
-            lower = masked_mean(torch.gt(torch.maximum(unclipped, clipped), -adv * cfg.dual_clip) & (adv < 0))
+            lower = masked_mean((torch.maximum(unclipped, clipped) > -adv * cfg.dual_clip) & (adv < 0))
     elif loss_mode == "cispo":
         clipfrac = masked_mean(ratio != ratio.clamp(cfg.cispo_weight_min, cfg.eps_high))
     return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": lower.item()}
