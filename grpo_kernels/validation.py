@@ -50,11 +50,13 @@ def check_logp_finite(logp: torch.Tensor, entropy: torch.Tensor, mask: Optional[
     """A −inf target logit or NaN logits would otherwise poison the loss silently."""
     if tracing() or logp.numel() == 0:
         return
-    live_logp = logp if mask is None else logp[mask]
-    live_entropy = entropy if mask is None else entropy[mask]
-    if bool(torch.isnan(live_logp).any()) or bool(torch.isnan(live_entropy).any()):
+    # Elementwise with the mask, like check_finite: boolean indexing would cost a nonzero() pass.
+    def live(bad: torch.Tensor) -> torch.Tensor:
+        return bad if mask is None else bad & mask
+
+    if bool(live(torch.isnan(logp)).any()) or bool(live(torch.isnan(entropy)).any()):
         raise ValueError("logits contain NaN in rows that are not masked out (log-probs came out NaN)")
-    if bool(torch.isinf(live_logp).any()):
+    if bool(live(torch.isinf(logp)).any()):
         raise ValueError(
             "logits: the target logit of some unmasked token is -inf (logp = -inf); the sampled token was "
             "masked by top-k/top-p in these logits, or ids do not match the logits"

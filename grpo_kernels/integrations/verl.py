@@ -52,13 +52,17 @@ def _option(config, name: str, default):
     return default if value is None else value
 
 
+def _check_loss_mode(loss_mode: str) -> None:
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"loss_mode={loss_mode!r} has no grpo_kernels version; expected one of {list(LOSS_MODES)}")
+
+
 def loss_config(loss_mode: str, config) -> GRPOLossConfig:
     """The GRPOLossConfig computing verl's `loss_mode` policy term for this actor config.
 
     Aggregation is set separately (see `aggregation`); it is "token-mean" here.
     """
-    if loss_mode not in LOSS_MODES:
-        raise ValueError(f"loss_mode={loss_mode!r} has no grpo_kernels version; expected one of {list(LOSS_MODES)}")
+    _check_loss_mode(loss_mode)
     if config is None:
         raise ValueError("config (verl's actor config) is required by the grpo_kernels policy losses")
     clip = _option(config, "clip_ratio", 0.2)
@@ -163,8 +167,7 @@ def policy_loss_fn(loss_mode: str, backend: str = "auto"):
     (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
     -> (loss, metrics). All tensors (B, T); only `log_prob` is differentiated.
     """
-    if loss_mode not in LOSS_MODES:
-        raise ValueError(f"loss_mode={loss_mode!r} has no grpo_kernels version; expected one of {list(LOSS_MODES)}")
+    _check_loss_mode(loss_mode)
 
     def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str = "token-mean",
                     config=None, rollout_is_weights=None):
