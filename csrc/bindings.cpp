@@ -33,7 +33,8 @@ T get(const py::dict& d, const char* key) {
   return d[key].cast<T>();
 }
 
-gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, int64_t T, bool adv_per_token) {
+gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, int64_t T, bool adv_per_token,
+                                 bool weights_per_seq) {
   auto opt_f = [&](const char* k) { return ptrs[k].is_none() ? nullptr : ptr<const float>(ptrs[k].cast<uintptr_t>()); };
   gk::ObjectiveArgs a{};
   a.logp = ptr<const float>(get<uintptr_t>(ptrs, "logp"));
@@ -53,6 +54,7 @@ gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, i
   a.partials = ptr<float>(get<uintptr_t>(ptrs, "partials"));
   a.T = T;
   a.adv_per_token = adv_per_token ? 1 : 0;
+  a.weights_per_seq = weights_per_seq ? 1 : 0;
   gk::LossParams& p = a.p;
   p.pg = get<int>(params, "pg");
   p.level = get<int>(params, "level");
@@ -79,6 +81,10 @@ gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, i
   p.log_ratio_lo = get<float>(params, "log_ratio_lo");
   p.log_ratio_hi = get<float>(params, "log_ratio_hi");
   p.cispo_lo = get<float>(params, "cispo_lo");
+  p.vespo_k_pos = get<float>(params, "vespo_k_pos");
+  p.vespo_lambda_pos = get<float>(params, "vespo_lambda_pos");
+  p.vespo_k_neg = get<float>(params, "vespo_k_neg");
+  p.vespo_lambda_neg = get<float>(params, "vespo_lambda_neg");
   return a;
 }
 
@@ -99,24 +105,25 @@ PYBIND11_MODULE(GK_MODULE_NAME, m) {
 #endif
   m.def("logprobs_forward",
         [](uintptr_t logits, int dtype, int64_t sb, int64_t st, int64_t T, int64_t N, int64_t V, uintptr_t ids,
-           float inv_temp, bool with_entropy, uintptr_t logp, uintptr_t entropy, uintptr_t lse GK_STREAM_ARG) {
+           float scale, float cap, bool with_entropy, uintptr_t logp, uintptr_t entropy, uintptr_t lse GK_STREAM_ARG) {
           py::gil_scoped_release release;
-          impl::logprobs_forward(rows(logits, dtype, sb, st, T, N, V), ptr<const int64_t>(ids), inv_temp,
+          impl::logprobs_forward(rows(logits, dtype, sb, st, T, N, V), ptr<const int64_t>(ids), gk::LogitTransform{scale, cap},
                                  with_entropy, ptr<float>(logp), ptr<float>(entropy), ptr<float>(lse) GK_STREAM);
         });
   m.def("logprobs_backward",
         [](uintptr_t logits, int dtype, int64_t sb, int64_t st, int64_t T, int64_t N, int64_t V, uintptr_t ids,
            uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t out,
-           int64_t out_sb, int64_t out_st, float inv_temp GK_STREAM_ARG) {
+           int64_t out_sb, int64_t out_st, float scale, float cap GK_STREAM_ARG) {
           py::gil_scoped_release release;
           impl::logprobs_backward(rows(logits, dtype, sb, st, T, N, V), ptr<const int64_t>(ids),
                                   ptr<const float>(lse), ptr<const float>(entropy), ptr<const float>(grad_logp),
                                   grad_entropy ? ptr<const float>(grad_entropy) : nullptr,
-                                  reinterpret_cast<void*>(out), out_sb, out_st, inv_temp GK_STREAM);
+                                  reinterpret_cast<void*>(out), out_sb, out_st, gk::LogitTransform{scale, cap} GK_STREAM);
         });
   m.def("objective",
-        [](py::dict ptrs, py::dict params, int64_t B, int64_t T, bool adv_per_token GK_STREAM_ARG) {
-          gk::ObjectiveArgs args = objective_args(ptrs, params, T, adv_per_token);
+        [](py::dict ptrs, py::dict params, int64_t B, int64_t T, bool adv_per_token,
+           bool weights_per_seq GK_STREAM_ARG) {
+          gk::ObjectiveArgs args = objective_args(ptrs, params, T, adv_per_token, weights_per_seq);
           py::gil_scoped_release release;
           impl::objective(args, B GK_STREAM);
         });

@@ -109,8 +109,28 @@ GK_HD float exp_fast(float x) {
   return x < lo ? 0.0f : y * scale;
 }
 
+// ------------------------------------------------------------------ logit transforms
+// z' = scale·z without softcap, cap·tanh(scale·z) with it (grpo_kernels/transform.py: scale = s/τ,
+// cap = 0; or scale = s/c, cap = c/τ). −inf stays −inf. dz'/dz comes from z' itself.
+struct LogitTransform {
+  float scale, cap;
+};
+
+template <bool CAP>
+GK_HD float transform_logit(float z, const LogitTransform& f) {
+  if (!CAP) return z * f.scale;
+  return z == -INFINITY ? z : f.cap * tanhf(z * f.scale);
+}
+
+template <bool CAP>
+GK_HD float transform_grad(float z_prime, const LogitTransform& f) {
+  if (!CAP) return f.scale;
+  const float t = z_prime / f.cap;
+  return z_prime == -INFINITY ? 0.f : f.cap * f.scale * (1.f - t * t);
+}
+
 // ------------------------------------------------------------------ the loss options
-enum PolicyLoss : int { PG_CLIP = 0, PG_CISPO = 1, PG_SAPO = 2 };
+enum PolicyLoss : int { PG_CLIP = 0, PG_CISPO = 1, PG_SAPO = 2, PG_VESPO = 3 };
 enum Level : int { LEVEL_TOKEN = 0, LEVEL_SEQUENCE = 1, LEVEL_SEQUENCE_TOKEN = 2 };
 enum KlKind : int { KL_NONE = 0, KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 };
 enum IsMode : int { IS_NONE = 0, IS_TOKEN_TRUNCATE = 1, IS_TOKEN_MASK = 2, IS_SEQ_TRUNCATE = 3, IS_SEQ_MASK = 4 };
@@ -129,6 +149,7 @@ struct LossParams {
   float off_thresh, is_lo, is_hi, entropy_coef;
   float log_ratio_lo, log_ratio_hi;  // clamp of the log importance weight (±inf: none)
   float cispo_lo;                    // lower bound of cispo's weight (−inf: none)
+  float vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg;
 };
 
 struct PolicyTerm {
@@ -171,6 +192,23 @@ struct KlTerm {
   float value, d_logp;
 };
 
+// e^x − x − 1 without cancellation: its Taylor series (to x^11, below fp32 rounding) for |x| < 1,
+// expm1(x) − x above. exp(x) − x − 1 would lose ~2·eps/x² relative at small x.
+GK_HD float k3_value(float x) {
+  if (fabsf(x) >= 1.f) return expm1f(x) - x;
+  float p = 2.50521083854417202e-08f;
+  p = fmaf(p, x, 2.75573192239858883e-07f);
+  p = fmaf(p, x, 2.75573192239858925e-06f);
+  p = fmaf(p, x, 2.48015873015873016e-05f);
+  p = fmaf(p, x, 1.98412698412698413e-04f);
+  p = fmaf(p, x, 1.38888888888888894e-03f);
+  p = fmaf(p, x, 8.33333333333333322e-03f);
+  p = fmaf(p, x, 4.16666666666666644e-02f);
+  p = fmaf(p, x, 1.66666666666666657e-01f);
+  p = fmaf(p, x, 0.5f);
+  return p * x * x;
+}
+
 // k1/k2/k3 estimators of KL(π‖π_ref) with x = ref_logp − logp, and ∂/∂logp.
 GK_HD KlTerm kl_term(float logp, float ref, const LossParams& p) {
   float x = ref - logp;
@@ -187,9 +225,8 @@ GK_HD KlTerm kl_term(float logp, float ref, const LossParams& p) {
       d_x = (x >= -20.f && x <= 20.f) ? 1.f : 0.f;
       x = fminf(fmaxf(x, -20.f), 20.f);
     }
-    float ex = expf(x);
-    out.value = ex - x - 1.f;
-    out.d_logp = -(ex - 1.f) * d_x;
+    out.value = k3_value(x);
+    out.d_logp = -(out.value + x) * d_x;  // −(e^x − 1) = −(k3 + x), accurate at small x too
   }
   if (p.has_kl_clamp) {
     if (!(out.value >= -p.kl_clamp && out.value <= p.kl_clamp)) out.d_logp = 0.f;
@@ -214,7 +251,7 @@ GK_HD float is_clip(float w, int truncate, float lo, float hi) {
 // Per-sequence partial sums written by objective_sequence, in this order.
 enum Slot : int {
   SLOT_LOSS = 0, SLOT_COUNT, SLOT_ENTROPY, SLOT_LOW, SLOT_HIGH, SLOT_REGION, SLOT_RATIO_SUM, SLOT_RATIO_MAX,
-  SLOT_KL, SLOT_IS, NUM_SLOTS = 16
+  SLOT_KL, SLOT_IS, SLOT_CISPO_CLIP, SLOT_VESPO_PHI, NUM_SLOTS = 16
 };
 
 struct ObjectiveArgs {
@@ -225,7 +262,7 @@ struct ObjectiveArgs {
   const float* old;  // nullptr: on policy
   const float* ref;
   const float* sampling;
-  const float* token_weights;   // the caller's is_weights; nullptr: none
+  const float* token_weights;   // the caller's is_weights, (B, T) or (B,); nullptr: none
   const uint8_t* keep_entropy;  // nullptr: no entropy mask
   const float* norm;      // aggregation normaliser (1 element)
   const float* ent_norm;  // entropy-bonus normaliser (1 element)
@@ -235,42 +272,77 @@ struct ObjectiveArgs {
   float* partials;  // (B, NUM_SLOTS)
   int64_t T;
   int adv_per_token;
+  int weights_per_seq;  // token_weights holds one weight per sequence
   LossParams p;
 };
 
+constexpr float kVespoLogWMin = -18.420680743952367f;  // log(1e-8), TRL's clamp of log w
+
+// VESPO's Gamma weight φ = exp(λ + k·log w − λ·w), (k, λ) by the advantage's sign; non-finite → 0.
+GK_HD float vespo_phi(float log_w, float adv, const LossParams& p) {
+  const bool pos = adv >= 0.f;
+  const float k = pos ? p.vespo_k_pos : p.vespo_k_neg;
+  float lam = pos ? p.vespo_lambda_pos : p.vespo_lambda_neg;
+  lam = lam < 1e-4f ? 1e-4f : lam;
+  const float phi = expf(lam + k * log_w - lam * expf(log_w));
+  return (phi == phi && phi < INFINITY) ? phi : 0.f;
+}
+
+GK_HD float clamp_vespo_log(float x) { return fminf(fmaxf(x, kVespoLogWMin), 20.f); }
+
 // The whole objective of sequence b: per-token loss, dL/dlogp, dL/dH, and partial sums.
 // Pass 1: sequence sums; pass 2: tokens; pass 3 (GSPO): the gradient through the sequence mean.
+// Sums over the sequence accumulate in fp64: fp32 running sums lose ~T·eps (1e-4 at T = 32k).
 GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   const LossParams& p = a.p;
   const int64_t row = b * a.T;
   const float norm = *a.norm;
-  float n_tok = 0.f, sum_delta = 0.f, sum_off = 0.f, sum_isd = 0.f;
+  const bool vespo = p.pg == PG_VESPO;
+  const bool is_token = p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK;
+  const bool is_seq_mode = p.is_mode == IS_SEQ_TRUNCATE || p.is_mode == IS_SEQ_MASK;
+  double n_tok = 0.0, sum_delta = 0.0, sum_off = 0.0, sum_isd = 0.0, vespo_log = 0.0;
   for (int64_t t = 0; t < a.T; ++t) {
     if (!a.mask[row + t]) continue;
     float logp = a.logp[row + t];
     float old = a.old ? a.old[row + t] : logp;
-    n_tok += 1.f;
+    n_tok += 1.0;
     sum_delta += logp - old;
     if (p.has_off_policy) {
       float behaviour = a.sampling ? a.sampling[row + t] : old;
       sum_off += nan_to_zero(behaviour - logp);
     }
     if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[row + t]);
+    if (vespo) {
+      vespo_log += fminf(fmaxf(logp - old, -20.f), 20.f);
+      if (is_token) {
+        float w = is_clip(expf(nan_to_zero(old - a.sampling[row + t])), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo,
+                          p.is_hi);
+        vespo_log += clamp_vespo_log(logf(w));
+      }
+      if (a.token_weights && !a.weights_per_seq) vespo_log += clamp_vespo_log(logf(a.token_weights[row + t]));
+    }
   }
-  const float n_b = fmaxf(n_tok, 1.f);
-  const float w_seq = sum_delta / n_b;
+  const float n_b = static_cast<float>(n_tok > 1.0 ? n_tok : 1.0);
+  const float w_seq = static_cast<float>(sum_delta / n_b);
   const float rho_seq = expf(clamp_log_ratio(w_seq, p));
   const float seq_inside = log_ratio_inside(w_seq, p);
-  const float off_kl = sum_off / n_b;
-  float is_seq = expf(sum_isd);
-  if (p.is_mode == IS_SEQ_TRUNCATE || p.is_mode == IS_SEQ_MASK)
-    is_seq = is_clip(is_seq, p.is_mode == IS_SEQ_TRUNCATE, p.is_lo, p.is_hi);
+  const float off_kl = static_cast<float>(sum_off / n_b);
+  float is_seq = expf(static_cast<float>(sum_isd));
+  if (is_seq_mode) is_seq = is_clip(is_seq, p.is_mode == IS_SEQ_TRUNCATE, p.is_lo, p.is_hi);
+  const float seq_weight = a.token_weights && a.weights_per_seq ? a.token_weights[b] : 1.f;
+  float vespo_log_w = 0.f;
+  if (vespo) {
+    if (is_seq_mode) vespo_log += clamp_vespo_log(logf(is_seq));
+    if (a.token_weights && a.weights_per_seq) vespo_log += clamp_vespo_log(logf(seq_weight));
+    vespo_log_w = clamp_vespo_log(static_cast<float>(vespo_log));
+  }
   const float agg_w = p.agg == AGG_SEQ_MEAN_TOKEN_MEAN ? 1.f / (n_b * norm) : 1.f / norm;
   const float ent_w = p.entropy_coef != 0.f ? p.entropy_coef / *a.ent_norm : 0.f;
   const float adv_seq = a.adv_per_token ? 0.f : a.adv[b];
 
-  float acc_loss = 0.f, acc_ent = 0.f, acc_low = 0.f, acc_high = 0.f, acc_region = 0.f, acc_rho = 0.f,
-        max_rho = 0.f, acc_kl = 0.f, acc_is = 0.f, acc_drho = 0.f;
+  double acc_loss = 0.0, acc_ent = 0.0, acc_low = 0.0, acc_high = 0.0, acc_region = 0.0, acc_rho = 0.0, acc_kl = 0.0,
+         acc_is = 0.0, acc_drho = 0.0, acc_cispo = 0.0, acc_phi = 0.0;
+  float max_rho = 0.f;
   for (int64_t t = 0; t < a.T; ++t) {
     const int64_t i = row + t;
     if (!a.mask[i]) {
@@ -290,7 +362,15 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
       rho = rho_seq;
       d_rho_direct = p.level == LEVEL_SEQUENCE_TOKEN ? rho * seq_inside : 0.f;
     }
-    PolicyTerm pg = policy_term(rho, adv, logp, p);
+    PolicyTerm pg{0.f, 0.f, 0.f};
+    float phi = 0.f;
+    if (vespo) {
+      phi = vespo_phi(vespo_log_w, adv, p);
+      pg.loss = -phi * adv * logp;
+      pg.direct = -phi * adv;
+    } else {
+      pg = policy_term(rho, adv, logp, p);
+    }
     float mult = 1.f;
     if (p.has_off_policy && adv < 0.f && off_kl > p.off_thresh) mult = 0.f;
     float keep_ent = 1.f;
@@ -299,27 +379,35 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
       mult *= keep_ent;
     }
     float is_w = 1.f;
-    if (p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK)
+    if (is_token)
       is_w = is_clip(expf(nan_to_zero(old - a.sampling[i])), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo, p.is_hi);
     else if (p.is_mode != IS_NONE)
       is_w = is_seq;
-    if (p.is_mode != IS_NONE) mult *= is_w;
-    if (a.token_weights) mult *= a.token_weights[i];
+    if (!vespo) {  // VESPO folds the IS ratios into its sequence weight instead
+      if (p.is_mode != IS_NONE) mult *= is_w;
+      if (a.token_weights) mult *= a.weights_per_seq ? seq_weight : a.token_weights[i];
+    }
     float loss = pg.loss * mult;
     float g = mult * (pg.d_rho * d_rho_direct + pg.direct);
+    float d_seq_rho = mult * pg.d_rho;  // ∂ℓ/∂ρ_b for the GSPO pass
     float kl = 0.f;
     if (p.kl != KL_NONE) {
       KlTerm k = kl_term(logp, a.ref[i], p);
-      kl = p.bias_corr ? k.value * rho : k.value;
-      float dk = p.bias_corr ? k.d_logp * rho : k.d_logp;
+      if (p.bias_corr) {  // β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
+        kl = k.value * rho;
+        g += p.beta * (k.d_logp * rho + k.value * d_rho_direct);
+        d_seq_rho += p.beta * k.value;
+      } else {
+        kl = k.value;
+        g += p.beta * k.d_logp;
+      }
       loss += p.beta * kl;
-      g += p.beta * dk;
     }
     a.per_token_loss[i] = loss;
     a.g_logp[i] = g * agg_w;
     a.g_entropy[i] = -ent_w * keep_ent;
-    acc_loss += loss * agg_w - ent_w * keep_ent * ent;
-    acc_drho += agg_w * mult * pg.d_rho;
+    acc_loss += static_cast<double>(loss * agg_w) - static_cast<double>(ent_w * keep_ent * ent);
+    acc_drho += static_cast<double>(agg_w * d_seq_rho);
     float low = (rho < 1.f - p.eps_low && adv < 0.f) ? 1.f : 0.f;
     float high = (rho > 1.f + p.eps_high && adv > 0.f) ? 1.f : 0.f;
     acc_ent += ent;
@@ -330,23 +418,28 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     max_rho = fmaxf(max_rho, rho);
     acc_kl += kl;
     acc_is += is_w;
+    acc_cispo += (rho > p.eps_high && adv > 0.f) ? 1.0 : 0.0;
+    acc_phi += phi;
   }
   if (p.level == LEVEL_SEQUENCE) {
-    const float scale = acc_drho * rho_seq * seq_inside / n_b;
+    const float scale = static_cast<float>(acc_drho) * rho_seq * seq_inside / n_b;
     for (int64_t t = 0; t < a.T; ++t)
       if (a.mask[row + t]) a.g_logp[row + t] += scale;
   }
   float* part = a.partials + b * NUM_SLOTS;
-  part[SLOT_LOSS] = acc_loss;
-  part[SLOT_COUNT] = n_tok;
-  part[SLOT_ENTROPY] = acc_ent;
-  part[SLOT_LOW] = acc_low;
-  part[SLOT_HIGH] = acc_high;
-  part[SLOT_REGION] = acc_region;
-  part[SLOT_RATIO_SUM] = acc_rho;
+  part[SLOT_LOSS] = static_cast<float>(acc_loss);
+  part[SLOT_COUNT] = static_cast<float>(n_tok);
+  part[SLOT_ENTROPY] = static_cast<float>(acc_ent);
+  part[SLOT_LOW] = static_cast<float>(acc_low);
+  part[SLOT_HIGH] = static_cast<float>(acc_high);
+  part[SLOT_REGION] = static_cast<float>(acc_region);
+  part[SLOT_RATIO_SUM] = static_cast<float>(acc_rho);
   part[SLOT_RATIO_MAX] = max_rho;
-  part[SLOT_KL] = acc_kl;
-  part[SLOT_IS] = acc_is;
+  part[SLOT_KL] = static_cast<float>(acc_kl);
+  part[SLOT_IS] = static_cast<float>(acc_is);
+  part[SLOT_CISPO_CLIP] = static_cast<float>(acc_cispo);
+  // TRL's vespo/phi_seq_mean: one φ per sequence (per-sequence advantages), else a token mean.
+  part[SLOT_VESPO_PHI] = a.adv_per_token ? static_cast<float>(acc_phi) : (vespo ? vespo_phi(vespo_log_w, adv_seq, p) : 0.f);
 }
 
 }  // namespace gk

@@ -18,11 +18,11 @@ struct RowsView {
 };
 
 namespace cpu {
-void logprobs_forward(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
                       float* entropy, float* lse);
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
-                       int64_t out_stride_t, float inv_temp);
+                       int64_t out_stride_t, LogitTransform f);
 void objective(const ObjectiveArgs& args, int64_t num_sequences);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
@@ -30,11 +30,11 @@ void group_advantages(const float* total, const int64_t* order, const int64_t* o
 }  // namespace cpu
 
 namespace cuda {
-void logprobs_forward(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
                       float* entropy, float* lse, uintptr_t stream);
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
-                       int64_t out_stride_t, float inv_temp, uintptr_t stream);
+                       int64_t out_stride_t, LogitTransform f, uintptr_t stream);
 void objective(const ObjectiveArgs& args, int64_t num_sequences, uintptr_t stream);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .transform import LogitTransform
+
 LOSS_TYPE_PRESETS = {
     # loss_type: (policy_loss, loss_agg_mode)
     "grpo": ("clip", "seq-mean-token-mean"),
@@ -20,8 +22,9 @@ LOSS_TYPE_PRESETS = {
     "cispo": ("cispo", "token-mean"),
     "sapo": ("sapo", "seq-mean-token-mean"),
     "luspo": ("clip", "seq-mean-token-sum"),
+    "vespo": ("vespo", "token-mean"),
 }
-POLICY_LOSSES = ("clip", "cispo", "sapo")
+POLICY_LOSSES = ("clip", "cispo", "sapo", "vespo")
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 KL_ESTIMATOR_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
@@ -49,8 +52,8 @@ class GRPOLossConfig:
     """Configuration of the GRPO loss (see docs/math.md and SPEC.md).
 
     Attributes mirror TRL's `GRPOConfig` where TRL has the concept:
-        loss_type: preset among grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo.
-        policy_loss / loss_agg_mode: override the preset ("clip" | "cispo" | "sapo";
+        loss_type: preset among grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo, vespo.
+        policy_loss / loss_agg_mode: override the preset ("clip" | "cispo" | "sapo" | "vespo";
             "seq-mean-token-mean" | "token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm").
         epsilon, epsilon_high: lower / upper clip range (epsilon_high defaults to epsilon;
             for cispo it is the absolute cap on the ratio, e.g. 5.0).
@@ -63,9 +66,13 @@ class GRPOLossConfig:
         beta, kl_estimator ("k1"|"k2"|"k3" and aliases "kl"|"mse"|"low_var_kl"), kl_clamp,
             use_bias_correction_kl: the KL penalty to the reference policy.
         temperature: divides the logits before the softmax.
+        logit_scale: multiplies the logits first (Cohere's `logit_scale`; 1.0 = none).
+        final_logit_softcapping: z -> c * tanh(z / c) after the scale (Gemma 2/3; None = none).
         importance_sampling_level: "token" | "sequence" (GSPO) | "sequence_token" (GSPO-token).
         max_completion_length: needed by "seq-mean-token-sum-norm" (dr_grpo).
         sapo_temperature_pos / sapo_temperature_neg: SAPO gate temperatures.
+        vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg: VESPO's Gamma weight
+            phi(w) = exp(lambda + k log w - lambda w), (k, lambda) by the advantage's sign (TRL's defaults).
         entropy_coef: entropy bonus coefficient.
         off_policy_mask_threshold: drop negative-advantage sequences whose mean KL exceeds it.
         top_entropy_quantile: keep only the top-q entropy tokens in the policy term (1.0 = all).
@@ -86,12 +93,18 @@ class GRPOLossConfig:
     kl_clamp: Optional[float] = None
     use_bias_correction_kl: bool = True
     temperature: float = 1.0
+    logit_scale: float = 1.0
+    final_logit_softcapping: Optional[float] = None
     importance_sampling_level: str = "token"
     log_ratio_min: Optional[float] = None
     log_ratio_max: Optional[float] = None
     max_completion_length: Optional[int] = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     entropy_coef: float = 0.0
     off_policy_mask_threshold: Optional[float] = None
     top_entropy_quantile: float = 1.0
@@ -125,6 +138,8 @@ class GRPOLossConfig:
         if not isinstance(self.use_bias_correction_kl, bool):
             raise ValueError(f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         _finite("temperature", self.temperature, lower=0, strict=True)
+        _finite("logit_scale", self.logit_scale, lower=0, strict=True)
+        _finite("final_logit_softcapping", self.final_logit_softcapping, lower=0, strict=True, allow_none=True)
         _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         # The bounds must keep log-ratio 0 inside, or an on-policy call would not have ratio 1.
         _finite("log_ratio_min", self.log_ratio_min, allow_none=True)
@@ -146,6 +161,10 @@ class GRPOLossConfig:
             )
         _finite("sapo_temperature_pos", self.sapo_temperature_pos, lower=0, strict=True)
         _finite("sapo_temperature_neg", self.sapo_temperature_neg, lower=0, strict=True)
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            _finite(name, getattr(self, name))
+        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            _finite(name, getattr(self, name), lower=0)
         _finite("entropy_coef", self.entropy_coef)
         _finite("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_none=True)
         _finite("top_entropy_quantile", self.top_entropy_quantile, lower=0, strict=True)
@@ -180,6 +199,10 @@ class GRPOLossConfig:
     @property
     def eps_high(self) -> float:
         return float(self.epsilon if self.epsilon_high is None else self.epsilon_high)
+
+    @property
+    def logit_transform(self) -> "LogitTransform":
+        return LogitTransform(self.temperature, self.logit_scale, self.final_logit_softcapping)
 
     @property
     def kl_kind(self) -> str:

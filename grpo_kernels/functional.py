@@ -2,7 +2,8 @@
 
 Each call validates its arguments, runs the vocabulary-sized work in the chosen backend's
 fused op, and applies the per-token objective of `reference.policy_objective` to the
-(B, T) results, which is cheap next to the (N, V) sweep.
+(B, T) results, which is cheap next to the (N, V) sweep. Statistics are fp32, or fp64 for
+fp64 inputs (the torch backend; see ops/dispatch.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .ops import logprobs_with_entropy, resolve_backend
 from .ops.dispatch import backend_module
 from .ops.objective import fused_objective, has_fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
+from .transform import LogitTransform
 from .validation import (
     FLOAT_DTYPES, INT_DTYPES, check_finite, check_ids, check_logp_finite, require_device, require_shape,
     require_tensor, tracing,
@@ -84,10 +86,14 @@ def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_lo
             require_shape(name, x, shape, "one log-prob per token")
             require_device(name, x, device)
     if is_weights is not None:
-        require_tensor("is_weights", is_weights, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token weights")
-        require_shape("is_weights", is_weights, shape, "one importance-sampling weight per token")
+        require_tensor("is_weights", is_weights, dtypes=FLOAT_DTYPES, kind="a float tensor of importance weights")
+        if tuple(is_weights.shape) not in (shape, (layout.batch,), (layout.batch, 1)):
+            raise ValueError(
+                f"is_weights must have shape {shape} (one weight per token), ({layout.batch},) or ({layout.batch}, 1) "
+                f"(one per sequence), got {tuple(is_weights.shape)}"
+            )
         require_device("is_weights", is_weights, device)
-        check_finite("is_weights", is_weights, mask)
+        check_finite("is_weights", is_weights, mask if tuple(is_weights.shape) == shape else None)
         if not tracing() and bool((is_weights < 0).any()):
             raise ValueError("is_weights must be >= 0 (importance-sampling weights)")
     check_finite("old_logps", old_logps, mask)
@@ -119,15 +125,17 @@ def objective_from_logprobs(
     """Apply the per-token objective to flat per-row logp/entropy (differentiable).
 
     Backends with a fused objective kernel compute it with its analytic gradient; the others
-    run `reference.policy_objective` on the (B, T) tensors under autograd.
+    run `reference.policy_objective` on the (B, T) tensors under autograd, in logp's dtype
+    (fp32, or fp64 on the validation path).
     """
     pad = layout.to_padded
     padded_mask = layout.per_token_mask(mask)
-    adv = advantages.float()
+    dtype = logp_rows.dtype
+    adv = advantages.to(dtype)
     adv = adv if adv.shape == (layout.batch,) else pad(adv)
-    as_f32 = lambda x: None if x is None else pad(x.float())  # noqa: E731
-    inputs = dict(old_logp=as_f32(old_logps), ref_logp=as_f32(ref_logps), sampling_logp=as_f32(sampling_logps),
-                  is_weights=as_f32(is_weights), num_items_in_batch=num_items_in_batch)
+    as_stat = lambda x: None if x is None else pad(x.to(dtype))  # noqa: E731
+    inputs = dict(old_logp=as_stat(old_logps), ref_logp=as_stat(ref_logps), sampling_logp=as_stat(sampling_logps),
+                  is_weights=sequence_or_token_weights(is_weights, layout, dtype), num_items_in_batch=num_items_in_batch)
     logp_pad, entropy_pad = pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1))
     if has_fused_objective(backend):
         loss, per_token_loss, metrics = fused_objective(logp_pad, entropy_pad, padded_mask, adv, cfg, backend, **inputs)
@@ -144,6 +152,15 @@ def objective_from_logprobs(
         per_token_loss=layout.from_padded(per_token_loss),
         metrics=metrics,
     )
+
+
+def sequence_or_token_weights(is_weights, layout: TokenLayout, dtype):
+    """is_weights as the objective takes them: padded (B, T) per token, or (B, 1) per sequence."""
+    if is_weights is None:
+        return None
+    if is_weights.numel() == layout.batch and tuple(is_weights.shape) != tuple(layout.token_shape):
+        return is_weights.reshape(layout.batch, 1).to(dtype)
+    return layout.to_padded(is_weights.to(dtype))
 
 
 def _check_logits(logits, cu_seqlens):
@@ -173,31 +190,34 @@ def selective_logprobs(
     ids: torch.Tensor,
     *,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: Optional[float] = None,
     return_entropy: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
     inplace_backward: bool = False,
 ):
-    """Log-probability of `ids` under softmax(logits / temperature), optionally with the entropy.
+    """Log-probability of `ids` under softmax(z'), optionally with the entropy.
 
+    z' = c·tanh(s·logits/c)/temperature with s = logit_scale and c = final_logit_softcapping
+    (s·logits/temperature without a softcap), as the model computes its logits (Cohere, Gemma 2/3).
     Shapes: logits (B, T, V) and ids (B, T), or packed logits (N, V), ids (N,) with
-    cu_seqlens (B+1,). Returns fp32 logp of ids' shape (and entropy, same shape),
-    differentiable w.r.t. logits. Rows where `mask` is False return 0 and are not checked.
-    Use under torch.no_grad() for old/reference log-probs. With inplace_backward=True the
-    backward overwrites `logits` with its gradient (saves an (N, V) buffer).
+    cu_seqlens (B+1,). Returns fp32 logp of ids' shape (fp64 for fp64 logits), and entropy of
+    the same shape, differentiable w.r.t. logits. Rows where `mask` is False return 0 and are not
+    checked. Use under torch.no_grad() for old/reference log-probs. With inplace_backward=True
+    the backward overwrites `logits` with its gradient (saves an (N, V) buffer).
     """
     if cu_seqlens is not None:
         token_layout(tuple(logits.shape[:-1]), logits.device, cu_seqlens)
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
     if logits.dim() < 2:
         raise ValueError(f"logits must be (..., V), got shape {tuple(logits.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
     mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device)
     check_ids(ids, logits.shape[-1], mask)
-    name = resolve_backend(backend, logits.device)
-    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), temperature, name, inplace_backward,
+    name = resolve_backend(backend, logits.device, logits.dtype)
+    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), transform, name, inplace_backward,
                                              with_entropy=return_entropy)
     flat_mask = None if mask is None else mask.reshape(-1)
     check_logp_finite(logp, entropy, flat_mask)
@@ -226,9 +246,10 @@ def grpo_loss(
 ) -> GRPOLossOutput:
     """The GRPO loss from logits (SPEC.md), fused over the vocabulary.
 
-    Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps, is_weights (B, T);
-    advantages (B,) or (B, T). Packed: logits (N, V), per-token tensors (N,),
-    cu_seqlens (B+1,) int32, advantages (B,) or (N,).
+    Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps (B, T); advantages
+    and is_weights (B,) or (B, T). Packed: logits (N, V), per-token tensors (N,),
+    cu_seqlens (B+1,) int32, advantages and is_weights (B,) or (N,). is_weights may also be (B, 1).
+    Statistics, loss and metrics are fp32, or fp64 for fp64 logits (backend "torch" or "auto").
     `config` (GRPOLossConfig) and/or keyword overrides of its fields select the loss.
     old_logps defaults to on-policy (logps.detach(), ratio exactly 1). `is_weights`:
     precomputed rollout importance-sampling weights (>= 0, detached) on the policy term.
@@ -244,9 +265,10 @@ def grpo_loss(
                            is_weights)
     num_items_in_batch = check_num_items(num_items_in_batch)
     check_ids(ids, logits.shape[-1], mask)
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
 
-    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), cfg.temperature, name, inplace_backward)
+    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), cfg.logit_transform, name,
+                                             inplace_backward)
     check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1))
     return objective_from_logprobs(
         logp, entropy, layout, mask, advantages, cfg, name, old_logps=old_logps, ref_logps=ref_logps,
@@ -286,21 +308,22 @@ def grpo_loss_from_logprobs(
     check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logps.device,
                            is_weights)
     check_finite("logps", logps, mask)
+    stats_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
     if entropy is None:
         if cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0:
             raise ValueError(
                 "entropy is required by entropy_coef != 0 and top_entropy_quantile < 1 "
                 f"(got entropy_coef={cfg.entropy_coef}, top_entropy_quantile={cfg.top_entropy_quantile})"
             )
-        entropy = torch.zeros_like(logps, dtype=torch.float32)
+        entropy = torch.zeros_like(logps, dtype=stats_dtype)
     else:
         require_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token entropies")
         require_shape("entropy", entropy, token_shape, "one entropy per token")
         require_device("entropy", entropy, logps.device)
         check_finite("entropy", entropy, mask)
-    name = resolve_backend(backend, logps.device)
+    name = resolve_backend(backend, logps.device, logps.dtype)
     return objective_from_logprobs(
-        logps.float().reshape(-1), entropy.float().reshape(-1), layout, mask, advantages, cfg, name,
+        logps.to(stats_dtype).reshape(-1), entropy.to(stats_dtype).reshape(-1), layout, mask, advantages, cfg, name,
         old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps, is_weights=is_weights,
         num_items_in_batch=check_num_items(num_items_in_batch),
     )
@@ -329,7 +352,7 @@ def group_advantages(
     rewards, weights, group_index, num_groups = _check_rewards(
         rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation
     )
-    name = resolve_backend(backend, rewards.device)
+    name = resolve_backend(backend, rewards.device, rewards.dtype)
     impl = backend_module(name)
     r = rewards.float() if rewards.dtype != torch.float64 else rewards
     w = weights.to(r.dtype)
@@ -342,8 +365,8 @@ def group_advantages(
     total = torch.where(unscorable, float("nan"), torch.nansum(r * w, dim=1))
     adv, mean, std, constant = impl.group_advantages(total, group_index, num_groups, scale, eps, group_size)
     return AdvantageOutput(
-        advantages=adv.float(), group_mean=mean.float(), group_std=std.float(),
-        frac_zero_std=constant.float().mean(), group_index=group_index,
+        advantages=adv.to(r.dtype), group_mean=mean.to(r.dtype), group_std=std.to(r.dtype),
+        frac_zero_std=constant.to(r.dtype).mean(), group_index=group_index,
     )
 
 

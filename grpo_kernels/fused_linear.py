@@ -28,6 +28,7 @@ from .layout import TokenLayout
 from .ops.dispatch import backend_module, resolve_backend
 from .ops.objective import has_fused_objective
 from .outputs import GRPOLossOutput
+from .transform import LogitTransform
 from .validation import FLOAT_DTYPES, check_ids, check_logp_finite, require_device, require_tensor
 
 # Logits of one chunk at most this many bytes (in the hidden dtype) for chunk_size="auto".
@@ -105,6 +106,7 @@ class _Plan:
         self.rows = rows
         self.chunks = sequence_chunks(layout, cu_seqlens, rows)
         self.accumulate_fp32 = accumulate_fp32
+        self.mask_shape = tuple(layout.token_shape)
         self.output: Optional[GRPOLossOutput] = None
 
     def chunk_layout(self, b0, b1, r0, r1) -> TokenLayout:
@@ -125,6 +127,16 @@ class _Plan:
 
 def _logits(h, weight, bias):
     return torch.nn.functional.linear(h, weight, bias)
+
+
+def stats_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Log-probs, entropies and the loss: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def grad_accumulator_dtype(weight: torch.Tensor, accumulate_fp32: bool) -> torch.dtype:
+    """d_weight/d_bias accumulate in at least the weight's precision (fp32 by default, fp64 for fp64)."""
+    return torch.promote_types(torch.float32, weight.dtype) if accumulate_fp32 else weight.dtype
 
 
 # Rows of the vocabulary per d_weight update when the accumulator's dtype differs from the
@@ -148,15 +160,21 @@ def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
     layout = plan.chunk_layout(*chunk)
     pad = layout.to_padded
     mask = layout.per_token_mask(plan.token_slice(plan.mask, *chunk))
-    adv = plan.chunk_advantages(*chunk).float()
+    dtype = logp.dtype
+    adv = plan.chunk_advantages(*chunk).to(dtype)
     adv = adv if adv.shape == (b1 - b0,) else pad(adv.reshape(-1))
-    as_f32 = lambda x: None if x is None else pad(plan.token_slice(x, *chunk).reshape(-1).float())  # noqa: E731
+    as_stat = lambda x: None if x is None else pad(plan.token_slice(x, *chunk).reshape(-1).to(dtype))  # noqa: E731
+    weights = plan.is_weights
+    if weights is not None and weights.numel() == plan.layout.batch and weights.shape != plan.mask_shape:
+        weights = weights.reshape(-1)[b0:b1].reshape(-1, 1).to(dtype)  # one per sequence
+    else:
+        weights = as_stat(weights)
     keep = None
     if totals.entropy_keep is not None:
         keep = totals.entropy_keep[b0:b1, :layout.length]
     chunk_totals = reference.ObjectiveTotals(totals.normalizer, keep, totals.entropy_normalizer)
-    inputs = dict(old_logp=as_f32(plan.old), ref_logp=as_f32(plan.ref), sampling_logp=as_f32(plan.sampling),
-                  is_weights=as_f32(plan.is_weights), totals=chunk_totals)
+    inputs = dict(old_logp=as_stat(plan.old), ref_logp=as_stat(plan.ref), sampling_logp=as_stat(plan.sampling),
+                  is_weights=weights, totals=chunk_totals)
     if has_fused_objective(plan.backend):
         _, _, g_logp, g_ent, _ = backend_module(plan.backend).grpo_objective(
             pad(logp), pad(entropy), mask, adv, plan.cfg, **inputs)
@@ -175,13 +193,13 @@ class _FusedLinearGRPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Plan):
         kernels = backend_module(plan.backend)
-        cfg, tau = plan.cfg, plan.cfg.temperature
+        cfg, tau = plan.cfg, plan.cfg.logit_transform
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         ids = plan.ids.reshape(-1)
         n = ids.numel()
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
-        logp_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logp_all = torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device)
         ent_all = torch.empty_like(logp_all)
         padded_mask = plan.layout.per_token_mask(plan.mask)
 
@@ -191,9 +209,10 @@ class _FusedLinearGRPO(torch.autograd.Function):
         totals = reference.batch_totals(plan.layout.to_padded(ent_all), padded_mask, cfg, plan.num_items)
 
         d_hidden = torch.empty_like(h_rows) if need_h else None
-        acc_dtype = torch.float32 if plan.accumulate_fp32 else weight.dtype
+        acc_dtype = grad_accumulator_dtype(weight, plan.accumulate_fp32)
         d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        bias_dtype = grad_accumulator_dtype(weight, True)
+        d_bias = torch.zeros(weight.shape[0], dtype=bias_dtype, device=weight.device) if need_b else None
         need_grad = need_h or need_w or need_b
 
         def backward_rows(logits, s0, s1, lse, g_logp, g_ent):
@@ -203,7 +222,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
             if need_w:
                 accumulate_weight_grad(d_weight, dlogits, h_rows[s0:s1])
             if need_b:
-                d_bias.add_(dlogits.sum(0, dtype=torch.float32))
+                d_bias.add_(dlogits.sum(0, dtype=bias_dtype))
 
         for chunk in plan.chunks:
             _, _, r0, r1 = chunk
@@ -218,7 +237,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
                 continue
             # A sequence longer than the budget: forward its row blocks, then recompute each
             # block's logits for the backward (one extra forward GEMM, memory stays bounded).
-            lse_rows = torch.empty(r1 - r0, dtype=torch.float32, device=hidden.device)
+            lse_rows = torch.empty(r1 - r0, dtype=logp_all.dtype, device=hidden.device)
             for s0, s1 in blocks:
                 logp_all[s0:s1], ent_all[s0:s1], lse_rows[s0 - r0:s1 - r0] = kernels.logprobs_forward(
                     _logits(h_rows[s0:s1], weight, bias), ids[s0:s1], tau)
@@ -299,7 +318,7 @@ def fused_linear_grpo_loss(
     num_items_in_batch = check_num_items(num_items_in_batch)
     vocab = weight.shape[0]
     check_ids(ids, vocab, mask)
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
     plan = _Plan(ids, mask, advantages, old_logps, ref_logps, sampling_logps, is_weights, num_items_in_batch,
                  cu_seqlens, cfg, name, _chunk_rows(chunk_size, vocab, hidden), layout, accumulate_weight_grad_fp32)
     loss = _FusedLinearGRPO.apply(hidden, weight, bias, plan)
@@ -312,17 +331,17 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     """Chunked logp/entropy; the backward recomputes each chunk's logits (nothing of size V is kept)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, rows, backend):
+    def forward(ctx, hidden, weight, bias, ids, transform, rows, backend):
         kernels = backend_module(backend)
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         n = ids.numel()
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device)
         ent, lse = torch.empty_like(logp), torch.empty_like(logp)
         for r0, r1 in row_blocks(0, n, rows):
             logp[r0:r1], ent[r0:r1], lse[r0:r1] = kernels.logprobs_forward(
-                _logits(h_rows[r0:r1], weight, bias), ids[r0:r1], temperature)
+                _logits(h_rows[r0:r1], weight, bias), ids[r0:r1], transform)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
-        ctx.temperature, ctx.rows, ctx.backend = temperature, rows, backend
+        ctx.transform, ctx.rows, ctx.backend = transform, rows, backend
         ctx.mark_non_differentiable(lse)
         return logp, ent, lse
 
@@ -333,21 +352,22 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_hidden = torch.empty_like(h_rows) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        acc_dtype = grad_accumulator_dtype(weight, True)
+        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype).contiguous()
+        g_ent = None if g_ent is None else g_ent.to(lse.dtype).contiguous()
         for r0, r1 in row_blocks(0, ids.numel(), ctx.rows):
             h = h_rows[r0:r1]
             logits = _logits(h, weight, bias)
             dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
-                                                None if g_ent is None else g_ent[r0:r1], ctx.temperature, logits)
+                                                None if g_ent is None else g_ent[r0:r1], ctx.transform, logits)
             if need_h:
                 torch.mm(dlogits, weight, out=d_hidden[r0:r1])
             if need_w:
                 accumulate_weight_grad(d_weight, dlogits, h)
             if need_b:
-                d_bias.add_(dlogits.sum(0, dtype=torch.float32))
+                d_bias.add_(dlogits.sum(0, dtype=acc_dtype))
         return (None if d_hidden is None else d_hidden.view(hidden.shape),
                 None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)
@@ -360,26 +380,29 @@ def fused_linear_selective_logprobs(
     *,
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: Optional[float] = None,
     return_entropy: bool = False,
     mask: Optional[torch.Tensor] = None,
     chunk_size="auto",
     backend: str = "auto",
 ):
-    """Per-token log-probs (and entropy) of `ids` under softmax((hidden @ weight.T + bias) / τ).
+    """Per-token log-probs (and entropy) of `ids` under softmax(z'), z' the transformed logits
+    c·tanh(s·(hidden @ weight.T + bias)/c)/τ (s = logit_scale, c = final_logit_softcapping; without
+    a softcap s·logits/τ), as `selective_logprobs`.
 
-    hidden (..., H), ids (...) -> fp32 (...). The logits exist one chunk at a time; under
+    hidden (..., H), ids (...) -> fp32 (...) (fp64 for fp64 hidden/weight). The logits exist one chunk at a time; under
     torch.no_grad() this is how old/reference log-probs are computed without the full logits.
     Differentiable w.r.t. hidden, weight and bias (the backward recomputes each chunk).
     Rows where `mask` is False return 0 and are not checked.
     """
     _check_linear_inputs(hidden, weight, bias, None if hidden.dim() == 3 else torch.zeros(2))
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
     mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device)
     check_ids(ids, weight.shape[0], mask)
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
     rows = _chunk_rows(chunk_size, weight.shape[0], hidden)
-    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, ids.reshape(-1), float(temperature), rows, name)
+    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, ids.reshape(-1), transform, rows, name)
     flat_mask = None if mask is None else mask.reshape(-1)
     check_logp_finite(logp, ent, flat_mask)
     if flat_mask is not None:

@@ -11,11 +11,13 @@ import torch
 class GRPOLossOutput:
     """What `grpo_loss` / `fused_linear_grpo_loss` return.
 
+    All floats are fp32, or fp64 when the inputs (logits, hidden/weight, logps) are fp64.
+
     loss: 0-d fp32, differentiable w.r.t. the logits (or hidden/weight/bias).
     logps, entropy: per-token fp32 in the caller's layout ((B, T) or packed (N,)), detached,
         0 at masked positions.
     per_token_loss: per-token loss before aggregation, same layout, detached, 0 where masked.
-    metrics: 0-d fp32 detached tensors named as in SPEC.md (no host sync was needed to make them).
+    metrics: 0-d fp32 detached tensors named as in docs/math.md (no host sync was needed to make them).
     """
 
     loss: torch.Tensor
@@ -28,6 +30,8 @@ class GRPOLossOutput:
 @dataclass
 class AdvantageOutput:
     """What `group_advantages` returns.
+
+    All floats are fp32, or fp64 for fp64 rewards.
 
     advantages: (N,) fp32, 0 for unscorable rows and for groups whose rewards are all equal.
     group_mean, group_std: (G,) fp32 NaN-aware mean and Bessel std of each group's aggregated

@@ -1,12 +1,13 @@
-"""The math of SPEC.md in plain PyTorch: the ground truth every backend is tested against.
+"""The math of docs/math.md in plain PyTorch: the ground truth every backend is tested against.
 
 Clarity over speed: the logits are materialised in full, every step is differentiable by
-autograd, and any dtype works (tests run it in fp64). The per-token objective
-(`policy_objective`) works on padded `(B, T)` tensors and is shared by the fast paths,
-which only replace how log-probs and entropies are obtained from the logits.
+autograd, and any dtype works (tests run it in fp64; fp64 in gives fp64 out). The per-token
+objective (`policy_objective`) works on padded `(B, T)` tensors and is shared by the torch
+backend, which only replaces how log-probs and entropies are obtained from the logits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -15,13 +16,23 @@ import torch
 from .config import GRPOLossConfig
 
 
-def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
-    """Per-token log-prob of `ids` and entropy of softmax(logits / temperature).
+def transformed_logits(logits: torch.Tensor, temperature: float = 1.0, logit_scale: float = 1.0,
+                       softcap: Optional[float] = None) -> torch.Tensor:
+    """z' = c·tanh(s·z/c)/τ (softcap c) or s·z/τ, written out plainly; −inf entries stay −inf."""
+    z = logits * logit_scale
+    if softcap is not None:
+        z = torch.where(torch.isneginf(logits), logits, softcap * torch.tanh(z / softcap))
+    return z / temperature
+
+
+def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, logit_scale: float = 1.0,
+                         softcap: Optional[float] = None):
+    """Per-token log-prob of `ids` and entropy of softmax(z'), z' the transformed logits.
 
     Shapes: logits (..., V), ids (...) -> logp (...), entropy (...), in logits' dtype.
     −inf logits get probability 0 and contribute 0 to the entropy (and a zero gradient).
     """
-    logsm = torch.log_softmax(logits / temperature, dim=-1)
+    logsm = torch.log_softmax(transformed_logits(logits, temperature, logit_scale, softcap), dim=-1)
     logp = logsm.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     p = logsm.exp()
     # masked_fill (not where) so that the backward of p * log p sees no 0 * -inf.
@@ -45,12 +56,30 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, clamp: Opt
     elif kind == "k3":
         if clamp is not None:
             x = x.clamp(-20.0, 20.0)  # as verl's low_var_kl, so exp(x) stays finite
-        kl = torch.exp(x) - x - 1
+        kl = k3(x)
     else:
         raise ValueError(f"kl_estimator {kind!r} is not one of k1, k2, k3")
     if clamp is not None:
         kl = kl.clamp(-clamp, clamp)
     return kl
+
+
+# 1/k! for k = 2..18: the Taylor series of e^x − x − 1 to fp64 precision for |x| < 1.
+_K3_SERIES = tuple(1.0 / math.factorial(k) for k in range(2, 19))
+
+
+def k3(x: torch.Tensor) -> torch.Tensor:
+    """e^x − x − 1 without cancellation at small |x|: its Taylor series for |x| < 1, expm1(x) − x above.
+
+    exp(x) − x − 1 (TRL, Liger) loses ~2·eps/x² relative at small x, and expm1(x) − x still
+    loses ~2·eps/|x|; the series keeps full precision in fp32 and fp64 alike.
+    """
+    small = x.abs() < 1
+    xs = torch.where(small, x, 0)
+    poly = torch.full_like(x, _K3_SERIES[-1])
+    for c in reversed(_K3_SERIES[:-1]):
+        poly = poly * xs + c
+    return torch.where(small, poly * xs * xs, torch.expm1(x) - x)
 
 
 def importance_sampling_correction(old_logp, sampling_logp, mask, mode, clip_min, clip_max) -> torch.Tensor:
@@ -129,6 +158,32 @@ def batch_totals(entropy, mask, config: GRPOLossConfig, num_items_in_batch=None)
     return ObjectiveTotals(normalizer, keep, effective.sum().to(torch.float64).clamp(min=1))
 
 
+VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of log w (and of each log IS ratio)
+
+
+def vespo_weight(log_ratio, adv, mask, config: GRPOLossConfig, is_ratios=()) -> torch.Tensor:
+    """VESPO's detached Gamma weight φ(w) = exp(λ + k·log w − λ·w), as TRL 1.16's get_gamma_weights.
+
+    log w_b = clamp(Σ_t m·clamp(δ_t, ±20) + Σ log IS ratios, log 1e-8, 20): the rollout IS ratios
+    (token (B, T) or sequence (B, 1), each log clamped to [log 1e-8, 20]) are folded into w.
+    (k, λ) = (vespo_k_pos, vespo_lambda_pos) where A ≥ 0, else the _neg pair; λ ≥ 1e-4.
+    Returns (B, 1) for per-sequence advantages, (B, T) for per-token ones.
+    """
+    with torch.no_grad():
+        seq_log = torch.where(mask, log_ratio.clamp(-20.0, 20.0), 0).sum(-1, keepdim=True)
+        for ratio in is_ratios:
+            log_is = torch.log(ratio).clamp(VESPO_LOG_W_MIN, 20.0)
+            seq_log = seq_log + (torch.where(mask, log_is, 0).sum(-1, keepdim=True) if ratio.shape == mask.shape
+                                 else log_is)
+        log_w = seq_log.clamp(VESPO_LOG_W_MIN, 20.0)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, adv.new_tensor(config.vespo_k_pos), adv.new_tensor(config.vespo_k_neg))
+        lam = torch.where(nonneg, adv.new_tensor(config.vespo_lambda_pos),
+                          adv.new_tensor(config.vespo_lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 @dataclass
 class ObjectiveTerms:
     loss: torch.Tensor  # 0-d, differentiable
@@ -152,9 +207,11 @@ def policy_objective(
 ) -> ObjectiveTerms:
     """The GRPO objective from per-token log-probs, on padded tensors.
 
-    Shapes: logp, entropy, mask, old/ref/sampling_logp, is_weights (B, T); advantages (B,) or (B, T).
+    Shapes: logp, entropy, mask, old/ref/sampling_logp (B, T); advantages (B,) or (B, T);
+    is_weights (B, T) per token or (B,) / (B, 1) per sequence.
     `is_weights` are precomputed rollout importance-sampling weights (e.g. verl's
-    rollout_is_weights), a detached multiplier on the policy term after the others.
+    rollout_is_weights), a detached multiplier on the policy term after the others (VESPO folds
+    them into its sequence weight instead).
     `mask` is bool. Masked positions may hold anything finite or not: they are replaced
     before any arithmetic, so they contribute exactly 0 to the loss, gradients and metrics.
     `totals` (batch-wide normalisers and entropy mask) makes this the contribution of a chunk
@@ -184,7 +241,23 @@ def policy_objective(
         rho = torch.exp(clamp_log(logp_m - logp_m.detach() + w_b))
     rho_value = torch.broadcast_to(rho.detach(), m.shape)
 
+    entropy_m = torch.where(m, entropy, 0)
+    if totals is None:
+        totals = batch_totals(entropy_m.detach(), m, cfg, num_items_in_batch)
+    is_weight = None
+    if cfg.is_correction is not None:
+        if sampling_logp is None:
+            raise ValueError(f"is_correction={cfg.is_correction!r} needs sampling_logps (the inference engine's log-probs)")
+        is_weight = importance_sampling_correction(
+            old.to(logp.dtype), sampling_logp.to(logp.dtype), m, cfg.is_correction, cfg.is_clip_min, cfg.is_clip_max
+        )
+    given_weight = None
+    if is_weights is not None:  # (B, T) per token, or (B,) / (B, 1) per sequence
+        given_weight = is_weights.to(logp.dtype)
+        given_weight = torch.where(m, given_weight, 0) if given_weight.shape == m.shape else given_weight.reshape(-1, 1)
+
     pg = cfg.pg_loss
+    phi = None
     if pg == "clip":
         rho_clipped = rho.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
         rho_capped = rho.clamp(max=cfg.delta) if cfg.delta is not None else rho
@@ -193,14 +266,14 @@ def policy_objective(
             loss_pg = torch.where(adv < 0, torch.minimum(loss_pg, -cfg.dual_clip * adv), loss_pg)
     elif pg == "cispo":
         loss_pg = -rho.clamp(min=cfg.cispo_weight_min, max=cfg.eps_high).detach() * adv * logp_m
-    else:  # sapo
+    elif pg == "sapo":
         # Tensors, not Python floats: torch.where would make the temperatures fp32.
         s = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))
         loss_pg = -torch.sigmoid(s * (rho - 1)) * 4 / s * adv
+    else:  # vespo: the rollout IS ratio is folded into the sequence weight w, not multiplied below
+        phi = vespo_weight(log_ratio.detach(), adv, m, cfg, [w for w in (is_weight, given_weight) if w is not None])
+        loss_pg = -phi * adv * logp_m
 
-    entropy_m = torch.where(m, entropy, 0)
-    if totals is None:
-        totals = batch_totals(entropy_m.detach(), m, cfg, num_items_in_batch)
     if cfg.off_policy_mask_threshold is not None:
         behaviour = old if sampling_logp is None else sampling_logp.to(logp.dtype)
         seq_kl = torch.where(m, torch.nan_to_num(behaviour - logp.detach(), nan=0.0), 0).sum(-1, keepdim=True) / n_b
@@ -209,16 +282,11 @@ def policy_objective(
     entropy_keep = totals.entropy_keep
     if entropy_keep is not None:
         loss_pg = loss_pg * entropy_keep.to(logp.dtype)
-    is_weight = None
-    if cfg.is_correction is not None:
-        if sampling_logp is None:
-            raise ValueError(f"is_correction={cfg.is_correction!r} needs sampling_logps (the inference engine's log-probs)")
-        is_weight = importance_sampling_correction(
-            old.to(logp.dtype), sampling_logp.to(logp.dtype), m, cfg.is_correction, cfg.is_clip_min, cfg.is_clip_max
-        )
-        loss_pg = loss_pg * is_weight
-    if is_weights is not None:
-        loss_pg = loss_pg * torch.where(m, is_weights.to(logp.dtype), 0)
+    if pg != "vespo":
+        if is_weight is not None:
+            loss_pg = loss_pg * is_weight
+        if given_weight is not None:
+            loss_pg = loss_pg * given_weight
 
     per_token = loss_pg
     kl = None
@@ -227,7 +295,7 @@ def policy_objective(
             raise ValueError("ref_logps is required when beta != 0 (the KL term needs the reference policy's log-probs)")
         kl = kl_penalty(logp_m, torch.where(m, ref_logp.to(logp.dtype), 0), cfg.kl_kind, cfg.kl_clamp)
         if cfg.use_bias_correction_kl:
-            kl = kl * rho.detach()
+            kl = kl * rho  # with its gradient, as TRL: the gradient of E_old[rho k] is unbiased
         per_token = per_token + cfg.beta * kl
     per_token = torch.where(m, torch.broadcast_to(per_token, m.shape), 0)
 
@@ -262,6 +330,10 @@ def policy_objective(
             metrics["kl"] = masked_mean(kl.detach(), m)
         if is_weight is not None:
             metrics["is_ratio/mean"] = masked_mean(is_weight, m)
+        if pg == "cispo":  # TRL's cispo_clip_ratio: the weight's cap is active
+            metrics["cispo_clip_ratio"] = masked_mean(((rho_value > cfg.eps_high) & (adv_t > 0)).to(logp.dtype), m)
+        if phi is not None:  # TRL's vespo/phi_seq_mean: over sequences (per-sequence A) or tokens
+            metrics["vespo/phi_seq_mean"] = phi.mean() if phi.shape[-1] == 1 else masked_mean(phi, m)
     return ObjectiveTerms(loss=loss, per_token_loss=per_token.detach(), metrics=metrics)
 
 
@@ -278,10 +350,14 @@ def grpo_loss(
     num_items_in_batch=None,
     config: Optional[GRPOLossConfig] = None,
 ):
-    """Reference GRPO loss on padded logits (B, T, V). Returns (ObjectiveTerms, logp, entropy)."""
+    """Reference GRPO loss on padded logits (B, T, V). Returns (ObjectiveTerms, logp, entropy).
+
+    is_weights: (B, T) per token, or (B,) / (B, 1) per sequence.
+    """
     config = config or GRPOLossConfig()
     mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
-    logp, entropy = logprobs_and_entropy(logits, ids, config.temperature)
+    logp, entropy = logprobs_and_entropy(logits, ids, config.temperature, config.logit_scale,
+                                         config.final_logit_softcapping)
     terms = policy_objective(
         logp, entropy, advantages, mask, config,
         old_logp=old_logps, ref_logp=ref_logps, sampling_logp=sampling_logps, is_weights=is_weights,

@@ -48,6 +48,22 @@ OPTION_CASES = [
     ("is_sequence_truncate", dict(is_correction="sequence_truncate", is_clip_max=1.5), ("sampling",)),
     ("is_sequence_mask", dict(is_correction="sequence_mask", is_clip_min=0.3, is_clip_max=3.0), ("sampling",)),
     ("agg_override", dict(loss_type="grpo", loss_agg_mode="seq-mean-token-sum"), ()),
+    ("seq_is_weights", dict(loss_type="dapo"), ("seq_is_weights",)),
+    ("trl_defaults_kl", dict(beta=0.04), ("ref", "num_items")),  # dapo, bias-corrected k3 with its gradient
+    ("gspo_bias_corr", dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1, epsilon=3e-4,
+                            epsilon_high=4e-4), ("ref",)),
+    ("gspo_token_bias_corr", dict(loss_type="grpo", importance_sampling_level="sequence_token", beta=0.1,
+                                  log_ratio_max=0.2), ("ref",)),
+    ("vespo", dict(loss_type="vespo"), ("num_items",)),
+    ("vespo_token_adv", dict(loss_type="vespo", vespo_k_neg=2.5, vespo_lambda_pos=2.0), ("token_adv",)),
+    ("vespo_is_token", dict(loss_type="vespo", is_correction="token_truncate", is_clip_max=1.2), ("sampling",)),
+    ("vespo_is_seq_mask", dict(loss_type="vespo", is_correction="sequence_mask", is_clip_min=0.5, is_clip_max=2.0),
+     ("sampling",)),
+    ("vespo_is_weights", dict(loss_type="vespo", beta=0.05), ("is_weights", "ref")),
+    ("vespo_seq_is_weights", dict(loss_type="vespo"), ("seq_is_weights",)),
+    ("softcap", dict(loss_type="grpo", final_logit_softcapping=3.0, temperature=0.9), ()),
+    ("logit_scale", dict(loss_type="dapo", logit_scale=0.7, entropy_coef=0.05), ()),
+    ("softcap_scale", dict(loss_type="grpo", final_logit_softcapping=2.5, logit_scale=1.6, beta=0.05), ("ref",)),
     ("per_token_adv", dict(loss_type="grpo"), ("token_adv",)),
     ("everything", dict(loss_type="grpo", beta=0.05, entropy_coef=0.01, temperature=1.3, epsilon_high=0.3,
                         dual_clip=2.0, off_policy_mask_threshold=0.2, is_correction="token_truncate",
@@ -104,8 +120,10 @@ def make_case(option_id, *, b=4, t=7, v=37, dtype=torch.float32, seed=0, drift=0
     advantages = torch.randn(adv_shape, generator=g)
     num_items = int(mask.sum()) + 5 if "num_items" in needs else None
     is_weights = None
-    if "is_weights" in needs:  # truncated weights with some exact zeros, as masked rollout correction gives
-        is_weights = torch.rand(b, t, generator=g) * 2
+    if "is_weights" in needs or "seq_is_weights" in needs:
+        # truncated weights with some exact zeros, as masked rollout correction gives; one per
+        # sequence (B,) as Liger's vllm_is_ratio takes them, or one per token
+        is_weights = torch.rand((b,) if "seq_is_weights" in needs else (b, t), generator=g) * 2
         is_weights[is_weights < 0.3] = 0.0
     return Case(logits, ids, mask, advantages, old, ref, sampling, is_weights, num_items, GRPOLossConfig(**overrides))
 

@@ -3,9 +3,13 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _as_fp64(x) -> torch.Tensor:
+    """Tensors keep their values; Python floats (TRL's logged metrics) stay fp64, not fp32."""
+    return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
 def assert_close(actual, expected, *, rtol=1e-5, atol=1e-6, name=""):
-    actual = torch.as_tensor(actual).detach().double().cpu()
-    expected = torch.as_tensor(expected).detach().double().cpu()
+    actual, expected = _as_fp64(actual), _as_fp64(expected)
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

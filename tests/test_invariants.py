@@ -95,7 +95,8 @@ def test_all_masked_batch_gives_zero(backend, loss_type):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("option", ["grpo", "gspo", "dr_grpo", "everything", "per_token_adv"])
+@pytest.mark.parametrize("option", ["grpo", "gspo", "dr_grpo", "everything", "per_token_adv", "gspo_bias_corr",
+                                    "vespo_is_token", "vespo_seq_is_weights", "softcap_scale"])
 def test_packed_equals_padded(backend, option):
     case = to_device(make_case(option, seed=9))
     out, grad = run_backend(case, backend)
@@ -111,9 +112,10 @@ def test_packed_equals_padded(backend, option):
     cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
     logits = sorted_logits[keep].clone().requires_grad_(True)
     adv = case.advantages if case.advantages.dim() == 1 else packed(case.advantages)
+    per_sequence = case.is_weights is not None and case.is_weights.dim() == 1
     out_p = gk.grpo_loss(logits, packed(case.ids), adv, cu_seqlens=cu, old_logps=packed(case.old_logps),
                          ref_logps=packed(case.ref_logps), sampling_logps=packed(case.sampling_logps),
-                         is_weights=packed(case.is_weights), num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend)
+                         is_weights=case.is_weights if per_sequence else packed(case.is_weights), num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend)
     out_p.loss.backward()
     torch.testing.assert_close(out_p.loss, out.loss, rtol=1e-6, atol=1e-7)
     assert torch.equal(out_p.logps, packed(out.logps)) and torch.equal(out_p.entropy, packed(out.entropy))

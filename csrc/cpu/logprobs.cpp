@@ -1,6 +1,7 @@
 // CPU log-probs + entropy and their backward: rows in parallel (OpenMP), inner loops over the
 // vocabulary vectorised (omp simd, branch-free exp_fast). fp32, bf16 and fp16 storage; 16-bit
 // values are converted in registers. A row's result does not depend on any other row.
+// CAP selects the softcapped logit transform (a tanh per logit); without it z' = scale·z.
 #include <cmath>
 #include <limits>
 
@@ -12,8 +13,8 @@ namespace {
 
 constexpr int64_t kBlock = 2048;
 
-template <int DT>
-void forward_rows(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+template <int DT, bool CAP>
+void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
                   float* entropy, float* lse) {
   using S = Storage<DT>;
   const auto* base = static_cast<const typename S::T*>(x.logits);
@@ -24,7 +25,7 @@ void forward_rows(const RowsView& x, const int64_t* ids, float inv_temp, bool wi
     float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < V; ++v) {
-      const float z = S::load(row[v]) * inv_temp;
+      const float z = transform_logit<CAP>(S::load(row[v]), f);
       m = z > m ? z : m;  // a ternary vectorises; fmaxf (NaN rules) does not without -ffast-math
     }
     const float shift = std::isfinite(m) ? m : 0.f;
@@ -37,14 +38,14 @@ void forward_rows(const RowsView& x, const int64_t* ids, float inv_temp, bool wi
       if (with_entropy) {
 #pragma omp simd reduction(+ : s, t)
         for (int64_t v = v0; v < v1; ++v) {
-          float d = S::load(row[v]) * inv_temp - shift;
+          float d = transform_logit<CAP>(S::load(row[v]), f) - shift;
           float e = exp_fast(d);
           s += e;
           t += e > 0.f ? e * d : 0.f;  // relative to the max: no cancellation with large logits
         }
       } else {
 #pragma omp simd reduction(+ : s)
-        for (int64_t v = v0; v < v1; ++v) s += exp_fast(S::load(row[v]) * inv_temp - shift);
+        for (int64_t v = v0; v < v1; ++v) s += exp_fast(transform_logit<CAP>(S::load(row[v]), f) - shift);
       }
       s_total += s;
       t_total += t;
@@ -52,15 +53,15 @@ void forward_rows(const RowsView& x, const int64_t* ids, float inv_temp, bool wi
     const float s = static_cast<float>(s_total), t = static_cast<float>(t_total);
     const float row_lse = shift + logf(s);
     lse[r] = row_lse;
-    logp[r] = S::load(row[ids[r]]) * inv_temp - row_lse;
+    logp[r] = transform_logit<CAP>(S::load(row[ids[r]]), f) - row_lse;
     entropy[r] = with_entropy ? logf(s) - (s > 0.f ? t / s : 0.f) : 0.f;  // H = lse − E[z] = log s − E[z − m]
   }
 }
 
-template <int DT>
+template <int DT, bool CAP>
 void backward_rows(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                    const float* grad_logp, const float* grad_entropy, void* out_ptr, int64_t out_sb, int64_t out_st,
-                   float inv_temp) {
+                   LogitTransform f) {
   using S = Storage<DT>;
   const auto* base = static_cast<const typename S::T*>(x.logits);
   auto* out_base = static_cast<typename S::T*>(out_ptr);
@@ -82,41 +83,59 @@ void backward_rows(const RowsView& x, const int64_t* ids, const float* lse, cons
     // z − E[z] = (z − lse) + H: both terms are moderate even when the logits are ~1e4.
     const float h = grad_entropy ? entropy[r] : 0.f;
     const int64_t y = ids[r];
-    const float z_y = S::load(row[y]) * inv_temp;  // read before an in-place write can clobber it
+    const float z_y = transform_logit<CAP>(S::load(row[y]), f);  // read before an in-place write can clobber it
     const float p_y = exp_fast(z_y - row_lse);
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      float d = S::load(row[v]) * inv_temp - row_lse;
+      float z = transform_logit<CAP>(S::load(row[v]), f);
+      float d = z - row_lse;
       float p = exp_fast(d);
       float centred = p > 0.f ? d + h : 0.f;
-      out[v] = S::store(-p * (g + gh * centred) * inv_temp);
+      out[v] = S::store(-p * (g + gh * centred) * transform_grad<CAP>(z, f));
     }
-    out[y] = S::store((g * (1.f - p_y) - gh * p_y * ((z_y - row_lse) + h)) * inv_temp);
+    out[y] = S::store((g * (1.f - p_y) - gh * p_y * ((z_y - row_lse) + h)) * transform_grad<CAP>(z_y, f));
   }
 }
 
+// One entry point per (dtype, softcap) pair of the templates above.
+template <template <int, bool> class Fn, typename... Args>
+void dispatch(const RowsView& x, const LogitTransform& f, Args... args) {
+  const bool cap = f.cap != 0.f;
+  switch (x.dtype) {
+    case DT_FLOAT32: return cap ? Fn<DT_FLOAT32, true>::run(x, f, args...) : Fn<DT_FLOAT32, false>::run(x, f, args...);
+    case DT_BFLOAT16:
+      return cap ? Fn<DT_BFLOAT16, true>::run(x, f, args...) : Fn<DT_BFLOAT16, false>::run(x, f, args...);
+    default: return cap ? Fn<DT_FLOAT16, true>::run(x, f, args...) : Fn<DT_FLOAT16, false>::run(x, f, args...);
+  }
+}
+
+template <int DT, bool CAP>
+struct Forward {
+  static void run(const RowsView& x, LogitTransform f, const int64_t* ids, bool with_entropy, float* logp,
+                  float* entropy, float* lse) {
+    forward_rows<DT, CAP>(x, ids, f, with_entropy, logp, entropy, lse);
+  }
+};
+
+template <int DT, bool CAP>
+struct Backward {
+  static void run(const RowsView& x, LogitTransform f, const int64_t* ids, const float* lse, const float* entropy,
+                  const float* grad_logp, const float* grad_entropy, void* out, int64_t out_sb, int64_t out_st) {
+    backward_rows<DT, CAP>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, f);
+  }
+};
+
 }  // namespace
 
-void logprobs_forward(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
                       float* entropy, float* lse) {
-  switch (x.dtype) {
-    case DT_FLOAT32: return forward_rows<DT_FLOAT32>(x, ids, inv_temp, with_entropy, logp, entropy, lse);
-    case DT_BFLOAT16: return forward_rows<DT_BFLOAT16>(x, ids, inv_temp, with_entropy, logp, entropy, lse);
-    default: return forward_rows<DT_FLOAT16>(x, ids, inv_temp, with_entropy, logp, entropy, lse);
-  }
+  dispatch<Forward>(x, f, ids, with_entropy, logp, entropy, lse);
 }
 
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_sb, int64_t out_st,
-                       float inv_temp) {
-  switch (x.dtype) {
-    case DT_FLOAT32:
-      return backward_rows<DT_FLOAT32>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, inv_temp);
-    case DT_BFLOAT16:
-      return backward_rows<DT_BFLOAT16>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, inv_temp);
-    default:
-      return backward_rows<DT_FLOAT16>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, inv_temp);
-  }
+                       LogitTransform f) {
+  dispatch<Backward>(x, f, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st);
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
 // CUDA log-probs + entropy and their backward. One block per row; each thread walks the row
 // with 16-byte vector loads (4 fp32 or 8 bf16/fp16 values) when the row is aligned, keeping an
 // online (max, Σe, Σe·z) triple; the block merges them with warp shuffles. fp32 accumulation.
+// CAP selects the softcapped logit transform (grpo_math.h, LogitTransform).
 #include "../kernels.h"
 #include "common.cuh"
 
@@ -25,8 +26,8 @@ __device__ __forceinline__ const typename Storage<DT>::T* row_ptr(const RowsView
   return static_cast<const typename Storage<DT>::T*>(x.logits) + (r / x.T) * x.stride_b + (r % x.T) * x.stride_t;
 }
 
-template <int DT>
-__global__ void __launch_bounds__(kThreads) forward_kernel(RowsView x, const int64_t* ids, float inv_temp,
+template <int DT, bool CAP>
+__global__ void __launch_bounds__(kThreads) forward_kernel(RowsView x, const int64_t* ids, LogitTransform f,
                                                            bool with_entropy, float* logp, float* entropy,
                                                            float* lse) {
   using S = Storage<DT>;
@@ -41,25 +42,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsView x, const int
       typename W::Pack pack;
       pack.raw = vrow[i];
 #pragma unroll
-      for (int k = 0; k < W::kWidth; ++k) online_add(o, S::load(pack.v[k]) * inv_temp);
+      for (int k = 0; k < W::kWidth; ++k) online_add(o, transform_logit<CAP>(S::load(pack.v[k]), f));
     }
   } else {
-    for (int64_t v = threadIdx.x; v < x.V; v += blockDim.x) online_add(o, S::load(row[v]) * inv_temp);
+    for (int64_t v = threadIdx.x; v < x.V; v += blockDim.x) online_add(o, transform_logit<CAP>(S::load(row[v]), f));
   }
   o = block_merge(o);
   if (threadIdx.x == 0) {
     const float row_lse = o.m + logf(o.s);
     lse[r] = row_lse;
-    logp[r] = S::load(row[ids[r]]) * inv_temp - row_lse;
+    logp[r] = transform_logit<CAP>(S::load(row[ids[r]]), f) - row_lse;
     entropy[r] = with_entropy ? logf(o.s) - (o.s > 0.f ? o.t / o.s : 0.f) : 0.f;
   }
 }
 
-template <int DT>
+template <int DT, bool CAP>
 __global__ void __launch_bounds__(kThreads) backward_kernel(RowsView x, const int64_t* ids, const float* lse,
                                                             const float* entropy, const float* grad_logp,
                                                             const float* grad_entropy, void* out_ptr, int64_t out_sb,
-                                                            int64_t out_st, float inv_temp) {
+                                                            int64_t out_st, LogitTransform f) {
   using S = Storage<DT>;
   using W = Vec<DT>;
   using T = typename S::T;
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RowsView x, const in
     float d = z - row_lse;
     float p = expf(d);
     float centred = p > 0.f ? d + h : 0.f;
-    return ((v == y ? g : 0.f) - p * (g + gh * centred)) * inv_temp;
+    return ((v == y ? g : 0.f) - p * (g + gh * centred)) * transform_grad<CAP>(z, f);
   };
   const bool aligned = (reinterpret_cast<uintptr_t>(row) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0) &&
                        (x.V % W::kWidth == 0);
@@ -88,52 +89,70 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RowsView x, const in
       if (!zero) in.raw = vrow[i];
 #pragma unroll
       for (int k = 0; k < W::kWidth; ++k)
-        res.v[k] = S::store(zero ? 0.f : grad_of(S::load(in.v[k]) * inv_temp, i * W::kWidth + k));
+        res.v[k] = S::store(zero ? 0.f : grad_of(transform_logit<CAP>(S::load(in.v[k]), f), i * W::kWidth + k));
       vout[i] = res.raw;
     }
   } else {
     for (int64_t v = threadIdx.x; v < x.V; v += blockDim.x)
-      out[v] = S::store(zero ? 0.f : grad_of(S::load(row[v]) * inv_temp, v));
+      out[v] = S::store(zero ? 0.f : grad_of(transform_logit<CAP>(S::load(row[v]), f), v));
   }
 }
 
 }  // namespace
 
-void logprobs_forward(const RowsView& x, const int64_t* ids, float inv_temp, bool with_entropy, float* logp,
+template <int DT, bool CAP>
+void launch_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
+                    float* entropy, float* lse, cudaStream_t s) {
+  forward_kernel<DT, CAP><<<static_cast<unsigned>(x.N), kThreads, 0, s>>>(x, ids, f, with_entropy, logp, entropy, lse);
+}
+
+template <int DT, bool CAP>
+void launch_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
+                     const float* grad_logp, const float* grad_entropy, void* out, int64_t out_sb, int64_t out_st,
+                     LogitTransform f, cudaStream_t s) {
+  backward_kernel<DT, CAP><<<static_cast<unsigned>(x.N), kThreads, 0, s>>>(x, ids, lse, entropy, grad_logp,
+                                                                           grad_entropy, out, out_sb, out_st, f);
+}
+
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
                       float* entropy, float* lse, uintptr_t stream) {
   if (x.N == 0) return;
-  dim3 grid(static_cast<unsigned>(x.N)), block(kThreads);
+  auto s = as_stream(stream);
+  const bool cap = f.cap != 0.f;
   switch (x.dtype) {
     case DT_FLOAT32:
-      forward_kernel<DT_FLOAT32><<<grid, block, 0, as_stream(stream)>>>(x, ids, inv_temp, with_entropy, logp, entropy, lse);
+      (cap ? launch_forward<DT_FLOAT32, true> : launch_forward<DT_FLOAT32, false>)(x, ids, f, with_entropy, logp,
+                                                                                   entropy, lse, s);
       break;
     case DT_BFLOAT16:
-      forward_kernel<DT_BFLOAT16><<<grid, block, 0, as_stream(stream)>>>(x, ids, inv_temp, with_entropy, logp, entropy, lse);
+      (cap ? launch_forward<DT_BFLOAT16, true> : launch_forward<DT_BFLOAT16, false>)(x, ids, f, with_entropy, logp,
+                                                                                     entropy, lse, s);
       break;
     default:
-      forward_kernel<DT_FLOAT16><<<grid, block, 0, as_stream(stream)>>>(x, ids, inv_temp, with_entropy, logp, entropy, lse);
+      (cap ? launch_forward<DT_FLOAT16, true> : launch_forward<DT_FLOAT16, false>)(x, ids, f, with_entropy, logp,
+                                                                                   entropy, lse, s);
   }
   check(cudaGetLastError(), "grpo_kernels logprobs_forward launch");
 }
 
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_sb, int64_t out_st,
-                       float inv_temp, uintptr_t stream) {
+                       LogitTransform f, uintptr_t stream) {
   if (x.N == 0) return;
-  dim3 grid(static_cast<unsigned>(x.N)), block(kThreads);
   auto s = as_stream(stream);
+  const bool cap = f.cap != 0.f;
   switch (x.dtype) {
     case DT_FLOAT32:
-      backward_kernel<DT_FLOAT32><<<grid, block, 0, s>>>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb,
-                                                         out_st, inv_temp);
+      (cap ? launch_backward<DT_FLOAT32, true> : launch_backward<DT_FLOAT32, false>)(
+          x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, f, s);
       break;
     case DT_BFLOAT16:
-      backward_kernel<DT_BFLOAT16><<<grid, block, 0, s>>>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb,
-                                                          out_st, inv_temp);
+      (cap ? launch_backward<DT_BFLOAT16, true> : launch_backward<DT_BFLOAT16, false>)(
+          x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, f, s);
       break;
     default:
-      backward_kernel<DT_FLOAT16><<<grid, block, 0, s>>>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb,
-                                                         out_st, inv_temp);
+      (cap ? launch_backward<DT_FLOAT16, true> : launch_backward<DT_FLOAT16, false>)(
+          x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, f, s);
   }
   check(cudaGetLastError(), "grpo_kernels logprobs_backward launch");
 }

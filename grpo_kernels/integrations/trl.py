@@ -18,25 +18,32 @@ import torch
 
 from ..config import GRPOLossConfig
 from ..fused_linear import fused_linear_grpo_loss
+from ..transform import model_logit_options
 
 try:
     from trl import GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("grpo_kernels.integrations.trl needs trl: pip install 'grpo_kernels[trl]'") from exc
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+TOKEN_MEAN_GLOBAL = ("dapo", "cispo", "vespo")  # TRL normalises these by num_items_in_batch
 
 
 def config_from_trl(args, trainer=None) -> GRPOLossConfig:
-    """The GRPOLossConfig equivalent of a TRL GRPOConfig; raises for what we cannot honour."""
+    """The GRPOLossConfig equivalent of a TRL GRPOConfig; raises for what we cannot honour.
+
+    With `trainer`, the model's logit transform (softcap, logit scale) comes from its config,
+    as TRL's fused LM head reads it.
+    """
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
         raise ValueError(f"GRPOConfig.loss_type={args.loss_type!r} is not supported by grpo_kernels "
                          f"(supported: {list(SUPPORTED_LOSS_TYPES)})")
-    if getattr(args, "use_adaptive_entropy", False):
-        raise ValueError("GRPOConfig.use_adaptive_entropy is not supported by grpo_kernels (use a fixed entropy_coef)")
     if trainer is not None and getattr(trainer, "aux_loss_enabled", False):
         raise ValueError("MoE router aux loss (output_router_logits) is not supported by FusedGRPOTrainer")
     use_is = bool(getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False))
+    logit_options = {}
+    if trainer is not None:
+        logit_options = model_logit_options(trainer.accelerator.unwrap_model(trainer.model).config)
     return GRPOLossConfig(
         loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
         beta=args.beta, kl_estimator="k3", use_bias_correction_kl=bool(args.use_bias_correction_kl),
@@ -46,6 +53,8 @@ def config_from_trl(args, trainer=None) -> GRPOLossConfig:
         off_policy_mask_threshold=args.off_policy_mask_threshold, top_entropy_quantile=args.top_entropy_quantile,
         is_correction=args.vllm_importance_sampling_mode if use_is else None,
         is_clip_min=args.vllm_importance_sampling_clip_min, is_clip_max=args.vllm_importance_sampling_clip_max,
+        vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+        vespo_lambda_neg=args.vespo_lambda_neg, **logit_options,
     )
 
 
@@ -76,14 +85,20 @@ def _fused_compute_loss(self, model, inputs):
     mode = "train" if self.model.training else "eval"
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
     num_items = None
-    if cfg.uses_num_items_in_batch and cfg.loss_type in ("dapo", "cispo"):
+    if cfg.uses_num_items_in_batch and cfg.loss_type in TOKEN_MEAN_GLOBAL:
         # As TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window.
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             num_items = num_items * accumulation / self.args.steps_per_generation
     global_count = num_items is not None
-    if global_count and cfg.entropy_coef != 0.0:  # TRL scales only the bonus by the accumulation steps
-        cfg = cfg.replace(entropy_coef=cfg.entropy_coef / accumulation)
+    # The entropy coefficient applied this step: TRL's adaptive controller gates it on the entropy
+    # measured at the end of the previous optimizer step.
+    coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
+    if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+        coef = 0.0
+    if global_count:  # TRL scales only the bonus by the accumulation steps
+        coef = coef / accumulation
+    cfg = cfg.replace(entropy_coef=float(coef))
     old = inputs.get("old_per_token_logps")
     sampling = inputs.get("sampling_per_token_logps")
     out = fused_linear_grpo_loss(
@@ -92,8 +107,37 @@ def _fused_compute_loss(self, model, inputs):
         sampling_logps=sampling if (cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None) else None,
         num_items_in_batch=num_items, config=cfg, backend=getattr(self, "_grpo_kernels_backend", "auto"))
     loss = out.loss if global_count else out.loss / accumulation
+    if self._entropy_bonus_enabled:
+        _entropy_controller(self, mode, out, mask, cfg, global_count)
     _log_trl_metrics(self, mode, out, inputs, mask, old, cfg)
     return loss
+
+
+def _entropy_controller(self, mode, out, mask, cfg, global_count):
+    """TRL's policy_loss metric and its adaptive entropy coefficient update, step for step."""
+    effective = mask.float()
+    if cfg.top_entropy_quantile < 1.0:
+        effective = effective * self.get_high_entropy_mask(out.entropy, mask, 1 - cfg.top_entropy_quantile).float()
+    stats = torch.stack([(out.entropy * effective).sum(), effective.sum()]).detach()
+    # out.loss = policy − coef·bonus with bonus the mean entropy over the effective mask.
+    bonus = stats[0] / stats[1].clamp(min=1.0)
+    policy_loss = out.loss.detach() + cfg.entropy_coef * bonus
+    self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+    if self.use_adaptive_entropy and mode == "train":
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if self.accelerator.sync_gradients:
+            totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+            world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+            args = self.args
+            if world_entropy <= args.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+            self._last_world_entropy = world_entropy
+            self._entropy_window_stats = None
+    if mode == "train" and self.accelerator.sync_gradients:
+        self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
 
 def _log_trl_metrics(self, mode, out, inputs, mask, old, cfg):
@@ -128,8 +172,15 @@ def _log_trl_metrics(self, mode, out, inputs, mask, old, cfg):
         metrics["clip_ratio/high_max"].append(torch.nan_to_num(self.accelerator.gather(seq_mean(high)),
                                                                nan=float("-inf")).max().item())
     elif cfg.pg_loss == "cispo":
-        clipped = ((ratio > cfg.eps_high) & (adv > 0)).float()
-        metrics["cispo_clip_ratio"].append(global_mean((clipped * m).sum() / count.clamp(min=1)))
+        metrics["cispo_clip_ratio"].append(global_mean(out.metrics["cispo_clip_ratio"]))
+    elif cfg.pg_loss == "vespo":
+        phi = out.metrics["vespo/phi_seq_mean"]
+        if adv.shape[1] == 1:  # one weight per sequence: TRL averages over sequences
+            totals = self.accelerator.reduce(torch.stack([phi * adv.shape[0], phi.new_tensor(float(adv.shape[0]))]),
+                                             reduction="sum")
+            metrics["vespo/phi_seq_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        else:
+            metrics["vespo/phi_seq_mean"].append(global_mean(phi))
 
 
 def _loss_config(trainer) -> GRPOLossConfig:

@@ -2,6 +2,9 @@
 
 `backend="auto"` picks the fastest available for the device; an explicitly requested
 backend that cannot run raises `BackendUnavailableError` and never falls back silently.
+fp64 inputs are the validation path (fp64 in, fp64 out): only the torch backend computes in
+fp64, so `auto` picks it for them and the fp32 kernels refuse fp64 with a TypeError rather
+than downcast silently.
 """
 from __future__ import annotations
 
@@ -67,10 +70,22 @@ def why_unavailable(name: str, device: torch.device):
     return None
 
 
+# Backends whose kernels compute in fp64 when given fp64 inputs.
+FP64_BACKENDS = ("torch",)
+
+
 @trace_as_constant
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = None) -> str:
+    """The backend that runs an op on `device` for inputs of `dtype` (None: any float dtype)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; expected one of {list(BACKENDS)}")
+    if dtype == torch.float64:
+        if backend not in ("auto",) + FP64_BACKENDS:
+            raise TypeError(
+                f"backend={backend!r} computes in fp32 and does not take fp64 inputs; use backend='torch' "
+                "(or 'auto'), which computes in fp64, or cast the inputs to fp32"
+            )
+        return "torch"
     if backend != "auto":
         reason = why_unavailable(backend, device)
         if reason is not None:

@@ -12,50 +12,64 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..transform import LogitTransform
 from .dispatch import backend_module
+
+
+def _transform(temperature: float, logit_scale: float, softcap: float) -> LogitTransform:
+    """Custom ops take plain floats; softcap 0 stands for None."""
+    return LogitTransform(temperature, logit_scale, softcap or None)
+
+
+def _stats_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
 def _logprobs_fwd(
-    logits: Tensor, ids: Tensor, temperature: float, backend: str, inplace_backward: bool, with_entropy: bool
+    logits: Tensor, ids: Tensor, temperature: float, logit_scale: float, softcap: float, backend: str,
+    inplace_backward: bool, with_entropy: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return backend_module(backend).logprobs_forward(logits, ids, temperature, with_entropy)
+    return backend_module(backend).logprobs_forward(logits, ids, _transform(temperature, logit_scale, softcap),
+                                                    with_entropy)
 
 
 @_logprobs_fwd.register_fake
-def _(logits, ids, temperature, backend, inplace_backward, with_entropy):
+def _(logits, ids, temperature, logit_scale, softcap, backend, inplace_backward, with_entropy):
     n = ids.numel()
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return tuple(logits.new_empty(n, dtype=_stats_dtype(logits)) for _ in range(3))
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_bwd", mutates_args=())
 def _logprobs_bwd(
     logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-    grad_entropy: Optional[Tensor], temperature: float, backend: str,
+    grad_entropy: Optional[Tensor], temperature: float, logit_scale: float, softcap: float, backend: str,
 ) -> Tensor:
     out = torch.empty_like(logits)
-    backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out)
+    backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy,
+                                              _transform(temperature, logit_scale, softcap), out)
     return out
 
 
 @_logprobs_bwd.register_fake
-def _(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, backend):
+def _(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, logit_scale, softcap, backend):
     return torch.empty_like(logits)
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
 def _logprobs_bwd_inplace(
     logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-    grad_entropy: Optional[Tensor], temperature: float, backend: str,
+    grad_entropy: Optional[Tensor], temperature: float, logit_scale: float, softcap: float, backend: str,
 ) -> None:
-    backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, logits)
+    backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy,
+                                              _transform(temperature, logit_scale, softcap), logits)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, ids, temperature, backend, inplace_backward, with_entropy = inputs
+    logits, ids, temperature, logit_scale, softcap, backend, inplace_backward, with_entropy = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, ids, lse, entropy)
-    ctx.temperature, ctx.backend, ctx.inplace = temperature, backend, inplace_backward
+    ctx.transform, ctx.backend, ctx.inplace = (temperature, logit_scale, softcap), backend, inplace_backward
     ctx.with_entropy = with_entropy
     ctx.mark_non_differentiable(lse)
 
@@ -67,25 +81,27 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     if not ctx.with_entropy:
         grad_entropy = None  # the entropy was not computed, so nothing downstream used it
     args = (ids, lse, entropy, grad_logp.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(), ctx.temperature, ctx.backend)
+            None if grad_entropy is None else grad_entropy.contiguous(), *ctx.transform, ctx.backend)
     if ctx.inplace:
         _logprobs_bwd_inplace(logits, *args)
         grad_logits = logits
     else:
         grad_logits = _logprobs_bwd(logits, *args)
-    return grad_logits, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None
 
 
 _logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def logprobs_with_entropy(logits: Tensor, ids: Tensor, temperature: float, backend: str, inplace_backward: bool = False,
-                          with_entropy: bool = True):
+def logprobs_with_entropy(logits: Tensor, ids: Tensor, transform: LogitTransform, backend: str,
+                          inplace_backward: bool = False, with_entropy: bool = True):
     """logits (N, V) or (B, T, V) (any row strides, unit vocabulary stride), ids (N,) ->
-    (logp, entropy, lse), each (N,) fp32, differentiable w.r.t. logits.
+    (logp, entropy, lse), each (N,) fp32 (fp64 for fp64 logits), differentiable w.r.t. logits.
+    `transform` (temperature, logit scale, softcap) maps the logits to z' before the softmax.
 
     With inplace_backward=True the backward overwrites `logits` with its gradient: use it
     only when nothing else needs the logits after the loss (it saves one (N, V) buffer).
     Without `with_entropy` the entropy is skipped and its output is zeros.
     """
-    return _logprobs_fwd(logits, ids, float(temperature), backend, bool(inplace_backward), bool(with_entropy))
+    return _logprobs_fwd(logits, ids, float(transform.temperature), float(transform.logit_scale),
+                         float(transform.softcap or 0.0), backend, bool(inplace_backward), bool(with_entropy))

@@ -31,22 +31,20 @@ class NativeKernels:
 
     def _rows(self, logits: torch.Tensor):
         x = _as_3d(logits)
-        if x.dtype not in DTYPE_CODES:  # fp64: computed from an fp32 copy
-            x = x.float()
         return x, (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), x.stride(1), x.shape[1], x.shape[0] * x.shape[1],
                    x.shape[2])
 
-    def logprobs_forward(self, logits, ids, temperature, with_entropy=True):
+    def logprobs_forward(self, logits, ids, transform, with_entropy=True):
         x, view = self._rows(logits)
         n = view[5]
         logp = torch.empty(n, dtype=torch.float32, device=x.device)
         entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
         ids = ids.reshape(-1).long().contiguous()
-        self.module.logprobs_forward(*view, ids.data_ptr(), 1.0 / temperature, bool(with_entropy), logp.data_ptr(),
+        self.module.logprobs_forward(*view, ids.data_ptr(), *transform.kernel_params, bool(with_entropy), logp.data_ptr(),
                                      entropy.data_ptr(), lse.data_ptr(), *self._stream(x))
         return logp, entropy, lse
 
-    def logprobs_backward(self, logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
+    def logprobs_backward(self, logits, ids, lse, entropy, grad_logp, grad_entropy, transform, out):
         x, view = self._rows(logits)
         target = _as_3d(out)
         work = target if target.dtype == x.dtype and target.stride(-1) == 1 else torch.empty_like(x)
@@ -56,7 +54,7 @@ class NativeKernels:
         lse, entropy = _f32(lse), _f32(entropy)
         self.module.logprobs_backward(*view, ids.data_ptr(), lse.data_ptr(), entropy.data_ptr(), g.data_ptr(),
                                       0 if gh is None else gh.data_ptr(), work.data_ptr(), work.stride(0),
-                                      work.stride(1), 1.0 / temperature, *self._stream(x))
+                                      work.stride(1), *transform.kernel_params, *self._stream(x))
         if work is not target:
             target.copy_(work)
         return out
@@ -73,7 +71,8 @@ class NativeKernels:
                     ent_norm=addr(prep.ent_norm), per_token_loss=addr(prep.per_token_loss),
                     g_logp=addr(prep.g_logp), g_entropy=addr(prep.g_entropy), partials=addr(prep.partials))
         bsz, t = prep.logp.shape
-        self.module.objective(ptrs, io.params(cfg), bsz, t, prep.adv_per_token, *self._stream(prep.logp))
+        self.module.objective(ptrs, io.params(cfg), bsz, t, prep.adv_per_token, prep.weights_per_seq,
+                              *self._stream(prep.logp))
         return io.finish(prep, cfg)
 
     def group_advantages(self, total, group_index, num_groups, scale_rewards, eps, group_size=None):

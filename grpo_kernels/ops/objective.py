@@ -10,16 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..config import GRPOLossConfig
 from .dispatch import backend_module, trace_as_constant
-
-METRIC_ORDER = ("entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "ratio/mean", "ratio/max",
-                "kl", "is_ratio/mean")
+from .objective_inputs import METRIC_ORDER, metric_names
 
 
 @trace_as_constant
@@ -82,10 +80,5 @@ def fused_objective(logp, entropy, mask, advantages, cfg, backend, *, old_logp=N
     loss, per_token, _, _, vector = _grpo_objective(
         logp, entropy, mask, advantages, old_logp, ref_logp, sampling_logp, is_weights, num_items, config_json(cfg),
         backend)
-    keys: List[str] = list(METRIC_ORDER[:6])
-    if cfg.beta != 0.0:
-        keys.append("kl")
-    if cfg.is_correction is not None:
-        keys.append("is_ratio/mean")
-    metrics = {k: vector[METRIC_ORDER.index(k)] for k in keys}
+    metrics = {k: vector[METRIC_ORDER.index(k)] for k in metric_names(cfg)}
     return loss, per_token, metrics

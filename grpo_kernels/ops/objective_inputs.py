@@ -14,14 +14,32 @@ import torch
 
 from ..reference import ObjectiveTotals, batch_totals
 
-PG = {"clip": 0, "cispo": 1, "sapo": 2}
+PG = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
 KL = {"k1": 1, "k2": 2, "k3": 3}
 IS = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4}
 AGG = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
 ADVANTAGE_MODES = {"group": 0, "batch": 1, "none": 2, "rloo": 3, "reinforce++": 4, "gdpo": 5}
-SLOTS = ("loss", "count", "entropy", "low", "high", "region", "ratio_sum", "ratio_max", "kl", "is")
+SLOTS = ("loss", "count", "entropy", "low", "high", "region", "ratio_sum", "ratio_max", "kl", "is", "cispo_clip",
+         "vespo_phi")
 NUM_SLOTS = 16
+# Every metric any backend reports, in a fixed order (the fused op returns them as one vector).
+METRIC_ORDER = ("entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "ratio/mean", "ratio/max",
+                "kl", "is_ratio/mean", "cispo_clip_ratio", "vespo/phi_seq_mean")
+
+
+def metric_names(cfg):
+    """The metrics a call with this config reports (docs/math.md, "Metrics")."""
+    names = list(METRIC_ORDER[:6])
+    if cfg.beta != 0.0:
+        names.append("kl")
+    if cfg.is_correction is not None:
+        names.append("is_ratio/mean")
+    if cfg.pg_loss == "cispo":
+        names.append("cispo_clip_ratio")
+    if cfg.pg_loss == "vespo":
+        names.append("vespo/phi_seq_mean")
+    return names
 
 
 @dataclass
@@ -33,7 +51,7 @@ class PreparedObjective:
     old: Optional[torch.Tensor]
     ref: Optional[torch.Tensor]
     sampling: Optional[torch.Tensor]
-    token_weights: Optional[torch.Tensor]  # the caller's is_weights
+    token_weights: Optional[torch.Tensor]  # the caller's is_weights, (B, T) or one per sequence (B,)
     keep_entropy: Optional[torch.Tensor]  # uint8
     norm: torch.Tensor  # (1,) fp32
     ent_norm: torch.Tensor  # (1,) fp32
@@ -45,6 +63,10 @@ class PreparedObjective:
     @property
     def adv_per_token(self) -> bool:
         return self.advantages.dim() == 2
+
+    @property
+    def weights_per_seq(self) -> bool:
+        return self.token_weights is not None and self.token_weights.dim() == 1
 
 
 def params(cfg) -> dict:
@@ -62,7 +84,9 @@ def params(cfg) -> dict:
         off_thresh=float(cfg.off_policy_mask_threshold or 0.0),
         is_lo=bound(cfg.is_clip_min, -inf), is_hi=bound(cfg.is_clip_max, inf), entropy_coef=float(cfg.entropy_coef),
         log_ratio_lo=bound(cfg.log_ratio_min, -inf), log_ratio_hi=bound(cfg.log_ratio_max, inf),
-        cispo_lo=bound(cfg.cispo_weight_min, -inf),
+        cispo_lo=bound(cfg.cispo_weight_min, -inf), vespo_k_pos=float(cfg.vespo_k_pos),
+        vespo_lambda_pos=float(cfg.vespo_lambda_pos), vespo_k_neg=float(cfg.vespo_k_neg),
+        vespo_lambda_neg=float(cfg.vespo_lambda_neg),
     )
 
 
@@ -70,6 +94,8 @@ def prepare(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=Non
             is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None) -> PreparedObjective:
     f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
     logp, entropy = f32(logp), f32(entropy)
+    if is_weights is not None and is_weights.shape != logp.shape:  # one weight per sequence
+        is_weights = is_weights.reshape(-1)
     if totals is None:
         totals = batch_totals(torch.where(mask, entropy, 0), mask, cfg, num_items_in_batch)
     keep = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
@@ -88,18 +114,21 @@ def finish(prep: PreparedObjective, cfg):
     partials = prep.partials
     totals = partials.sum(0)  # a fixed-order sum over sequences: deterministic
     denom = totals[1].clamp(min=1)
-    metrics = {
+    # TRL's vespo/phi_seq_mean is a mean over sequences when phi is one per sequence.
+    phi_denom = denom if prep.adv_per_token else max(partials.shape[0], 1)
+    values = {
         "entropy": totals[2] / denom,
         "clip_ratio/low": totals[3] / denom,
         "clip_ratio/high": totals[4] / denom,
         "clip_ratio/region": totals[5] / denom,
         "ratio/mean": totals[6] / denom,
         "ratio/max": partials[:, 7].amax() if partials.shape[0] else totals[7],
+        "kl": totals[8] / denom,
+        "is_ratio/mean": totals[9] / denom,
+        "cispo_clip_ratio": totals[10] / denom,
+        "vespo/phi_seq_mean": totals[11] / phi_denom,
     }
-    if cfg.beta != 0.0:
-        metrics["kl"] = totals[8] / denom
-    if cfg.is_correction is not None:
-        metrics["is_ratio/mean"] = totals[9] / denom
+    metrics = {name: values[name] for name in metric_names(cfg)}
     return totals[0], prep.per_token_loss, prep.g_logp, prep.g_entropy, metrics
 
 

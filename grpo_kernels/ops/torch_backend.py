@@ -2,11 +2,14 @@
 
 Rows are processed in chunks, so at most one chunk of fp32 logits lives at a time
 (`CHUNK_BYTES`), and the backward keeps only per-row statistics (lse, entropy) between
-forward and backward: never an (N, V) fp32 tensor.
+forward and backward: never an (N, V) fp32 tensor. Statistics are fp32, or fp64 for fp64
+logits (the validation path: fp64 in, fp64 out).
 """
 from __future__ import annotations
 
 import torch
+
+from ..transform import LogitTransform
 
 # fp32 working set of one chunk of rows; several temporaries of this size may coexist.
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -40,32 +43,36 @@ def _row_blocks(logits: torch.Tensor):
         yield b * t, logits[b]
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool = True):
-    """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32.
+def stats_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
-    Without `with_entropy` the entropy is not computed (returned as zeros).
+
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTransform, with_entropy: bool = True):
+    """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32 (fp64 for fp64 logits).
+
+    `transform` maps logits to z' (temperature, logit scale, softcap). Without `with_entropy`
+    the entropy is not computed (returned as zeros).
     """
     vocab = logits.shape[-1]
     n = ids.numel()
-    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    logp = torch.empty(n, dtype=stats_dtype(logits), device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
     step = rows_per_chunk(vocab)
     for offset, rows in _row_blocks(logits):
         for c0 in range(0, rows.shape[0], step):
             c1 = min(rows.shape[0], c0 + step)
-            _forward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, temperature, logp,
+            _forward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, transform, logp,
                            entropy if with_entropy else None, lse)
     return logp, entropy, lse
 
 
-def _scaled(chunk, temperature):
-    z = chunk.float()
-    return z if temperature == 1.0 else z / temperature
+def _transformed(chunk, transform):
+    return transform.apply(chunk.to(stats_dtype(chunk)))
 
 
-def _forward_chunk(chunk, ids, r0, r1, temperature, logp, entropy, lse):
-    z = _scaled(chunk, temperature)
+def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
+    z = _transformed(chunk, transform)
     chunk_lse = torch.logsumexp(z, dim=-1)
     lse[r0:r1] = chunk_lse
     logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
@@ -82,37 +89,47 @@ def _forward_chunk(chunk, ids, r0, r1, temperature, logp, entropy, lse):
     entropy[r0:r1] = -(p * log_p).sum(-1)
 
 
-def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, temperature, out):
+def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: LogitTransform, out):
     """Write dL/dlogits into `out` (which may be `logits` itself, for the in-place variant).
 
-    dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] / τ, with E_p z' = lse − H.
+    dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H.
     """
     step = rows_per_chunk(logits.shape[-1])
     for (offset, rows), (_, out_rows) in zip(_row_blocks(logits), _row_blocks(out)):
         for c0 in range(0, rows.shape[0], step):
             c1 = min(rows.shape[0], c0 + step)
             out_rows[c0:c1] = _backward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, lse, entropy, grad_logp,
-                                              grad_entropy, temperature).to(out.dtype)
+                                              grad_entropy, transform).to(out.dtype)
     return out
 
 
-def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, temperature):
-    z = _scaled(chunk, temperature)
+def _chain(grad, z, transform):
+    """grad w.r.t. z' -> grad w.r.t. z, in place where it can be."""
+    scale, cap = transform.kernel_params
+    if cap != 0.0:
+        return grad.mul_(transform.derivative(z))
+    return grad if scale == 1.0 else grad.mul_(scale)
+
+
+def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform):
+    z = _transformed(chunk, transform)
+    dtype = z.dtype
     chunk_lse = lse[r0:r1]
-    g_logp = grad_logp[r0:r1].float().unsqueeze(-1)
+    g_logp = grad_logp[r0:r1].to(dtype).unsqueeze(-1)
     target = ids[r0:r1].long().unsqueeze(-1)
     if _finite(z, chunk_lse):
         # Fast path (no −inf): dz = onehot·g_logp − p·(g_logp + g_H·(z' − E_p z')), one buffer, in place,
         # with z' − E_p z' = (z' − lse) + H (no cancellation when the logits are large).
+        softcapped = transform.softcap is not None  # z' is needed again for dz'/dz
         log_p = z - chunk_lse.unsqueeze(-1)
         p = torch.exp(log_p)
         if grad_entropy is None:
             grad = p.mul_(-g_logp)
         else:
-            grad = log_p.add_(entropy[r0:r1].unsqueeze(-1)).mul_(grad_entropy[r0:r1].float().unsqueeze(-1))
+            grad = log_p.add_(entropy[r0:r1].unsqueeze(-1)).mul_(grad_entropy[r0:r1].to(dtype).unsqueeze(-1))
             grad = grad.add_(g_logp).mul_(p).neg_()
         grad.scatter_add_(-1, target, g_logp)
-        return grad if temperature == 1.0 else grad.div_(temperature)
+        return _chain(grad, z if softcapped else None, transform)
     p, z_safe = _chunk_stats(z, chunk_lse)
     grad = -g_logp * p
     grad.scatter_add_(-1, target, g_logp)
@@ -120,8 +137,8 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
         finite_lse = torch.where(torch.isfinite(chunk_lse), chunk_lse, torch.zeros_like(chunk_lse))
         centred = torch.where(p > 0, z_safe - finite_lse.unsqueeze(-1) + entropy[r0:r1].unsqueeze(-1),
                               torch.zeros_like(z_safe))
-        grad = grad - grad_entropy[r0:r1].float().unsqueeze(-1) * p * centred
-    return grad / temperature
+        grad = grad - grad_entropy[r0:r1].to(dtype).unsqueeze(-1) * p * centred
+    return _chain(grad, z, transform)
 
 
 def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_size=None):

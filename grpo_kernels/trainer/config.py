@@ -20,6 +20,12 @@ class TrainerConfig:
     its temperature is set to the sampling temperature, as TRL does. `padding_free` ("auto",
     True, False) packs each micro-batch into one row without padding; "auto" packs when
     flash-attn is installed and the model is on CUDA.
+
+    Adaptive entropy (TRL's rule): with `use_adaptive_entropy`, `loss.entropy_coef` is the initial
+    coefficient; after each optimizer step it moves by `entropy_coef_delta` towards more bonus when
+    the step's mean entropy is <= `entropy_target` and towards less otherwise, within
+    [entropy_coef_min, entropy_coef_max], and the bonus applies only while the last measured
+    entropy is <= entropy_target.
     """
 
     prompts_per_step: int = 16
@@ -49,6 +55,11 @@ class TrainerConfig:
     save_steps: int = 0
     progress: bool = True
     stop_at_reward: Optional[float] = None
+    use_adaptive_entropy: bool = False
+    entropy_target: float = 0.2
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
 
     def __post_init__(self):
         positive = ("prompts_per_step", "num_generations", "max_new_tokens", "max_steps", "num_iterations",
@@ -79,6 +90,11 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.save_steps and warmup_steps must be >= 0")
         if not isinstance(self.loss, GRPOLossConfig):
             raise TypeError(f"TrainerConfig.loss must be a GRPOLossConfig, got {type(self.loss).__name__}")
+        if not 0 <= self.entropy_coef_min <= self.entropy_coef_max:
+            raise ValueError(f"TrainerConfig needs 0 <= entropy_coef_min <= entropy_coef_max, got "
+                             f"{self.entropy_coef_min} and {self.entropy_coef_max}")
+        if not self.entropy_coef_delta >= 0:
+            raise ValueError(f"TrainerConfig.entropy_coef_delta must be >= 0, got {self.entropy_coef_delta}")
         if self.loss.temperature != self.temperature:
             self.loss = self.loss.replace(temperature=self.temperature)
 

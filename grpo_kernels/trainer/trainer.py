@@ -12,6 +12,7 @@ import torch
 
 from ..functional import group_advantages
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
+from ..transform import with_model_logit_options
 from . import checkpoint
 from .config import TrainerConfig
 from .rewards import reward_name, score
@@ -50,6 +51,10 @@ class GRPOTrainer:
             raise ValueError(f"TrainerConfig.reward_weights has {len(self.cfg.reward_weights)} entries for "
                              f"{len(reward_funcs)} reward functions")
         self.model, self.tokenizer, self.reward_funcs = model, tokenizer, list(reward_funcs)
+        # The model's own logit transform (Gemma's softcap, Cohere's scale) is part of its log-probs.
+        self.cfg.loss = with_model_logit_options(self.cfg.loss, model.config)
+        self.entropy_coef = self.cfg.loss.entropy_coef
+        self.last_entropy = math.inf  # TRL's controller starts with the bonus gated off
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -123,9 +128,11 @@ class GRPOTrainer:
         """(B, T) log-probs of the completion tokens (0 where masked)."""
         weight, bias = self._lm_head(model)
         states = self._token_states(model, batch)
+        loss_cfg = self.cfg.loss
         logp = fused_linear_selective_logprobs(states["hidden"], weight, states["ids"], bias=bias,
-                                               temperature=self.cfg.temperature, mask=states["mask"],
-                                               backend=self.cfg.backend)
+                                               temperature=loss_cfg.temperature, logit_scale=loss_cfg.logit_scale,
+                                               final_logit_softcapping=loss_cfg.final_logit_softcapping,
+                                               mask=states["mask"], backend=self.cfg.backend)
         if states["cu_seqlens"] is None:
             return logp
         padded = torch.zeros(batch.completion_ids.shape, dtype=logp.dtype, device=logp.device)
@@ -162,11 +169,12 @@ class GRPOTrainer:
         Micro-batch losses are scaled so that their sum is the loss of the whole batch: token-mean
         losses divide by the batch's token count, the others are weighted by their share of sequences.
         """
-        cfg = self.cfg.loss
+        cfg = self.cfg.loss.replace(entropy_coef=self._applied_entropy_coef())
         total_tokens = int(batch.completion_mask.sum())
         size = batch.completion_ids.shape[0]
         global_count = cfg.uses_num_items_in_batch
         sums: Dict[str, float] = {}
+        entropy_sum = 0.0
         for part in self._micro_batches(size):
             share = (part.stop - part.start) / size
             micro = Rollout(batch.prompts[part], batch.prompt_ids[part], batch.prompt_mask[part],
@@ -177,6 +185,7 @@ class GRPOTrainer:
                 num_items_in_batch=total_tokens if global_count else None,
                 config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
             (out.loss if global_count else out.loss * share).backward()
+            entropy_sum += float(out.entropy.sum())  # 0 at masked tokens
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * (1.0 if global_count else share)
@@ -186,7 +195,25 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(norm)
+        if self.cfg.use_adaptive_entropy:
+            self._update_entropy_coef(entropy_sum / max(total_tokens, 1))  # token-weighted, as TRL
+            sums["entropy_coef"] = self.entropy_coef
         return sums
+
+    def _applied_entropy_coef(self) -> float:
+        """The bonus coefficient of this step: gated on the last entropy under adaptive control."""
+        if self.cfg.use_adaptive_entropy and self.last_entropy > self.cfg.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
+    def _update_entropy_coef(self, entropy: float) -> None:
+        """TRL's rule: one delta step towards more bonus when entropy is at or below the target."""
+        cfg = self.cfg
+        if entropy <= cfg.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + cfg.entropy_coef_delta, cfg.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - cfg.entropy_coef_delta, cfg.entropy_coef_min)
+        self.last_entropy = entropy
 
     # ---------------------------------------------------------------- one step
     def train_step(self, dataset) -> Dict[str, float]:
@@ -225,7 +252,8 @@ class GRPOTrainer:
     def _save(self):
         payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
-                   "rng": checkpoint.rng_state(self.sampler), "config": self.cfg.to_dict()}
+                   "rng": checkpoint.rng_state(self.sampler), "config": self.cfg.to_dict(),
+                   "entropy_control": {"coef": self.entropy_coef, "last_entropy": self.last_entropy}}
         return checkpoint.save(self.cfg.output_dir, self.step, payload)
 
     def _resume(self) -> bool:
@@ -236,6 +264,8 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
+        control = state.get("entropy_control", {"coef": self.entropy_coef, "last_entropy": self.last_entropy})
+        self.entropy_coef, self.last_entropy = control["coef"], control["last_entropy"]
         checkpoint.restore_rng(state["rng"], self.sampler)
         return True
 

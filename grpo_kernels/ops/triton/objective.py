@@ -84,6 +84,38 @@ def _clamp_log_ratio(w, lo, hi):
 
 
 @triton.jit
+def _k3(x):
+    """e^x − x − 1 without cancellation: Taylor series to x^11 for |x| < 1, e^x − 1 − x above
+    (no cancellation there). As grpo_math.h's k3_value."""
+    xs = tl.where(tl.abs(x) < 1.0, x, 0.0)
+    p = 2.50521083854417202e-08 * xs + 2.75573192239858883e-07
+    p = p * xs + 2.75573192239858925e-06
+    p = p * xs + 2.48015873015873016e-05
+    p = p * xs + 1.98412698412698413e-04
+    p = p * xs + 1.38888888888888894e-03
+    p = p * xs + 8.33333333333333322e-03
+    p = p * xs + 4.16666666666666644e-02
+    p = p * xs + 1.66666666666666657e-01
+    p = p * xs + 0.5
+    return tl.where(tl.abs(x) < 1.0, p * xs * xs, tl.exp(x) - 1.0 - x)
+
+
+@triton.jit
+def _vespo_phi(log_w, adv, k_pos, lam_pos, k_neg, lam_neg):
+    """VESPO's Gamma weight exp(λ + k·log w − λ·w), (k, λ) by the advantage's sign; non-finite → 0."""
+    k = tl.where(adv >= 0, k_pos, k_neg)
+    lam = tl.maximum(tl.where(adv >= 0, lam_pos, lam_neg), 1e-4)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    return tl.where((phi == phi) & (phi < float("inf")), phi, 0.0)
+
+
+@triton.jit
+def _vespo_log(x):
+    """TRL's clamp of a log weight to [log 1e-8, 20]."""
+    return tl.minimum(tl.maximum(x, -18.420680743952367), 20.0)
+
+
+@triton.jit
 def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.constexpr):
     """k1/k2/k3 value of KL(pi || pi_ref) and its derivative w.r.t. logp (x = ref − logp)."""
     x = ref - logp
@@ -98,9 +130,8 @@ def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.conste
         if HAS_KL_CLAMP:
             d_x = tl.where((x >= -20.0) & (x <= 20.0), 1.0, 0.0)
             x = tl.minimum(tl.maximum(x, -20.0), 20.0)
-        ex = tl.exp(x)
-        kl = ex - x - 1.0
-        d_kl = -(ex - 1.0) * d_x
+        kl = _k3(x)
+        d_kl = -(kl + x) * d_x  # −(e^x − 1), accurate at small x too
     if HAS_KL_CLAMP:
         d_kl = tl.where((kl >= -kl_clamp) & (kl <= kl_clamp), d_kl, 0.0)
         kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
@@ -113,11 +144,12 @@ def _grpo_objective_kernel(
     norm_ptr, ent_norm_ptr,
     loss_ptr, g_logp_ptr, g_ent_ptr, part_ptr,
     T, eps_low, eps_high, delta, dual_clip, s_pos, s_neg, beta, kl_clamp, off_thresh,
-    is_lo, is_hi, entropy_coef, log_ratio_lo, log_ratio_hi, cispo_lo,
+    is_lo, is_hi, entropy_coef, log_ratio_lo, log_ratio_hi, cispo_lo, k_pos, lam_pos, k_neg, lam_neg,
     PG_KIND: tl.constexpr, LEVEL: tl.constexpr, KL_KIND: tl.constexpr, IS_MODE: tl.constexpr,
     AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, ON_POLICY: tl.constexpr, HAS_SAMPLING: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, BIAS_CORR: tl.constexpr,
-    HAS_OFF_POLICY: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, HAS_ENT_MASK: tl.constexpr, HAS_ENT_BONUS: tl.constexpr,
+    HAS_OFF_POLICY: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, WEIGHTS_PER_SEQ: tl.constexpr,
+    HAS_ENT_MASK: tl.constexpr, HAS_ENT_BONUS: tl.constexpr,
     NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -128,11 +160,20 @@ def _grpo_objective_kernel(
     if not ADV_PER_TOKEN:
         adv_seq = tl.load(adv_ptr + b)
 
-    # Pass 1: sequence sums.
+    VESPO = PG_KIND == 3
+    IS_TOKEN = (IS_MODE == 1) or (IS_MODE == 2)
+    IS_SEQ = (IS_MODE == 3) or (IS_MODE == 4)
+    seq_weight = tl.full((), 1.0, tl.float32)
+    if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
+        seq_weight = tl.load(weights_ptr + b)
+
+    # Pass 1: sequence sums. Each block is summed as a tree (tl.sum), the blocks in fp32: the
+    # error grows with T / BLOCK_T, not T.
     n_tok = tl.zeros((), tl.float32)
     sum_delta = tl.zeros((), tl.float32)
     sum_off = tl.zeros((), tl.float32)
     sum_isd = tl.zeros((), tl.float32)
+    vespo_log = tl.zeros((), tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs = t0 + lanes
         inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY)
@@ -146,6 +187,19 @@ def _grpo_objective_kernel(
         if IS_MODE != 0:
             samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
             sum_isd += tl.sum(tl.where(m, _nan_to_zero(old - samp), 0.0), axis=0)
+        if VESPO:
+            log_w_t = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
+            if IS_TOKEN:
+                samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+                is_t = tl.exp(tl.where(m, _nan_to_zero(old - samp), 0.0))
+                if IS_MODE == 1:
+                    is_t = tl.minimum(tl.maximum(is_t, is_lo), is_hi)
+                else:
+                    is_t = tl.where((is_t < is_lo) | (is_t > is_hi), 0.0, is_t)
+                log_w_t += _vespo_log(tl.log(is_t))
+            if HAS_TOKEN_WEIGHTS and not WEIGHTS_PER_SEQ:
+                log_w_t += _vespo_log(tl.log(tl.load(weights_ptr + row + offs, mask=m, other=1.0)))
+            vespo_log += tl.sum(tl.where(m, log_w_t, 0.0), axis=0)
     n_b = tl.maximum(n_tok, 1.0)
     w_seq, seq_inside = _clamp_log_ratio(sum_delta / n_b, log_ratio_lo, log_ratio_hi)
     rho_seq = tl.exp(w_seq)
@@ -155,6 +209,13 @@ def _grpo_objective_kernel(
         is_seq = tl.minimum(tl.maximum(is_seq, is_lo), is_hi)
     if IS_MODE == 4:
         is_seq = tl.where((is_seq < is_lo) | (is_seq > is_hi), 0.0, is_seq)
+    vespo_log_w = tl.zeros((), tl.float32)
+    if VESPO:
+        if IS_SEQ:
+            vespo_log += _vespo_log(tl.log(is_seq))
+        if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
+            vespo_log += _vespo_log(tl.log(seq_weight))
+        vespo_log_w = _vespo_log(vespo_log)
     if AGG == 0:
         agg_w = 1.0 / (n_b * norm)
     else:
@@ -174,6 +235,8 @@ def _grpo_objective_kernel(
     acc_kl = tl.zeros((), tl.float32)
     acc_is = tl.zeros((), tl.float32)
     acc_drho = tl.zeros((), tl.float32)
+    acc_cispo = tl.zeros((), tl.float32)
+    acc_phi = tl.zeros((), tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs = t0 + lanes
         inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY)
@@ -193,8 +256,15 @@ def _grpo_objective_kernel(
         else:
             rho = tl.zeros((BLOCK_T,), tl.float32) + rho_seq
             d_rho_direct = rho * mf * seq_inside
-        pg, d_pg_rho, d_pg_direct = _policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip,
-                                                 s_pos, s_neg, PG_KIND, HAS_DELTA, HAS_DUAL)
+        phi = tl.zeros((BLOCK_T,), tl.float32)
+        if VESPO:
+            phi = _vespo_phi(vespo_log_w, adv, k_pos, lam_pos, k_neg, lam_neg)
+            pg = -phi * adv * logp
+            d_pg_rho = tl.zeros((BLOCK_T,), tl.float32)
+            d_pg_direct = -phi * adv
+        else:
+            pg, d_pg_rho, d_pg_direct = _policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip,
+                                                     s_pos, s_neg, PG_KIND, HAS_DELTA, HAS_DUAL)
         mult = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_OFF_POLICY:
             stale = tl.zeros((BLOCK_T,), tl.float32) + off_kl > off_thresh
@@ -213,28 +283,36 @@ def _grpo_objective_kernel(
                 is_w = tl.where((is_w < is_lo) | (is_w > is_hi), 0.0, is_w)
         if IS_MODE == 3 or IS_MODE == 4:
             is_w = tl.zeros((BLOCK_T,), tl.float32) + is_seq
-        if IS_MODE != 0:
-            mult = mult * is_w
-        if HAS_TOKEN_WEIGHTS:
-            mult = mult * tl.load(weights_ptr + row + offs, mask=m, other=0.0)
+        if not VESPO:  # VESPO folds the IS ratios into its sequence weight instead
+            if IS_MODE != 0:
+                mult = mult * is_w
+            if HAS_TOKEN_WEIGHTS:
+                if WEIGHTS_PER_SEQ:
+                    mult = mult * seq_weight
+                else:
+                    mult = mult * tl.load(weights_ptr + row + offs, mask=m, other=0.0)
         loss_t = pg * mult
         g_t = mult * (d_pg_rho * d_rho_direct + d_pg_direct)
+        d_seq_rho = mult * d_pg_rho  # ∂ℓ/∂ρ_b, for the GSPO pass
         kl = tl.zeros((BLOCK_T,), tl.float32)
         if KL_KIND != 0:
             ref = tl.where(m, tl.load(ref_ptr + row + offs, mask=m, other=0.0), 0.0)
-            kl, d_kl = _kl_term(logp, ref, kl_clamp, KL_KIND, HAS_KL_CLAMP)
-            if BIAS_CORR:
-                kl = kl * rho
-                d_kl = d_kl * rho
+            k_val, d_k = _kl_term(logp, ref, kl_clamp, KL_KIND, HAS_KL_CLAMP)
+            if BIAS_CORR:  # β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
+                kl = k_val * rho
+                g_t += beta * (d_k * rho + k_val * d_rho_direct)
+                d_seq_rho += beta * k_val
+            else:
+                kl = k_val
+                g_t += beta * d_k
             loss_t += beta * kl
-            g_t += beta * d_kl
         w = mf * agg_w
         loss_t = tl.where(m, loss_t, 0.0)
         tl.store(loss_ptr + row + offs, loss_t, mask=inb)
         tl.store(g_logp_ptr + row + offs, tl.where(m, g_t * w, 0.0), mask=inb)
         tl.store(g_ent_ptr + row + offs, -ent_w * keep_ent, mask=inb)
         acc_loss += tl.sum(loss_t * w, axis=0) - ent_w * tl.sum(keep_ent * ent, axis=0)
-        acc_drho += tl.sum(tl.where(m, w * mult * d_pg_rho, 0.0), axis=0)
+        acc_drho += tl.sum(tl.where(m, w * d_seq_rho, 0.0), axis=0)
         low = ((rho < 1.0 - eps_low) & (adv < 0)).to(tl.float32) * mf
         high = ((rho > 1.0 + eps_high) & (adv > 0)).to(tl.float32) * mf
         acc_ent += tl.sum(ent, axis=0)
@@ -245,6 +323,8 @@ def _grpo_objective_kernel(
         max_rho = tl.maximum(max_rho, tl.max(rho * mf, axis=0))
         acc_kl += tl.sum(kl * mf, axis=0)
         acc_is += tl.sum(is_w * mf, axis=0)
+        acc_cispo += tl.sum(((rho > eps_high) & (adv > 0)).to(tl.float32) * mf, axis=0)
+        acc_phi += tl.sum(phi * mf, axis=0)
 
     # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
     if LEVEL == 1:
@@ -267,6 +347,14 @@ def _grpo_objective_kernel(
     tl.store(part + 7, max_rho)
     tl.store(part + 8, acc_kl)
     tl.store(part + 9, acc_is)
+    tl.store(part + 10, acc_cispo)
+    # TRL's vespo/phi_seq_mean: one φ per sequence (per-sequence advantages), else a token mean.
+    if ADV_PER_TOKEN:
+        tl.store(part + 11, acc_phi)
+    elif VESPO:
+        tl.store(part + 11, _vespo_phi(vespo_log_w, adv_seq, k_pos, lam_pos, k_neg, lam_neg))
+    else:
+        tl.store(part + 11, 0.0)
 
 
 def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
@@ -290,12 +378,13 @@ def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_l
         prep.per_token_loss, prep.g_logp, prep.g_entropy, prep.partials,
         t, p["eps_low"], p["eps_high"], p["delta"], p["dual_clip"], p["sapo_pos"], p["sapo_neg"], p["beta"],
         p["kl_clamp"], p["off_thresh"], p["is_lo"], p["is_hi"], p["entropy_coef"], p["log_ratio_lo"],
-        p["log_ratio_hi"], p["cispo_lo"],
+        p["log_ratio_hi"], p["cispo_lo"], p["vespo_k_pos"], p["vespo_lambda_pos"], p["vespo_k_neg"],
+        p["vespo_lambda_neg"],
         PG_KIND=p["pg"], LEVEL=p["level"], KL_KIND=p["kl"], IS_MODE=p["is_mode"], AGG=p["agg"],
         ADV_PER_TOKEN=prep.adv_per_token, ON_POLICY=prep.old is None, HAS_SAMPLING=prep.sampling is not None,
         HAS_DELTA=bool(p["has_delta"]), HAS_DUAL=bool(p["has_dual"]), HAS_KL_CLAMP=bool(p["has_kl_clamp"]),
         BIAS_CORR=bool(p["bias_corr"]), HAS_OFF_POLICY=bool(p["has_off_policy"]),
-        HAS_TOKEN_WEIGHTS=prep.token_weights is not None,
+        HAS_TOKEN_WEIGHTS=prep.token_weights is not None, WEIGHTS_PER_SEQ=prep.weights_per_seq,
         HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=p["entropy_coef"] != 0.0, NUM_SLOTS=io.NUM_SLOTS,
         BLOCK_T=min(1024, triton.next_power_of_2(max(t, 1))),
     )

@@ -1,0 +1,97 @@
+"""The logit transforms of real models, applied before the softmax (docs/math.md, "One token").
+
+    z' = c · tanh(s · z / c) / τ        with softcap c (Gemma 2/3 `final_logit_softcapping`)
+    z' = s · z / τ                      without it
+
+s is `logit_scale` (Cohere), τ the sampling temperature. −inf logits (top-k/top-p masked
+entries) stay −inf: they mean "never sampled", whatever the transform.
+
+Every kernel takes the transform as two floats, (scale, cap):
+    no softcap:   scale = s / τ, cap = 0       z' = scale · z
+    softcap c:    scale = s / c, cap = c / τ   z' = cap · tanh(scale · z)
+so dz'/dz = scale without softcap and cap · scale · (1 − (z'/cap)²) with it: the backward
+gets the derivative from z' itself, with no second tanh.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _positive("temperature", self.temperature)
+        _positive("logit_scale", self.logit_scale)
+        if self.softcap is not None:
+            _positive("final_logit_softcapping", self.softcap)
+
+    @property
+    def kernel_params(self) -> Tuple[float, float]:
+        """(scale, cap) as every kernel takes them; cap = 0 means no softcap."""
+        if self.softcap is None:
+            return float(self.logit_scale) / float(self.temperature), 0.0
+        return float(self.logit_scale) / float(self.softcap), float(self.softcap) / float(self.temperature)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.softcap is None and self.logit_scale == 1.0 and self.temperature == 1.0
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """z' from logits z (any float dtype, computed in z's dtype), −inf kept."""
+        scale, cap = self.kernel_params
+        if cap == 0.0:
+            return z if scale == 1.0 else z * scale
+        return torch.where(torch.isneginf(z), z, torch.tanh(z * scale) * cap)
+
+    def derivative(self, z_prime: torch.Tensor) -> torch.Tensor:
+        """dz'/dz as a function of z' (0 where z' = −inf)."""
+        scale, cap = self.kernel_params
+        if cap == 0.0:
+            return torch.full_like(z_prime, scale)
+        t = z_prime / cap
+        return torch.where(torch.isneginf(z_prime), 0.0, (1.0 - t * t) * (cap * scale))
+
+
+
+def model_logit_options(model_config) -> dict:
+    """The logit transform a Hugging Face model applies after its lm_head, as GRPOLossConfig fields.
+
+    Reads the text config as TRL 1.16's fused LM head does: `final_logit_softcapping` (Gemma 2/3)
+    and a pre-softcap multiplier from `logit_scale` (Cohere), `output_multiplier`,
+    `lm_head_multiplier` (Falcon-H1) or `logits_scaling` (Granite, MiniCPM3 divide by it;
+    HyperCLOVA X multiplies). Missing entries mean no transform.
+    """
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    scale = getattr(text, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(text, name, None)
+    scaling = getattr(text, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        scale = scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / scaling
+    return dict(logit_scale=1.0 if scale is None else float(scale),
+                final_logit_softcapping=getattr(text, "final_logit_softcapping", None))
+
+
+def with_model_logit_options(loss_config, model_config):
+    """`loss_config` with the model's logit transform filled in; a conflicting explicit value raises."""
+    found = model_logit_options(model_config)
+    defaults = dict(logit_scale=1.0, final_logit_softcapping=None)
+    for name, value in found.items():
+        current = getattr(loss_config, name)
+        if current != defaults[name] and current != value:
+            raise ValueError(f"GRPOLossConfig.{name}={current!r} disagrees with the model config's {value!r}")
+    return loss_config.replace(**found)
