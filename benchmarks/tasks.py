@@ -21,7 +21,8 @@ import grpo_kernels as gk
 from grpo_kernels import reference as R
 
 SEQ_LEN = 1024  # tokens per completion; N tokens make N / SEQ_LEN sequences
-LOSS_OPTIONS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False)
+# TRL 1.16's defaults (dapo, bias-corrected KL) with a KL penalty and DAPO's asymmetric clip.
+LOSS_OPTIONS = dict(loss_type="dapo", beta=0.04, epsilon=0.2, epsilon_high=0.28)
 
 
 @dataclass
@@ -149,20 +150,24 @@ def _reference_loss(x):
     return terms.loss.detach()
 
 
-def _trl_style_loss(x):
-    """TRL's recipe: selective_log_softmax on the logits, then GRPOTrainer's dapo loss lines."""
-    from trl.trainer.utils import selective_log_softmax
-
-    leaf, logits = _with_grad(x)
-    logp = selective_log_softmax(logits, x["ids"])
+def trl_loss_lines(logp, x):
+    """GRPOTrainer._compute_loss's lines for LOSS_OPTIONS (dapo, k3 KL times the ratio), as TRL 1.16 writes them."""
     mask = x["mask"].float()
     coef_1 = torch.exp(logp - x["old_logps"])
     coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
     adv = x["advantages"].unsqueeze(1)
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)
     d = x["ref_logps"] - logp
-    per_token = per_token + 0.04 * (torch.exp(d) - d - 1)
-    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    per_token = per_token + 0.04 * (torch.exp(d) - d - 1) * coef_1
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _trl_style_loss(x):
+    """TRL's recipe on materialised logits: selective_log_softmax, then GRPOTrainer's dapo loss lines."""
+    from trl.trainer.utils import selective_log_softmax
+
+    leaf, logits = _with_grad(x)
+    loss = trl_loss_lines(selective_log_softmax(logits, x["ids"]), x)
     torch.autograd.grad(loss, logits)
     return loss.detach()
 
@@ -242,6 +247,21 @@ def _liger_linear(x):
     return loss.detach()
 
 
+def _trl_chunked_linear(x):
+    """TRL 1.16's own path: its fused LM head (ChunkedLogProbFunction, log-probs and entropy, logits
+    recomputed in the backward) at the chunk size GRPOTrainer uses, then its loss lines."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    h, w = _linear_leaves(x)
+    b, t = x["ids"].shape
+    logp, _, *_ = ChunkedLogProbFunction.apply(h.reshape(b * t, -1), w, None, x["ids"].reshape(-1), 1.0,
+                                                _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy"))
+    loss = trl_loss_lines(logp.view(b, t).float(), x)
+    torch.autograd.grad(loss, (h, w))
+    return loss.detach()
+
+
 def linear_contenders(device):
     def grad(s):
         size = torch.tensor([], dtype=s.torch_dtype).element_size()
@@ -249,6 +269,9 @@ def linear_contenders(device):
     out = [Contender(f"grpo_kernels[{b}]", _ours_linear(b), grad_bytes=grad, note="d_weight accumulated in fp32")
            for b in _our_backends(device)]
     out.append(Contender("reference (materialised logits)", _reference_linear, grad_bytes=grad))
+    if _have("trl"):
+        out.append(Contender("TRL 1.16 ChunkedLogProbFunction + loss", _trl_chunked_linear, grad_bytes=grad,
+                             note="8·N·H·V FLOPs (logits recomputed in backward)"))
     if device.type == "cuda" and _have("liger_kernel"):
         out.append(Contender("Liger LigerFusedLinearGRPOLoss", _liger_linear, grad_bytes=grad))
     return out

@@ -1,5 +1,7 @@
 """FusedGRPOTrainer against trl.GRPOTrainer: same seed, data and config, two optimizer steps with
 gradient accumulation 2 -> the same logged loss and metrics and the same updated parameters."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -42,6 +44,11 @@ CASES = {
     "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
     "kl_entropy": dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=False, entropy_coef=0.01,
                        top_entropy_quantile=0.8),
+    # TRL's defaults (dapo, use_bias_correction_kl=True) with a KL penalty: the ratio keeps its gradient.
+    "trl_defaults_kl": dict(beta=0.05),
+    "grpo_kl_entropy_mask": dict(loss_type="grpo", beta=0.04, entropy_coef=0.02, top_entropy_quantile=0.6),
+    "vespo": dict(loss_type="vespo", beta=0.02),
+    "vespo_sequence": dict(loss_type="vespo", importance_sampling_level="sequence", vespo_k_neg=2.5),
 }
 
 
@@ -51,7 +58,8 @@ def test_same_training_as_trl(name, tmp_path):
     our_logs, our_params = run(FusedGRPOTrainer, tmp_path / "ours", **CASES[name])
     assert len(ref_logs) == len(our_logs) == 2
     for ref, ours in zip(ref_logs, our_logs):
-        for key in ("loss", "reward", "entropy", "kl", "clip_ratio/region_mean", "cispo_clip_ratio"):
+        for key in ("loss", "reward", "entropy", "kl", "clip_ratio/region_mean", "cispo_clip_ratio",
+                    "vespo/phi_seq_mean", "policy_loss", "entropy_coef"):
             if key in ref:
                 assert ours[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
     # SGD (not Adam, which moves every component by ~lr whatever its gradient and so magnifies
@@ -71,10 +79,32 @@ def test_patch_trl_routes_the_loss(tmp_path):
     assert GRPOTrainer._compute_loss is not FusedGRPOTrainer._compute_loss
 
 
+def test_adaptive_entropy_matches_trl(tmp_path):
+    """TRL's controller over 6 optimizer steps: the coefficient must move (and gate the bonus)."""
+    options = dict(loss_type="dapo", beta=0.02, use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=5.0,
+                   entropy_coef_delta=0.02, entropy_coef_max=0.2, max_steps=6)
+    ref_logs, ref_params = run(GRPOTrainer, tmp_path / "trl", **options)
+    our_logs, our_params = run(FusedGRPOTrainer, tmp_path / "ours", **options)
+    coefs = [entry["entropy_coef"] for entry in ref_logs]
+    assert len(set(coefs)) > 2, f"the coefficient did not move: {coefs}"
+    for ref, ours in zip(ref_logs, our_logs):
+        for key in ("loss", "entropy", "entropy_coef", "policy_loss", "kl"):
+            assert ours[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    for key, value in ref_params.items():
+        torch.testing.assert_close(our_params[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_model_logit_transform_is_read_from_the_config(tmp_path):
+    """A Gemma-style softcap and a Cohere-style scale on the model's config reach the loss."""
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
+    model = toy.tiny_causal_lm(len(toy.char_tokenizer()), seed=0)
+    model.config.final_logit_softcapping, model.config.logit_scale = 3.0, 0.5
+    stand_in = type("T", (), {"accelerator": type("A", (), {"unwrap_model": staticmethod(lambda m: m)})(),
+                              "model": model, "aux_loss_enabled": False})()
+    cfg = config_from_trl(args, stand_in)
+    assert (cfg.final_logit_softcapping, cfg.logit_scale) == (3.0, 0.5)
+
+
 def test_unsupported_options_raise_at_construction(tmp_path):
-    with pytest.raises(ValueError, match="loss_type='vespo' is not supported"):
-        config_from_trl(GRPOConfig(output_dir=str(tmp_path), loss_type="vespo", use_cpu=True, bf16=False,
-                                   report_to=[]))
-    with pytest.raises(ValueError, match="use_adaptive_entropy is not supported"):
-        config_from_trl(GRPOConfig(output_dir=str(tmp_path), use_adaptive_entropy=True, use_cpu=True, bf16=False,
-                                   report_to=[]))
+    with pytest.raises(ValueError, match="loss_type='nope' is not supported"):
+        config_from_trl(SimpleNamespace(loss_type="nope"))

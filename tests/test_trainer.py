@@ -126,3 +126,31 @@ def test_padding_free_batches_give_the_padded_numbers(tmp_path, loss_type):
     torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_entropy_follows_trls_rule(tmp_path):
+    """The coefficient starts gated (no entropy measured yet), then moves by delta each step towards
+    more bonus while the step's entropy is <= target, clipped to [min, max]; resume keeps it."""
+    trainer = make_trainer(tmp_path, loss=GRPOLossConfig(entropy_coef=0.01), use_adaptive_entropy=True,
+                           entropy_target=10.0, entropy_coef_delta=0.02, entropy_coef_max=0.05, max_steps=4)
+    applied = []
+    original = trainer._applied_entropy_coef
+    trainer._applied_entropy_coef = lambda: applied.append(original()) or applied[-1]
+    history = trainer.train(toy.successor_dataset(20))
+    assert [h["entropy_coef"] for h in history] == pytest.approx([0.03, 0.05, 0.05, 0.05])
+    assert applied == pytest.approx([0.0, 0.03, 0.05, 0.05])
+    low_target = make_trainer(tmp_path / "low", loss=GRPOLossConfig(entropy_coef=0.05), use_adaptive_entropy=True,
+                              entropy_target=0.0, entropy_coef_delta=0.02, max_steps=3)
+    assert [h["entropy_coef"] for h in low_target.train(toy.successor_dataset(20))] == pytest.approx([0.03, 0.01, 0.0])
+
+
+def test_model_logit_transform_reaches_the_loss(tmp_path):
+    tokenizer = toy.char_tokenizer()
+    model = toy.tiny_causal_lm(len(tokenizer), seed=0)
+    model.config.final_logit_softcapping = 2.0
+    trainer = GRPOTrainer(model, tokenizer, [toy.exact_answer_reward],
+                          TrainerConfig(output_dir=str(tmp_path), progress=False, max_steps=1))
+    assert trainer.cfg.loss.final_logit_softcapping == 2.0 and trainer.cfg.loss.logit_scale == 1.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=5.0 disagrees"):
+        GRPOTrainer(model, tokenizer, [toy.exact_answer_reward],
+                    TrainerConfig(output_dir=str(tmp_path), loss=GRPOLossConfig(final_logit_softcapping=5.0)))
