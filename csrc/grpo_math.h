@@ -248,6 +248,11 @@ GK_HD float is_clip(float w, int truncate, float lo, float hi) {
   return (w < lo || w > hi) ? 0.f : w;
 }
 
+// exp(old − sampling) of one token (a NaN sampling log-prob counts as 0), clipped for a token IS mode.
+GK_HD float token_is_weight(float old, float sampling, const LossParams& p) {
+  return is_clip(expf(nan_to_zero(old - sampling)), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo, p.is_hi);
+}
+
 // Per-sequence partial sums written by objective_sequence, in this order.
 enum Slot : int {
   SLOT_LOSS = 0, SLOT_COUNT, SLOT_ENTROPY, SLOT_LOW, SLOT_HIGH, SLOT_REGION, SLOT_RATIO_SUM, SLOT_RATIO_MAX,
@@ -314,11 +319,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[row + t]);
     if (vespo) {
       vespo_log += fminf(fmaxf(logp - old, -20.f), 20.f);
-      if (is_token) {
-        float w = is_clip(expf(nan_to_zero(old - a.sampling[row + t])), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo,
-                          p.is_hi);
-        vespo_log += clamp_vespo_log(logf(w));
-      }
+      if (is_token) vespo_log += clamp_vespo_log(logf(token_is_weight(old, a.sampling[row + t], p)));
       if (a.token_weights && !a.weights_per_seq) vespo_log += clamp_vespo_log(logf(a.token_weights[row + t]));
     }
   }
@@ -380,7 +381,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     }
     float is_w = 1.f;
     if (is_token)
-      is_w = is_clip(expf(nan_to_zero(old - a.sampling[i])), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo, p.is_hi);
+      is_w = token_is_weight(old, a.sampling[i], p);
     else if (p.is_mode != IS_NONE)
       is_w = is_seq;
     if (!vespo) {  // VESPO folds the IS ratios into its sequence weight instead

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..config import GRPOLossConfig
+from ..entropy_control import next_entropy_coef
 from ..fused_linear import fused_linear_grpo_loss
 from ..transform import model_logit_options
 
@@ -130,10 +131,9 @@ def _entropy_controller(self, mode, out, mask, cfg, global_count):
             totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
             world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
             args = self.args
-            if world_entropy <= args.entropy_target:
-                self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
-            else:
-                self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+            self.entropy_coef = next_entropy_coef(self.entropy_coef, world_entropy, target=args.entropy_target,
+                                                  delta=args.entropy_coef_delta, low=args.entropy_coef_min,
+                                                  high=args.entropy_coef_max)
             self._last_world_entropy = world_entropy
             self._entropy_window_stats = None
     if mode == "train" and self.accelerator.sync_gradients:

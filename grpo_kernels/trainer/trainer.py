@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..entropy_control import next_entropy_coef
 from ..functional import group_advantages
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from ..transform import with_model_logit_options
@@ -209,10 +210,9 @@ class GRPOTrainer:
     def _update_entropy_coef(self, entropy: float) -> None:
         """TRL's rule: one delta step towards more bonus when entropy is at or below the target."""
         cfg = self.cfg
-        if entropy <= cfg.entropy_target:
-            self.entropy_coef = min(self.entropy_coef + cfg.entropy_coef_delta, cfg.entropy_coef_max)
-        else:
-            self.entropy_coef = max(self.entropy_coef - cfg.entropy_coef_delta, cfg.entropy_coef_min)
+        self.entropy_coef = next_entropy_coef(self.entropy_coef, entropy, target=cfg.entropy_target,
+                                              delta=cfg.entropy_coef_delta, low=cfg.entropy_coef_min,
+                                              high=cfg.entropy_coef_max)
         self.last_entropy = entropy
 
     # ---------------------------------------------------------------- one step

@@ -101,6 +101,21 @@ def _k3(x):
 
 
 @triton.jit
+def _is_clip(w, is_lo, is_hi, TRUNCATE: tl.constexpr):
+    """The rollout IS weight truncated to [lo, hi] (*_truncate) or zeroed outside it (*_mask)."""
+    if TRUNCATE:
+        return tl.minimum(tl.maximum(w, is_lo), is_hi)
+    return tl.where((w < is_lo) | (w > is_hi), 0.0, w)
+
+
+@triton.jit
+def _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, TRUNCATE: tl.constexpr):
+    """exp(old − sampling) per token (NaN sampling log-probs count as 0), clipped."""
+    samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+    return _is_clip(tl.exp(tl.where(m, _nan_to_zero(old - samp), 0.0)), is_lo, is_hi, TRUNCATE)
+
+
+@triton.jit
 def _vespo_phi(log_w, adv, k_pos, lam_pos, k_neg, lam_neg):
     """VESPO's Gamma weight exp(λ + k·log w − λ·w), (k, λ) by the advantage's sign; non-finite → 0."""
     k = tl.where(adv >= 0, k_pos, k_neg)
@@ -190,12 +205,7 @@ def _grpo_objective_kernel(
         if VESPO:
             log_w_t = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
             if IS_TOKEN:
-                samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
-                is_t = tl.exp(tl.where(m, _nan_to_zero(old - samp), 0.0))
-                if IS_MODE == 1:
-                    is_t = tl.minimum(tl.maximum(is_t, is_lo), is_hi)
-                else:
-                    is_t = tl.where((is_t < is_lo) | (is_t > is_hi), 0.0, is_t)
+                is_t = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == 1)
                 log_w_t += _vespo_log(tl.log(is_t))
             if HAS_TOKEN_WEIGHTS and not WEIGHTS_PER_SEQ:
                 log_w_t += _vespo_log(tl.log(tl.load(weights_ptr + row + offs, mask=m, other=1.0)))
@@ -205,10 +215,8 @@ def _grpo_objective_kernel(
     rho_seq = tl.exp(w_seq)
     off_kl = sum_off / n_b
     is_seq = tl.exp(sum_isd)
-    if IS_MODE == 3:
-        is_seq = tl.minimum(tl.maximum(is_seq, is_lo), is_hi)
-    if IS_MODE == 4:
-        is_seq = tl.where((is_seq < is_lo) | (is_seq > is_hi), 0.0, is_seq)
+    if IS_SEQ:
+        is_seq = _is_clip(is_seq, is_lo, is_hi, IS_MODE == 3)
     vespo_log_w = tl.zeros((), tl.float32)
     if VESPO:
         if IS_SEQ:
@@ -274,14 +282,9 @@ def _grpo_objective_kernel(
             keep_ent = (tl.load(keep_ent_ptr + row + offs, mask=m, other=0) != 0).to(tl.float32) * mf
             mult = mult * keep_ent
         is_w = tl.full((BLOCK_T,), 1.0, tl.float32)
-        if IS_MODE == 1 or IS_MODE == 2:
-            samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
-            is_w = tl.exp(tl.where(m, _nan_to_zero(old - samp), 0.0))
-            if IS_MODE == 1:
-                is_w = tl.minimum(tl.maximum(is_w, is_lo), is_hi)
-            else:
-                is_w = tl.where((is_w < is_lo) | (is_w > is_hi), 0.0, is_w)
-        if IS_MODE == 3 or IS_MODE == 4:
+        if IS_TOKEN:
+            is_w = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == 1)
+        if IS_SEQ:
             is_w = tl.zeros((BLOCK_T,), tl.float32) + is_seq
         if not VESPO:  # VESPO folds the IS ratios into its sequence weight instead
             if IS_MODE != 0:

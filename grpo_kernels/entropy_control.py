@@ -1,0 +1,10 @@
+"""TRL 1.16's adaptive entropy coefficient rule, shared by our trainer and the TRL drop-in."""
+from __future__ import annotations
+
+
+def next_entropy_coef(coef: float, entropy: float, *, target: float, delta: float, low: float, high: float) -> float:
+    """One controller step: delta more bonus when the entropy is at or below the target, delta less
+    otherwise, kept within [low, high]."""
+    if entropy <= target:
+        return min(coef + delta, high)
+    return max(coef - delta, low)
