@@ -16,7 +16,7 @@ from . import reference
 from .config import GRPOLossConfig, resolve_config
 from .layout import TokenLayout, check_cu_seqlens
 from .ops import logprobs_with_entropy, resolve_backend
-from .ops.dispatch import backend_module
+from .ops.dispatch import backend_module, stats_dtype
 from .ops.objective import fused_objective, has_fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
 from .transform import LogitTransform
@@ -154,11 +154,16 @@ def objective_from_logprobs(
     )
 
 
+def weights_per_sequence(is_weights, layout: TokenLayout) -> bool:
+    """is_weights holds one weight per sequence ((B,) or (B, 1)), not one per token."""
+    return is_weights.numel() == layout.batch and tuple(is_weights.shape) != tuple(layout.token_shape)
+
+
 def sequence_or_token_weights(is_weights, layout: TokenLayout, dtype):
     """is_weights as the objective takes them: padded (B, T) per token, or (B, 1) per sequence."""
     if is_weights is None:
         return None
-    if is_weights.numel() == layout.batch and tuple(is_weights.shape) != tuple(layout.token_shape):
+    if weights_per_sequence(is_weights, layout):
         return is_weights.reshape(layout.batch, 1).to(dtype)
     return layout.to_padded(is_weights.to(dtype))
 
@@ -308,14 +313,14 @@ def grpo_loss_from_logprobs(
     check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logps.device,
                            is_weights)
     check_finite("logps", logps, mask)
-    stats_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    dtype = stats_dtype(logps)
     if entropy is None:
         if cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0:
             raise ValueError(
                 "entropy is required by entropy_coef != 0 and top_entropy_quantile < 1 "
                 f"(got entropy_coef={cfg.entropy_coef}, top_entropy_quantile={cfg.top_entropy_quantile})"
             )
-        entropy = torch.zeros_like(logps, dtype=stats_dtype)
+        entropy = torch.zeros_like(logps, dtype=dtype)
     else:
         require_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token entropies")
         require_shape("entropy", entropy, token_shape, "one entropy per token")
@@ -323,7 +328,7 @@ def grpo_loss_from_logprobs(
         check_finite("entropy", entropy, mask)
     name = resolve_backend(backend, logps.device, logps.dtype)
     return objective_from_logprobs(
-        logps.to(stats_dtype).reshape(-1), entropy.to(stats_dtype).reshape(-1), layout, mask, advantages, cfg, name,
+        logps.to(dtype).reshape(-1), entropy.to(dtype).reshape(-1), layout, mask, advantages, cfg, name,
         old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps, is_weights=is_weights,
         num_items_in_batch=check_num_items(num_items_in_batch),
     )

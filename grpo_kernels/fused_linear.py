@@ -22,10 +22,11 @@ import torch
 from . import reference
 from .config import resolve_config
 from .functional import (
-    check_ids_and_mask, check_num_items, check_objective_inputs, objective_from_logprobs, token_layout,
+    check_ids_and_mask, check_num_items, check_objective_inputs, objective_from_logprobs, sequence_or_token_weights,
+    token_layout, weights_per_sequence,
 )
 from .layout import TokenLayout
-from .ops.dispatch import backend_module, resolve_backend
+from .ops.dispatch import backend_module, resolve_backend, stats_dtype
 from .ops.objective import has_fused_objective
 from .outputs import GRPOLossOutput
 from .transform import LogitTransform
@@ -106,7 +107,6 @@ class _Plan:
         self.rows = rows
         self.chunks = sequence_chunks(layout, cu_seqlens, rows)
         self.accumulate_fp32 = accumulate_fp32
-        self.mask_shape = tuple(layout.token_shape)
         self.output: Optional[GRPOLossOutput] = None
 
     def chunk_layout(self, b0, b1, r0, r1) -> TokenLayout:
@@ -127,11 +127,6 @@ class _Plan:
 
 def _logits(h, weight, bias):
     return torch.nn.functional.linear(h, weight, bias)
-
-
-def stats_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """Log-probs, entropies and the loss: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 def grad_accumulator_dtype(weight: torch.Tensor, accumulate_fp32: bool) -> torch.dtype:
@@ -165,10 +160,10 @@ def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
     adv = adv if adv.shape == (b1 - b0,) else pad(adv.reshape(-1))
     as_stat = lambda x: None if x is None else pad(plan.token_slice(x, *chunk).reshape(-1).to(dtype))  # noqa: E731
     weights = plan.is_weights
-    if weights is not None and weights.numel() == plan.layout.batch and weights.shape != plan.mask_shape:
-        weights = weights.reshape(-1)[b0:b1].reshape(-1, 1).to(dtype)  # one per sequence
-    else:
-        weights = as_stat(weights)
+    if weights is not None:  # one per sequence: the chunk's sequences; per token: the chunk's tokens
+        weights = (weights.reshape(-1)[b0:b1] if weights_per_sequence(weights, plan.layout)
+                   else plan.token_slice(weights, *chunk))
+    weights = sequence_or_token_weights(weights, layout, dtype)
     keep = None
     if totals.entropy_keep is not None:
         keep = totals.entropy_keep[b0:b1, :layout.length]

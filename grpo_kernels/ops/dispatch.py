@@ -74,6 +74,11 @@ def why_unavailable(name: str, device: torch.device):
 FP64_BACKENDS = ("torch",)
 
 
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of log-probs, entropies, the loss and metrics for inputs like `x`: fp64 for fp64, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @trace_as_constant
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = None) -> str:
     """The backend that runs an op on `device` for inputs of `dtype` (None: any float dtype)."""

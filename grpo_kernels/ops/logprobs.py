@@ -13,16 +13,12 @@ import torch
 from torch import Tensor
 
 from ..transform import LogitTransform
-from .dispatch import backend_module
+from .dispatch import backend_module, stats_dtype
 
 
 def _transform(temperature: float, logit_scale: float, softcap: float) -> LogitTransform:
     """Custom ops take plain floats; softcap 0 stands for None."""
     return LogitTransform(temperature, logit_scale, softcap or None)
-
-
-def _stats_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
@@ -37,7 +33,7 @@ def _logprobs_fwd(
 @_logprobs_fwd.register_fake
 def _(logits, ids, temperature, logit_scale, softcap, backend, inplace_backward, with_entropy):
     n = ids.numel()
-    return tuple(logits.new_empty(n, dtype=_stats_dtype(logits)) for _ in range(3))
+    return tuple(logits.new_empty(n, dtype=stats_dtype(logits)) for _ in range(3))
 
 
 @torch.library.custom_op("grpo_kernels::logprobs_bwd", mutates_args=())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..transform import LogitTransform
+from .dispatch import stats_dtype
 
 # fp32 working set of one chunk of rows; several temporaries of this size may coexist.
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -41,10 +42,6 @@ def _row_blocks(logits: torch.Tensor):
     t = logits.shape[1]
     for b in range(logits.shape[0]):
         yield b * t, logits[b]
-
-
-def stats_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTransform, with_entropy: bool = True):
