@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -40,15 +40,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 20) -> float:
-    """Median milliseconds of fn() over `repeats` runs."""
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 20,
+            before: Optional[Callable[[], None]] = None) -> float:
+    """Median milliseconds of fn() over `repeats` runs; `before()` runs ahead of each, untimed."""
+    before = before or (lambda: None)
     for _ in range(warmup):
+        before()
         fn()
     sync(device)
     samples = []
     if device.type == "cuda":
         flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
         for _ in range(repeats):
+            before()
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -58,6 +62,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
             samples.append(start.elapsed_time(end))
     else:
         for _ in range(repeats):
+            before()
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -118,7 +123,7 @@ def roofline(device: torch.device) -> Dict[str, float]:
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup=3, repeats=20 if device.type == "cuda" else 5)
     copy_gbs = 2 * size / (ms * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # free the buffers before the matmul
     if device.type == "cuda":
         n, dtype = 8192, torch.bfloat16
     else:

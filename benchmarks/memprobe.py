@@ -11,7 +11,7 @@ import sys
 import torch
 
 from .measure import cpu_peak_extra_bytes_in_process
-from .tasks import TASKS, Shape
+from .tasks import TASKS, Contender, Shape
 
 
 def main(argv=None) -> None:
@@ -21,8 +21,10 @@ def main(argv=None) -> None:
     task = TASKS[shape.task]
     device = torch.device("cpu")
     inputs = task.build(shape, device)
-    contender = next(c for c in task.contenders(device) if c.name == spec["contender"])
+    contender = next(c for c in task.contenders(device) if isinstance(c, Contender) and c.name == spec["contender"])
+    restore = (lambda: task.restore(inputs)) if task.restore else (lambda: None)
     contender.run(inputs)  # warm-up: lazy initialisation and compilation are not the op's memory
+    restore()
     peak = cpu_peak_extra_bytes_in_process(lambda: contender.run(inputs))
     print(json.dumps({"peak_extra_bytes": peak}))
 

@@ -1,4 +1,8 @@
-"""Benchmark results as a CSV, markdown tables with ratios, and PNG plots of time and memory vs V."""
+"""Benchmark results as a CSV, markdown tables with ratios, and PNG plots of time and memory vs V.
+
+Ratios compare each contender with the baselines of its shape: eager PyTorch as users write it
+and torch.compile of the same code (the roles EAGER and COMPILED in tasks.py).
+"""
 from __future__ import annotations
 
 import csv
@@ -7,8 +11,10 @@ import os
 from collections import defaultdict
 from typing import Dict, List
 
-COLUMNS = ["task", "dtype", "N", "V", "H", "contender", "ms", "GBps", "TFLOPs", "pct_roofline", "peak_MiB",
-           "overhead_MiB", "speedup_vs_reference", "memory_vs_reference", "agreement", "note", "error"]
+from .tasks import COMPILED, EAGER
+
+COLUMNS = ["task", "dtype", "N", "V", "H", "contender", "role", "ms", "GBps", "TFLOPs", "pct_roofline", "peak_MiB",
+           "overhead_MiB", "speedup_vs_eager", "speedup_vs_compiled", "memory_vs_eager", "agreement", "note", "error"]
 
 
 def _shape_key(row):
@@ -16,15 +22,18 @@ def _shape_key(row):
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Speed-up and memory ratio of every contender against the eager reference of its shape."""
-    reference = next((r for r in rows if r["contender"].startswith("reference") and "ms" in r), None)
-    if reference is None:
-        return
+    """Speed-up against eager PyTorch and torch.compile, and memory against eager, on one shape's rows."""
+    eager = next((r for r in rows if r.get("role") == EAGER and "ms" in r), None)
+    compiled = next((r for r in rows if r.get("role") == COMPILED and "ms" in r), None)
     for row in rows:
-        if "ms" in row:
-            row["speedup_vs_reference"] = reference["ms"] / row["ms"]
-        if "overhead_MiB" in row and reference.get("overhead_MiB"):
-            row["memory_vs_reference"] = row["overhead_MiB"] / reference["overhead_MiB"]
+        if "ms" not in row:
+            continue
+        if eager is not None:
+            row["speedup_vs_eager"] = eager["ms"] / row["ms"]
+            if "overhead_MiB" in row and eager.get("overhead_MiB"):
+                row["memory_vs_eager"] = row["overhead_MiB"] / eager["overhead_MiB"]
+        if compiled is not None:
+            row["speedup_vs_compiled"] = compiled["ms"] / row["ms"]
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
@@ -42,37 +51,38 @@ def _fmt(value, digits=2):
     return str(value)
 
 
-def write_markdown(rows: List[Dict], roof: Dict, path: str) -> None:
+def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str) -> None:
     lines = [f"# Benchmarks on {roof['device']}", "",
-             f"torch {roof['torch']}; {roof['mode']} set. Measured roofline: device copy "
-             f"{roof['copy_GBps']:.0f} GB/s, {roof['matmul_dtype']} matmul {roof['matmul_TFLOPs']:.1f} TFLOP/s.",
-             "Times are medians of forward (+ backward where the task has one). `% roofline` is achieved "
-             "GB/s against the copy bandwidth (logprobs: N·V·s bytes; loss: 3·N·V·s) or TFLOP/s against the "
-             "matmul rate (linear: 6·N·H·V). `overhead MiB` is peak memory above the inputs, minus the "
-             "gradients the contender must return. Ratios are against the eager reference of the same shape.", ""]
+             f"torch {roof['torch']}; {roof['mode']} set, {roof.get('wall_s', 0):.0f} s. Measured roofline: device "
+             f"copy {roof['copy_GBps']:.0f} GB/s, {roof['matmul_dtype']} matmul {roof['matmul_TFLOPs']:.1f} TFLOP/s.",
+             "Times are medians of forward (+ backward where the task has one), on the same inputs for every "
+             "contender of a shape. `% roofline` is achieved GB/s against the copy bandwidth (logprobs: N·V·s "
+             "bytes; loss: 3·N·V·s) or TFLOP/s against the matmul rate (linear: 6·N·H·V). `overhead MiB` is peak "
+             "memory above the inputs, minus the gradients the contender must return. Speed-ups are against "
+             "plain eager PyTorch written as TRL writes it and `torch.compile` of that code, measured in the "
+             "same run; memory is against eager. The fp32 reference only checks every contender's value "
+             "(`agreement`) and is not timed.", ""]
     groups = defaultdict(list)
     for row in rows:
         groups[_shape_key(row)].append(row)
     for (task, dtype, n, v, h), group in groups.items():
         title = f"## {task}: N={n}" + (f", V={v}" if v else "") + (f", H={h}" if h else "") + f", {dtype}"
-        lines += [title, "", "| contender | ms | throughput | % roofline | peak MiB | overhead MiB | speed-up vs ref"
-                  " | memory vs ref | note |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [title, "", "| contender | ms | throughput | % roofline | peak MiB | overhead MiB | speed-up vs eager"
+                  " | speed-up vs torch.compile | memory vs eager | note |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in group:
             if r.get("error"):
-                lines.append(f"| {r['contender']} | | | | | | | | {r['error']} |")
+                lines.append(f"| {r['contender']} | | | | | | | | | {r['error']} |")
                 continue
             thr = f"{r['GBps']:.0f} GB/s" if "GBps" in r else (f"{r['TFLOPs']:.1f} TFLOP/s" if "TFLOPs" in r else "")
+            ratio = lambda key: f"{_fmt(r[key])}x" if key in r else ""  # noqa: E731
             lines.append(
                 f"| {r['contender']} | {_fmt(r.get('ms'), 3)} | {thr} | {_fmt(r.get('pct_roofline'), 1)} | "
-                f"{_fmt(r.get('peak_MiB'), 1)} | {_fmt(r.get('overhead_MiB'), 1)} | "
-                f"{_fmt(r.get('speedup_vs_reference'))}x | {_fmt(r.get('memory_vs_reference'), 3)} | "
-                f"{r.get('note', '')} |")
-        ours = [r for r in group if r["contender"].startswith("grpo_kernels") and "ms" in r]
-        peers = [r for r in group if not r["contender"].startswith("grpo_kernels") and "ms" in r]
-        if ours and peers:
-            best = min(ours, key=lambda r: r["ms"])
-            versus = ", ".join(f"{p['ms'] / best['ms']:.2f}x vs {p['contender']}" for p in peers)
-            lines += ["", f"Fastest of ours, {best['contender']}: {versus}."]
+                f"{_fmt(r.get('peak_MiB'), 1)} | {_fmt(r.get('overhead_MiB'), 1)} | {ratio('speedup_vs_eager')} | "
+                f"{ratio('speedup_vs_compiled')} | {_fmt(r.get('memory_vs_eager'), 3)} | {r.get('note', '')} |")
+        lines.append("")
+    if skipped:
+        lines += ["## Not run here", "", "| task | contender | why |", "|---|---|---|"]
+        lines += [f"| {s['task']} | {s['contender']} | {s['reason']} |" for s in skipped]
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -114,9 +124,9 @@ def write_plots(rows: List[Dict], out_dir: str) -> None:
         plt.close(fig)
 
 
-def write_all(rows: List[Dict], roof: Dict, out_dir: str) -> None:
+def write_all(rows: List[Dict], roof: Dict, skipped: List[Dict], out_dir: str) -> None:
     write_csv(rows, os.path.join(out_dir, "results.csv"))
-    write_markdown(rows, roof, os.path.join(out_dir, "results.md"))
+    write_markdown(rows, roof, skipped, os.path.join(out_dir, "results.md"))
     write_plots(rows, out_dir)
     with open(os.path.join(out_dir, "roofline.json"), "w") as f:
         json.dump(roof, f, indent=2)

@@ -1,29 +1,33 @@
 """One command for all benchmarks: `python -m benchmarks [--quick | --full] [--tasks ...]`.
 
---quick  a CPU-sized set (the shapes the CPU targets of the issues name), runs in minutes
+--quick  a CPU-sized set: about 4 minutes on 2 CPU cores (measured: 3.6 min on a 2-core
+         AMD EPYC), most of it torch.compile's first compilations
 --full   the GPU sweep: V in {32000, 128256, 151936, 262144}, N in {4096, 16384},
          H in {2048, 4096}, bf16 and fp32
 
-Writes benchmarks/results/<device>/: results.csv, results.md (tables with speed-up and memory
-ratio against the reference and each peer), roofline.json, and PNG plots of time and memory
-against V. Every contender is checked against the fp32 reference before it is timed.
+Results go to a fresh directory, runs/benchmarks/<device>-<date>-<time>/ (or --out), written
+once at the end: results.csv, results.md (tables with the speed-up and memory ratio against
+eager PyTorch and torch.compile of it, as users run it), roofline.json and PNG plots of time
+and memory against V. Nothing is written if the run is interrupted. `--update-committed`
+writes into the repository's committed set, benchmarks/results/<device>/, instead.
+Contenders that cannot run here (a peer not installed, a backend not built) are printed
+with the reason and listed in results.md. Every contender is checked against the fp32
+reference before it is timed; the reference itself is not timed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
+import time
 from typing import Dict, List
 
 import torch
 
-from . import report
+from . import output, report
 from .measure import cpu_peak_extra_bytes, cuda_peak_extra_bytes, device_name, roofline, time_ms
-from .tasks import TASKS, Shape, agreement
+from .tasks import TASKS, Contender, Shape, Skipped, agreement
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def quick_shapes() -> List[Shape]:
@@ -32,7 +36,7 @@ def quick_shapes() -> List[Shape]:
         Shape("logprobs", 2048, 32000, dtype="float32"),
         Shape("loss", 2048, 16000, dtype="float32"),
         Shape("loss", 2048, 32000, dtype="float32"),
-        Shape("linear", 4096, 32000, 1024, dtype="float32"),
+        Shape("linear", 1024, 32000, 512, dtype="float32"),
         Shape("advantages", 4096, 0, dtype="float32"),
         Shape("verl_policy", 262144, 0, dtype="float32"),
     ]
@@ -58,29 +62,28 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def bench_shape(shape: Shape, device: torch.device, roof: Dict, *, repeats: int, memory: bool) -> List[Dict]:
+def bench_shape(shape: Shape, device: torch.device, roof: Dict, contenders: List[Contender], *, repeats: int,
+                memory: bool) -> List[Dict]:
     task = TASKS[shape.task]
-    rows: List[Dict] = []
     try:
         inputs = task.build(shape, device)
+        expected = task.oracle(inputs)
     except Exception as exc:  # noqa: BLE001 - reported in the results, the sweep goes on
         return [dict(**shape.key(), contender="(inputs)", error="OOM" if _is_oom(exc) else repr(exc)[:200])]
-    contenders = task.contenders(device)
-    expected = None
+    restore = (lambda: task.restore(inputs)) if task.restore else (lambda: None)
+    rows: List[Dict] = []
     for contender in contenders:
-        row = dict(**shape.key(), contender=contender.name, note=contender.note)
+        row = dict(**shape.key(), contender=contender.name, note=contender.note, role=contender.role)
         rows.append(row)
         try:
-            value = contender.run(inputs)
-            if expected is None and contender.name.startswith("reference"):
-                expected = value
-            ref_value = expected if expected is not None else value
-            err = agreement(value, ref_value)
+            restore()
+            err = agreement(contender.run(inputs), expected)
             row["agreement"] = err
             if not err <= task.tolerance(shape):
                 row["error"] = f"disagrees with the reference by {err:.2e}; not timed"
                 continue
-            ms = time_ms(lambda: contender.run(inputs), device, repeats=repeats, warmup=2 if device.type == "cpu" else 3)
+            ms = time_ms(lambda: contender.run(inputs), device, repeats=repeats,
+                         warmup=1 if device.type == "cpu" else 3, before=restore)
             row["ms"] = ms
             if task.bytes_moved:
                 gbs = task.bytes_moved(shape) / (ms * 1e-3) / 1e9
@@ -90,6 +93,7 @@ def bench_shape(shape: Shape, device: torch.device, roof: Dict, *, repeats: int,
                 row["TFLOPs"], row["pct_roofline"] = tf, 100 * tf / roof["matmul_TFLOPs"]
             if memory:
                 if device.type == "cuda":
+                    restore()
                     peak = cuda_peak_extra_bytes(lambda: contender.run(inputs), device)
                 else:
                     peak = cpu_peak_extra_bytes(dict(shape=shape.__dict__, contender=contender.name,
@@ -101,26 +105,38 @@ def bench_shape(shape: Shape, device: torch.device, roof: Dict, *, repeats: int,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     report.add_ratios(rows)
-    del inputs
+    inputs = None  # free the shape's tensors before the next one
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def split_contenders(task: str, device: torch.device):
+    """(runnable contenders, skipped ones) of a task on this device."""
+    entries = TASKS[task].contenders(device)
+    return [e for e in entries if isinstance(e, Contender)], [e for e in entries if isinstance(e, Skipped)]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="CPU-sized set (default without CUDA)")
+    mode.add_argument("--quick", action="store_true", help="CPU-sized set, ~4 min on 2 cores (default without CUDA)")
     mode.add_argument("--full", action="store_true", help="the full GPU sweep (default with CUDA)")
-    parser.add_argument("--tasks", default="logprobs,loss,linear,advantages,verl_policy")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     parser.add_argument("--vocab", type=int, nargs="*", help="override V of the full sweep")
     parser.add_argument("--tokens", type=int, nargs="*", help="override N of the full sweep")
-    parser.add_argument("--dtypes", nargs="*", help="override the dtypes of the full sweep")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--dtypes", nargs="*", choices=("bfloat16", "float16", "float32"),
+                        help="override the dtypes of the full sweep")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per contender (default: 20 on CUDA, 5 on CPU)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
-    parser.add_argument("--out", default=RESULTS)
+    output.add_arguments(parser)
     args = parser.parse_args(argv)
+    unknown = set(args.tasks.split(",")) - set(TASKS)
+    if unknown:
+        parser.error(f"--tasks: unknown {sorted(unknown)}; choose from {list(TASKS)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full = args.full or (not args.quick and device.type == "cuda")
@@ -137,12 +153,22 @@ def main(argv=None) -> int:
         shapes = quick_shapes()
     wanted = set(args.tasks.split(","))
     shapes = [s for s in shapes if s.task in wanted]
-    repeats = args.repeats or (20 if device.type == "cuda" else 3)
+    repeats = args.repeats or (20 if device.type == "cuda" else 5)
 
     name = device_name(device)
-    out_dir = os.path.join(args.out, re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_"))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = output.directory(args, name)
     print(f"device: {name}", file=sys.stderr)
+
+    contenders, skipped = {}, []
+    for task in sorted({s.task for s in shapes}, key=list(TASKS).index):
+        contenders[task], skips = split_contenders(task, device)
+        skipped += [dict(task=task, contender=s.name, reason=s.reason) for s in skips]
+        if not contenders[task]:
+            print(f"skipped task {task}: nothing to run", file=sys.stderr)
+    for s in skipped:
+        print(f"skipped {s['task']} / {s['contender']}: {s['reason']}", file=sys.stderr)
+    shapes = [s for s in shapes if contenders[s.task]]
+
     roof = roofline(device)
     roof.update(device=name, torch=torch.__version__, mode="full" if full else "quick")
     print(f"roofline: copy {roof['copy_GBps']:.0f} GB/s, matmul ({roof['matmul_dtype']}) "
@@ -150,14 +176,20 @@ def main(argv=None) -> int:
 
     from tqdm.auto import tqdm
 
+    start = time.perf_counter()
     rows: List[Dict] = []
-    for shape in tqdm(shapes, desc="benchmarks", unit="shape"):
-        rows += bench_shape(shape, device, roof, repeats=repeats, memory=not args.no_memory)
-        report.write_all(rows, roof, out_dir)  # keep partial results if the run is cut short
-    with open(os.path.join(out_dir, "roofline.json"), "w") as f:
-        json.dump(roof, f, indent=2)
-    print(open(os.path.join(out_dir, "results.md")).read())
-    print(f"results in {out_dir}", file=sys.stderr)
+    try:
+        for shape in tqdm(shapes, desc="benchmarks", unit="shape"):
+            rows += bench_shape(shape, device, roof, contenders[shape.task], repeats=repeats,
+                                memory=not args.no_memory)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    roof["wall_s"] = round(time.perf_counter() - start, 1)
+    output.publish(lambda scratch: report.write_all(rows, roof, skipped, scratch), out_dir)
+    with open(os.path.join(out_dir, "results.md")) as f:
+        print(f.read())
+    print(f"results in {out_dir} ({roof['wall_s']:.0f} s)", file=sys.stderr)
     return 0
 
 

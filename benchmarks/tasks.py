@@ -6,8 +6,12 @@ Tasks:
   linear      the fused-linear GRPO loss from hidden states and lm_head, forward + backward
   advantages  group advantages of N rewards in groups of 8
 
-Each contender returns a value that is compared with the fp32 reference before it is timed
-(`agreement`): a contender that disagrees is reported, not timed.
+Baselines are what users run today: plain eager PyTorch written the way TRL writes it
+(log_softmax + gather, then GRPOTrainer's loss lines) and `torch.compile` of the same code; every
+ratio in the results is against them. Peers (TRL's kernels, Liger, verl) run when installed.
+The fp32 reference (`grpo_kernels.reference`) is the correctness oracle: each contender's value
+is compared with it before timing (`agreement`), and a contender that disagrees is reported,
+not timed. The reference itself is never timed.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ class Shape:
         return dict(task=self.task, N=self.n, V=self.v, H=self.h, dtype=self.dtype)
 
 
+EAGER, COMPILED, OURS, PEER = "eager", "compiled", "ours", "peer"
+
+
 @dataclass
 class Contender:
     name: str
@@ -48,13 +55,25 @@ class Contender:
     # Bytes of gradient it necessarily allocates (not counted as overhead in the memory ratio).
     grad_bytes: Callable[[Shape], int] = lambda s: 0
     note: str = ""
+    role: str = PEER  # EAGER and COMPILED are the baselines of the ratios
+
+
+@dataclass
+class Skipped:
+    """A contender that does not run here, and why (printed, and listed in results.md)."""
+    name: str
+    reason: str
 
 
 @dataclass
 class Task:
     name: str
     build: Callable[[Shape, torch.device], Dict]
-    contenders: Callable[[torch.device], List[Contender]]
+    contenders: Callable[[torch.device], List[Contender]]  # Contender and Skipped entries
+    oracle: Callable[[Dict], torch.Tensor]  # the fp32 reference value, for the agreement check
+    # Called (untimed) before every run of every contender: puts back inputs that in-place
+    # contenders overwrite, so each run sees the same logits.
+    restore: Optional[Callable[[Dict], None]] = None
     bytes_moved: Optional[Callable[[Shape], float]] = None  # memory-bound: GB/s vs copy roofline
     flops: Optional[Callable[[Shape], float]] = None  # compute-bound: TFLOP/s vs matmul roofline
     tolerance: Callable[[Shape], float] = field(default=lambda s: 2e-2 if s.dtype != "float32" else 1e-4)
@@ -64,11 +83,32 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _our_backends(device: torch.device) -> List[str]:
-    names = gk.available_backends(device)
-    if device.type == "cpu":  # interpreted Triton is a correctness tool, not a contender
-        names = [n for n in names if n != "triton"]
-    return names
+def _ours(device: torch.device, make, **kw) -> List:
+    """One contender per backend of ours that runs on `device`, and the others as Skipped."""
+    out = []
+    for backend in ("triton", "cuda", "cpp", "torch"):
+        if device.type == "cpu" and backend in ("triton", "cuda"):
+            reason = "interpreted Triton on CPU is a correctness tool" if backend == "triton" else "needs CUDA"
+            out.append(Skipped(f"grpo_kernels[{backend}]", reason))
+        elif backend in gk.available_backends(device):
+            out.append(Contender(f"grpo_kernels[{backend}]", make(backend), role=OURS, **kw))
+        else:
+            out.append(Skipped(f"grpo_kernels[{backend}]", "not built (see available_backends() in the README)"))
+    return out
+
+
+def _peer(module: str, name: str, make, *, gpu_only: bool = False, device=None, **kw) -> List:
+    if not _have(module):
+        return [Skipped(name, f"{module} is not installed")]
+    if gpu_only and device is not None and device.type != "cuda":
+        return [Skipped(name, "Triton kernels, GPU only")]
+    return [Contender(name, make(), role=PEER, **kw)]
+
+
+def _baselines(eager, what: str, **kw) -> List[Contender]:
+    """Plain eager PyTorch as users write it, and torch.compile of the same function."""
+    return [Contender(f"eager PyTorch ({what})", eager, role=EAGER, **kw),
+            Contender(f"torch.compile ({what})", torch.compile(eager, dynamic=False), role=COMPILED, **kw)]
 
 
 def _token_inputs(shape: Shape, device: torch.device, gen: torch.Generator) -> Dict:
@@ -102,27 +142,38 @@ def build_logprobs(shape, device):
     return inputs
 
 
-def _reference_logprobs(x):
+def eager_logprobs(x):
+    """log_softmax + gather on the whole (B, T, V) logits: the naive code TRL documents."""
     return torch.log_softmax(x["logits"].float(), -1).gather(-1, x["ids"].unsqueeze(-1)).squeeze(-1)
 
 
-def logprobs_contenders(device):
-    out = [Contender(f"grpo_kernels[{b}]", lambda x, b=b: gk.selective_logprobs(x["logits"], x["ids"], backend=b))
-           for b in _our_backends(device)]
-    out.append(Contender("reference (eager)", _reference_logprobs))
-    compiled = torch.compile(_reference_logprobs, dynamic=False)
-    out.append(Contender("reference (torch.compile)", compiled))
-    if _have("trl"):
-        from trl.trainer.utils import selective_log_softmax
+def _oracle_logprobs(x):
+    return R.logprobs_and_entropy(x["logits"].float(), x["ids"])[0]
 
-        out.append(Contender("TRL selective_log_softmax", lambda x: selective_log_softmax(x["logits"], x["ids"])))
+
+def logprobs_contenders(device):
+    out = _ours(device, lambda b: (lambda x: gk.selective_logprobs(x["logits"], x["ids"], backend=b)))
+    out += _baselines(eager_logprobs, "log_softmax + gather")
+
+    def trl():
+        from trl.trainer.utils import selective_log_softmax
+        return lambda x: selective_log_softmax(x["logits"], x["ids"])
+    note = "TRL's fused Triton kernel on CUDA" if device.type == "cuda" else "eager: per-row logsumexp loop"
+    out += _peer("trl", "TRL selective_log_softmax", trl, note=note)
     return out
 
 
 # ----------------------------------------------------------------------------------------- loss
 
 def build_loss(shape, device):
-    return _logits_inputs(shape, device, torch.Generator().manual_seed(0), extra_position=True)
+    inputs = _logits_inputs(shape, device, torch.Generator().manual_seed(0), extra_position=True)
+    inputs["pristine"] = inputs["buffer"].to("cpu", copy=True)  # host copy: no device memory taken
+    return inputs
+
+
+def restore_logits(x):
+    """In-place backward contenders (ours, Liger) write their gradient over the logits buffer."""
+    x["buffer"].copy_(x["pristine"])
 
 
 def _with_grad(x):
@@ -141,12 +192,11 @@ def _ours_loss(backend):
     return run
 
 
-def _reference_loss(x):
-    leaf, logits = _with_grad(x)
+def _oracle_loss(x):
+    _, logits = _with_grad(x)
     cfg = gk.GRPOLossConfig(**LOSS_OPTIONS)
     terms, _, _ = R.grpo_loss(logits.float(), x["ids"], x["advantages"], mask=x["mask"], old_logps=x["old_logps"],
                               ref_logps=x["ref_logps"], config=cfg)
-    torch.autograd.grad(terms.loss, logits)
     return terms.loss.detach()
 
 
@@ -162,11 +212,20 @@ def trl_loss_lines(logp, x):
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _trl_style_loss(x):
-    """TRL's recipe on materialised logits: selective_log_softmax, then GRPOTrainer's dapo loss lines."""
+def eager_loss(x):
+    """Eager PyTorch as TRL writes it: log_softmax + gather on the logits, then the dapo loss lines."""
+    _, logits = _with_grad(x)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, x["ids"].unsqueeze(-1)).squeeze(-1)
+    loss = trl_loss_lines(logp, x)
+    torch.autograd.grad(loss, logits)
+    return loss.detach()
+
+
+def _trl_loss(x):
+    """TRL's own selective_log_softmax (its Triton kernel on CUDA), then GRPOTrainer's dapo loss lines."""
     from trl.trainer.utils import selective_log_softmax
 
-    leaf, logits = _with_grad(x)
+    _, logits = _with_grad(x)
     loss = trl_loss_lines(selective_log_softmax(logits, x["ids"]), x)
     torch.autograd.grad(loss, logits)
     return loss.detach()
@@ -185,13 +244,11 @@ def _liger_loss(x):
 
 def loss_contenders(device):
     grad = lambda s: s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()  # noqa: E731
-    out = [Contender(f"grpo_kernels[{b}]", _ours_loss(b), note="in-place backward") for b in _our_backends(device)]
-    out.append(Contender("reference (eager)", _reference_loss, grad_bytes=grad))
-    out.append(Contender("reference (torch.compile)", torch.compile(_reference_loss, dynamic=False), grad_bytes=grad))
-    if _have("trl"):
-        out.append(Contender("TRL (selective_log_softmax + GRPOTrainer loss)", _trl_style_loss, grad_bytes=grad))
-    if device.type == "cuda" and _have("liger_kernel"):
-        out.append(Contender("Liger triton_grpo_loss", _liger_loss, note="in-place backward"))
+    out = _ours(device, _ours_loss, note="in-place backward")
+    out += _baselines(eager_loss, "log_softmax + gather + TRL's loss lines", grad_bytes=grad)
+    out += _peer("trl", "TRL selective_log_softmax + GRPOTrainer loss", lambda: _trl_loss, grad_bytes=grad)
+    out += _peer("liger_kernel", "Liger triton_grpo_loss", lambda: _liger_loss, gpu_only=True, device=device,
+                 note="in-place backward")
     return out
 
 
@@ -226,13 +283,22 @@ def _ours_linear(backend):
     return run
 
 
-def _reference_linear(x):
+def _oracle_linear(x):
     h, w = _linear_leaves(x)
     cfg = gk.GRPOLossConfig(**LOSS_OPTIONS)
     terms, _, _ = R.grpo_loss((h @ w.T).float(), x["ids"], x["advantages"], mask=x["mask"],
                               old_logps=x["old_logps"], ref_logps=x["ref_logps"], config=cfg)
-    torch.autograd.grad(terms.loss, (h, w))
     return terms.loss.detach()
+
+
+def eager_linear(x):
+    """Materialised logits = hidden @ lm_head.T, then log_softmax + gather and TRL's loss lines."""
+    h, w = _linear_leaves(x)
+    logits = (h @ w.T).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, x["ids"].unsqueeze(-1)).squeeze(-1)
+    loss = trl_loss_lines(logp, x)
+    torch.autograd.grad(loss, (h, w))
+    return loss.detach()
 
 
 def _liger_linear(x):
@@ -266,14 +332,13 @@ def linear_contenders(device):
     def grad(s):
         size = torch.tensor([], dtype=s.torch_dtype).element_size()
         return (s.n * s.h + s.v * s.h) * size
-    out = [Contender(f"grpo_kernels[{b}]", _ours_linear(b), grad_bytes=grad, note="d_weight accumulated in fp32")
-           for b in _our_backends(device)]
-    out.append(Contender("reference (materialised logits)", _reference_linear, grad_bytes=grad))
-    if _have("trl"):
-        out.append(Contender("TRL 1.16 ChunkedLogProbFunction + loss", _trl_chunked_linear, grad_bytes=grad,
-                             note="8·N·H·V FLOPs (logits recomputed in backward)"))
-    if device.type == "cuda" and _have("liger_kernel"):
-        out.append(Contender("Liger LigerFusedLinearGRPOLoss", _liger_linear, grad_bytes=grad))
+    out = _ours(device, _ours_linear, grad_bytes=grad, note="d_weight accumulated in fp32")
+    out += _baselines(eager_linear, "materialised logits + log_softmax + gather + TRL's loss lines",
+                      grad_bytes=grad)
+    out += _peer("trl", "TRL 1.16 ChunkedLogProbFunction + loss", lambda: _trl_chunked_linear, grad_bytes=grad,
+                 note="8·N·H·V FLOPs (logits recomputed in backward)")
+    out += _peer("liger_kernel", "Liger LigerFusedLinearGRPOLoss", lambda: _liger_linear, gpu_only=True,
+                 device=device, grad_bytes=grad)
     return out
 
 
@@ -307,19 +372,25 @@ def _verl_policy_run(loss_fn, config):
 
 def verl_policy_contenders(device):
     if not _have("verl"):
-        return []
+        return [Skipped("verl_policy (every contender)", "verl is not installed")]
     from verl.trainer.ppo import core_algos
 
     from grpo_kernels.integrations import verl as gk_verl
 
     config = _verl_actor_config()
     grad = lambda s: s.n * 4  # noqa: E731 - d log_prob, fp32
-    out = [Contender("reference: verl 'vanilla' (eager)",
-                     _verl_policy_run(core_algos.get_policy_loss_fn("vanilla"), config), grad_bytes=grad)]
-    out += [Contender(f"grpo_kernels[{b}] 'grpo_kernels_vanilla'",
-                      _verl_policy_run(gk_verl.policy_loss_fn("vanilla", b), config), grad_bytes=grad)
-            for b in _our_backends(device)]
+    out = [Contender("verl 'vanilla' (eager)", _verl_policy_run(core_algos.get_policy_loss_fn("vanilla"), config),
+                     grad_bytes=grad, role=EAGER)]
+    out += _ours(device, lambda b: _verl_policy_run(gk_verl.policy_loss_fn("vanilla", b), config), grad_bytes=grad)
+    for entry in out[1:]:
+        entry.name += " 'grpo_kernels_vanilla'"
     return out
+
+
+def _oracle_verl_policy(x):
+    from verl.trainer.ppo import core_algos
+
+    return _verl_policy_run(core_algos.get_policy_loss_fn("vanilla"), _verl_actor_config())(x)
 
 
 # ----------------------------------------------------------------------------------------- advantages
@@ -331,12 +402,13 @@ def build_advantages(shape, device):
     return dict(rewards=rewards.to(device))
 
 
-def _reference_advantages(x):
+def _oracle_advantages(x):
     n = x["rewards"].numel()
     return R.group_advantages(x["rewards"], torch.arange(n, device=x["rewards"].device) // 8, n // 8).advantages
 
 
-def _trl_style_advantages(x):
+def eager_advantages(x):
+    """TRL's vectorised group statistics (nanmean, unbiased std, + 1e-4), NaN rewards as 0 advantage."""
     r = x["rewards"].view(-1, 8)
     mean = torch.nanmean(r, 1, keepdim=True)
     std = ((r - mean) ** 2).nansum(1, keepdim=True).div((~torch.isnan(r)).sum(1, keepdim=True) - 1).sqrt()
@@ -344,22 +416,20 @@ def _trl_style_advantages(x):
 
 
 def advantages_contenders(device):
-    out = [Contender(f"grpo_kernels[{b}]",
-                     lambda x, b=b: gk.group_advantages(x["rewards"], group_size=8, backend=b).advantages)
-           for b in _our_backends(device)]
-    out.append(Contender("reference (loop over groups)", _reference_advantages))
-    out.append(Contender("TRL-style vectorised", _trl_style_advantages))
-    return out
+    out = _ours(device, lambda b: (lambda x: gk.group_advantages(x["rewards"], group_size=8, backend=b).advantages))
+    return out + _baselines(eager_advantages, "TRL's vectorised lines")
 
 
 TASKS = {
-    "logprobs": Task("logprobs", build_logprobs, logprobs_contenders,
+    "logprobs": Task("logprobs", build_logprobs, logprobs_contenders, _oracle_logprobs,
                      bytes_moved=lambda s: s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()),
-    "loss": Task("loss", build_loss, loss_contenders,
+    "loss": Task("loss", build_loss, loss_contenders, _oracle_loss, restore=restore_logits,
                  bytes_moved=lambda s: 3 * s.n * s.v * torch.tensor([], dtype=s.torch_dtype).element_size()),
-    "linear": Task("linear", build_linear, linear_contenders, flops=lambda s: 6 * s.n * s.h * s.v),
-    "advantages": Task("advantages", build_advantages, advantages_contenders, tolerance=lambda s: 1e-4),
-    "verl_policy": Task("verl_policy", build_verl_policy, verl_policy_contenders, tolerance=lambda s: 1e-4),
+    "linear": Task("linear", build_linear, linear_contenders, _oracle_linear, flops=lambda s: 6 * s.n * s.h * s.v),
+    "advantages": Task("advantages", build_advantages, advantages_contenders, _oracle_advantages,
+                       tolerance=lambda s: 1e-4),
+    "verl_policy": Task("verl_policy", build_verl_policy, verl_policy_contenders, _oracle_verl_policy,
+                        tolerance=lambda s: 1e-4),
 }
 
 

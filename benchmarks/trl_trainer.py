@@ -7,8 +7,9 @@ defaults (dapo, bias-corrected KL) with beta=0.04, on the toy successor task. Re
 median of TRL's own `step_time` metric (one training step: loss forward + backward + optimizer,
 generation excluded) and the process's peak RSS. `--vocab` widens the toy model's vocabulary
 (the extra ids are never sampled by a trained model, but the LM head pays for them), so the
-LM head is the cost it is in real models. Writes trl_trainer.md / .csv under
-benchmarks/results/<device>/ (or --out).
+LM head is the cost it is in real models. Writes trl_trainer.md / .csv into a fresh
+runs/benchmarks/<device>-<date>-<time>/ (or --out; --update-committed for benchmarks/results/<device>/),
+at the end and atomically (benchmarks/output.py).
 """
 from __future__ import annotations
 
@@ -16,14 +17,13 @@ import argparse
 import csv
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from . import output
 
 
 def _child(which: str, steps: int, vocab: int) -> dict:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per trainer (default 8)")
     parser.add_argument("--vocab", type=int, default=32000, help="toy model vocabulary (default 32000)")
-    parser.add_argument("--out", default=RESULTS, help="results root (default benchmarks/results)")
+    output.add_arguments(parser)
     args = parser.parse_args(argv)
     from .measure import device_name
 
@@ -84,12 +84,7 @@ def main(argv=None) -> int:
     for row in rows:
         row["speedup_vs_trl"] = base["median_step_s"] / row["median_step_s"]
         row["rss_vs_trl"] = row["peak_rss_MiB"] / base["peak_rss_MiB"]
-    out_dir = os.path.join(args.out, re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_"))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "trl_trainer.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    out_dir = output.directory(args, name)
     lines = [f"# End to end against trl.GRPOTrainer ({name}, torch {torch.__version__})", "",
              f"Tiny Llama (hidden 256, 2 layers, V={args.vocab}), 16 completions x 16 tokens per step, dapo + "
              "bias-corrected KL (beta=0.04), TRL defaults otherwise. Median of TRL's `step_time` over steps 2..N; "
@@ -99,9 +94,17 @@ def main(argv=None) -> int:
         lines.append(f"| {r['trainer']} | {r['median_step_s']:.3f} | {r['speedup_vs_trl']:.2f}x | "
                      f"{r['peak_rss_MiB']:.0f} | {r['rss_vs_trl']:.2f} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "trl_trainer.md"), "w") as f:
-        f.write(text)
+
+    def write(scratch):
+        with open(os.path.join(scratch, "trl_trainer.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(os.path.join(scratch, "trl_trainer.md"), "w") as f:
+            f.write(text)
+    output.publish(write, out_dir)
     print(text)
+    print(f"results in {out_dir}", file=sys.stderr)
     return 0
 
 

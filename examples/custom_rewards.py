@@ -3,9 +3,14 @@
 A reward function takes `prompts`, `completions` and the dataset's other columns as keyword
 lists, and returns one float per completion, or None where it cannot judge (that completion
 then gets advantage 0). Several functions are combined with TrainerConfig.reward_weights.
+Within 60 steps (~8 s on 2 CPU cores) the policy learns the cheap signal first: nearly every
+completion becomes a single character (rewards/short >= 0.9) while `correct` starts to rise.
+The script exits with status 1 otherwise.
 
     python examples/custom_rewards.py
 """
+import sys
+
 from grpo_kernels.trainer import GRPOTrainer, TrainerConfig, toy
 
 
@@ -24,3 +29,4 @@ config = TrainerConfig(prompts_per_step=16, num_generations=8, max_new_tokens=3,
                        reward_weights=[1.0, 0.2], output_dir="runs/custom_rewards")
 history = GRPOTrainer(model, tokenizer, [correct, short], config).train(toy.successor_dataset())
 print({k: round(v, 3) for k, v in history[-1].items() if k.startswith("reward")})
+sys.exit(0 if history[-1]["rewards/short"] >= 0.9 else 1)

@@ -33,47 +33,58 @@ REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 # Shared argument handling (also used by the fused-linear path)
 # ----------------------------------------------------------------------------------------
 
-def token_layout(token_shape, device, cu_seqlens) -> TokenLayout:
+# How the layout errors show the main input's shape, by its name.
+_LAYOUT_SHAPES = {"logits": ("(B, T, V)", "(N, V)"), "hidden": ("(B, T, H)", "(N, H)"), "logps": ("(B, T)", "(N,)")}
+
+
+def token_layout(token_shape, device, cu_seqlens, anchor="logits") -> TokenLayout:
     """Layout of the per-token tensors: (B, T) padded, or (N,) packed with cu_seqlens."""
+    padded, packed = _LAYOUT_SHAPES[anchor]
     if cu_seqlens is None:
         if len(token_shape) != 2:
             raise ValueError(
-                f"per-token inputs must be padded (B, T) (logits (B, T, V)), got token shape {tuple(token_shape)}; "
+                f"per-token inputs must be padded (B, T) ({anchor} {padded}), got token shape {tuple(token_shape)}; "
                 "pass cu_seqlens for the packed (N,) layout"
             )
     else:
         if len(token_shape) != 1:
-            raise ValueError(f"with cu_seqlens, tokens must be packed (N,) (logits (N, V)), got {tuple(token_shape)}")
-        check_cu_seqlens(cu_seqlens, token_shape[0], device)
+            raise ValueError(f"with cu_seqlens, tokens must be packed (N,) ({anchor} {packed}), "
+                             f"got {tuple(token_shape)}")
+        check_cu_seqlens(cu_seqlens, token_shape[0], device, anchor)
     return TokenLayout(token_shape, device, cu_seqlens)
 
 
-def check_ids_and_mask(ids, mask, token_shape, device):
+def check_ids_and_mask(ids, mask, token_shape, device, anchor="logits"):
+    """`anchor` names the input whose rows the ids label: "logits" or "hidden"."""
     require_tensor("ids", ids, dtypes=INT_DTYPES, kind="an integer tensor of token ids")
-    require_shape("ids", ids, token_shape, "one target token per logits row")
-    require_device("ids", ids, device)
-    return check_mask(mask, token_shape, device)
+    require_shape("ids", ids, token_shape, f"one target token per {anchor} row")
+    require_device("ids", ids, device, anchor)
+    return check_mask(mask, token_shape, device, anchor)
 
 
-def check_mask(mask, token_shape, device):
+def check_mask(mask, token_shape, device, anchor="logits"):
     """None, or the mask as bool after checking its shape, device and 0/1 values."""
     if mask is None:
         return None
     require_tensor("mask", mask, dtypes=(torch.bool,) + INT_DTYPES + FLOAT_DTYPES, kind="bool or 0/1 numbers")
     require_shape("mask", mask, token_shape, "one entry per token")
-    require_device("mask", mask, device)
+    require_device("mask", mask, device, anchor)
     if mask.dtype != torch.bool:
-        if not tracing() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0 and 1 (or be bool)")
+        if not tracing() and mask.numel():
+            bad = (mask != 0) & (mask != 1)
+            if bool(bad.any()):
+                count, first = int(bad.sum()), mask[bad][0].item()
+                raise ValueError(f"mask must hold only 0 and 1 (or be bool); found {first!r} "
+                                 f"({count} entr{'y' if count == 1 else 'ies'} not 0 or 1)")
         mask = mask.bool()
     return mask
 
 
 def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, device,
-                           is_weights=None):
+                           is_weights=None, anchor="logits"):
     shape = layout.token_shape
     require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, kind="a float tensor")
-    require_device("advantages", advantages, device)
+    require_device("advantages", advantages, device, anchor)
     if tuple(advantages.shape) not in ((layout.batch,), shape):
         raise ValueError(
             f"advantages must have shape ({layout.batch},) (one per sequence) or {shape} (one per token), "
@@ -84,7 +95,7 @@ def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_lo
         if x is not None:
             require_tensor(name, x, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
             require_shape(name, x, shape, "one log-prob per token")
-            require_device(name, x, device)
+            require_device(name, x, device, anchor)
     if is_weights is not None:
         require_tensor("is_weights", is_weights, dtypes=FLOAT_DTYPES, kind="a float tensor of importance weights")
         if tuple(is_weights.shape) not in (shape, (layout.batch,), (layout.batch, 1)):
@@ -92,7 +103,7 @@ def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_lo
                 f"is_weights must have shape {shape} (one weight per token), ({layout.batch},) or ({layout.batch}, 1) "
                 f"(one per sequence), got {tuple(is_weights.shape)}"
             )
-        require_device("is_weights", is_weights, device)
+        require_device("is_weights", is_weights, device, anchor)
         check_finite("is_weights", is_weights, mask if tuple(is_weights.shape) == shape else None)
         if not tracing() and bool((is_weights < 0).any()):
             raise ValueError("is_weights must be >= 0 (importance-sampling weights)")
@@ -308,10 +319,10 @@ def grpo_loss_from_logprobs(
     cfg = resolve_config(config, overrides)
     require_tensor("logps", logps, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
     token_shape = tuple(logps.shape)
-    layout = token_layout(token_shape, logps.device, cu_seqlens)
-    mask = check_mask(mask, token_shape, logps.device)
+    layout = token_layout(token_shape, logps.device, cu_seqlens, "logps")
+    mask = check_mask(mask, token_shape, logps.device, "logps")
     check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logps.device,
-                           is_weights)
+                           is_weights, anchor="logps")
     check_finite("logps", logps, mask)
     dtype = stats_dtype(logps)
     if entropy is None:
@@ -324,7 +335,7 @@ def grpo_loss_from_logprobs(
     else:
         require_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token entropies")
         require_shape("entropy", entropy, token_shape, "one entropy per token")
-        require_device("entropy", entropy, logps.device)
+        require_device("entropy", entropy, logps.device, "logps")
         check_finite("entropy", entropy, mask)
     name = resolve_backend(backend, logps.device, logps.dtype)
     return objective_from_logprobs(
@@ -415,7 +426,7 @@ def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_we
     else:
         require_tensor("group_ids", group_ids, dtypes=INT_DTYPES, kind="an integer tensor")
         require_shape("group_ids", group_ids, (n,), "one group id per reward row")
-        require_device("group_ids", group_ids, rewards.device)
+        require_device("group_ids", group_ids, rewards.device, "rewards")
         _, group_index = torch.unique(group_ids, return_inverse=True)
         counts = torch.bincount(group_index)
         num_groups = counts.numel()

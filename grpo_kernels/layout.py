@@ -49,9 +49,9 @@ class TokenLayout:
         return self.to_padded(mask.bool(), fill=False)
 
 
-def check_cu_seqlens(cu_seqlens, n_tokens: int, device) -> torch.Tensor:
+def check_cu_seqlens(cu_seqlens, n_tokens: int, device, anchor: str = "logits") -> torch.Tensor:
     require_tensor("cu_seqlens", cu_seqlens, dtypes=INT_DTYPES, kind="an int32/int64 (B+1,) offset tensor")
-    require_device("cu_seqlens", cu_seqlens, device)
+    require_device("cu_seqlens", cu_seqlens, device, anchor)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with B+1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
     if not tracing():

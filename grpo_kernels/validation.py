@@ -31,9 +31,10 @@ def require_shape(name: str, x: torch.Tensor, shape: Sequence[int], what: str) -
         raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
 
 
-def require_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+def require_device(name: str, x: torch.Tensor, device: torch.device, anchor: str = "logits") -> None:
+    """`anchor` names the input that fixes the device (logits, hidden, logps)."""
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but logits are on {device}; move it to {device}")
+        raise ValueError(f"{name} is on {x.device} but {anchor} is on {device}; move it to {device}")
 
 
 def check_ids(ids: torch.Tensor, vocab: int, mask: Optional[torch.Tensor]) -> None:
@@ -46,7 +47,13 @@ def check_ids(ids: torch.Tensor, vocab: int, mask: Optional[torch.Tensor]) -> No
         )
 
 
-def check_logp_finite(logp: torch.Tensor, entropy: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+# How the error messages name the logits: given, or computed from hidden and the lm_head weight.
+LOGITS_GIVEN = "logits"
+LOGITS_FROM_HIDDEN = "the logits hidden @ weight.T (+ bias)"
+
+
+def check_logp_finite(logp: torch.Tensor, entropy: torch.Tensor, mask: Optional[torch.Tensor],
+                      logits: str = LOGITS_GIVEN) -> None:
     """A −inf target logit or NaN logits would otherwise poison the loss silently."""
     if tracing() or logp.numel() == 0:
         return
@@ -55,11 +62,12 @@ def check_logp_finite(logp: torch.Tensor, entropy: torch.Tensor, mask: Optional[
         return bad if mask is None else bad & mask
 
     if bool(live(torch.isnan(logp)).any()) or bool(live(torch.isnan(entropy)).any()):
-        raise ValueError("logits contain NaN in rows that are not masked out (log-probs came out NaN)")
+        hint = "; check hidden and weight for NaN/inf" if logits == LOGITS_FROM_HIDDEN else ""
+        raise ValueError(f"{logits} contain NaN in rows that are not masked out (log-probs came out NaN){hint}")
     if bool(live(torch.isinf(logp)).any()):
         raise ValueError(
-            "logits: the target logit of some unmasked token is -inf (logp = -inf); the sampled token was "
-            "masked by top-k/top-p in these logits, or ids do not match the logits"
+            f"{logits}: the target logit of some unmasked token is -inf (logp = -inf); the sampled token was "
+            "masked by top-k/top-p in these logits, or ids do not match them"
         )
 
 

@@ -27,7 +27,7 @@ def call(case, **changes):
     (lambda c: dict(logits=c.logits.long()), TypeError, "logits must be a float"),
     (lambda c: dict(logits=c.logits[0]), ValueError, "logits must be padded (B, T, V)"),
     (lambda c: dict(mask=c.mask[:, :2]), ValueError, "mask must have shape"),
-    (lambda c: dict(mask=c.mask.int() * 2), ValueError, "mask must hold only 0 and 1"),
+    (lambda c: dict(mask=c.mask.int() * 2), ValueError, "mask must hold only 0 and 1 (or be bool); found 2 ("),
     (lambda c: dict(advantages=torch.zeros(7)), ValueError, "advantages must have shape (4,)"),
     (lambda c: dict(advantages=torch.zeros(4, dtype=torch.long)), TypeError, "advantages must be a float"),
     (lambda c: dict(advantages=torch.tensor([0.0, float("nan"), 1.0, 2.0])), ValueError, "advantages contains NaN"),
@@ -158,3 +158,25 @@ def test_config_defaults_follow_trl():
     assert ours.is_clip_max == theirs.vllm_importance_sampling_clip_max
     assert ours.is_clip_min == theirs.vllm_importance_sampling_clip_min
     assert ours.entropy_coef == theirs.entropy_coef and ours.delta == theirs.delta
+
+
+def test_fused_linear_errors_name_hidden_and_weight():
+    """The fused-linear path never had logits from the user: its errors speak of hidden and weight."""
+    hidden, weight = torch.randn(2, 4, 8), torch.randn(50, 8)
+    ids, adv = torch.randint(0, 50, (2, 4)), torch.randn(2)
+    with pytest.raises(ValueError, match=r"ids must have shape \(2, 4\) \(one target token per hidden row\)"):
+        gk.fused_linear_grpo_loss(hidden, weight, ids[:, :3], adv)
+    with pytest.raises(ValueError, match=r"hidden @ weight.T \(\+ bias\) contain NaN .* check hidden and weight"):
+        gk.fused_linear_grpo_loss(hidden * float("nan"), weight, ids, adv)
+    with pytest.raises(ValueError, match=r"hidden @ weight.T \(\+ bias\) contain NaN"):
+        gk.fused_linear_selective_logprobs(hidden, weight * float("nan"), ids)
+    with pytest.raises(ValueError, match=r"hidden must be packed \(N, H\) with cu_seqlens"):
+        gk.fused_linear_grpo_loss(hidden, weight, ids, adv, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="found 0.5"):
+        gk.fused_linear_grpo_loss(hidden, weight, ids, adv, mask=torch.full((2, 4), 0.5))
+
+
+def test_logprobs_path_errors_name_logps():
+    logps = torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"logps \(B, T\)"):
+        gk.grpo_loss_from_logprobs(logps.reshape(-1), torch.randn(2))

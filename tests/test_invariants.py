@@ -50,7 +50,7 @@ def test_torch_backend_chunk_size_invariant(monkeypatch):
 
     case = to_device(make_case("everything", seed=8))
     o1, g1 = run_backend(case, "torch")
-    monkeypatch.setattr(torch_backend, "CHUNK_BYTES", 3 * 4 * case.logits.shape[-1])  # 3 rows per chunk
+    monkeypatch.setitem(torch_backend.CHUNK_BYTES, "cpu", 3 * 8 * case.logits.shape[-1])  # 3 fp64 rows per chunk
     o2, g2 = run_backend(case, "torch")
     assert torch.equal(o1.loss, o2.loss) and torch.equal(g1, g2)
 

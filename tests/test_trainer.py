@@ -26,7 +26,7 @@ def test_smoke_logs_every_metric(tmp_path):
     for key in ("reward", "kl", "entropy", "clip_ratio/region", "loss", "grad_norm", "tokens_per_s",
                 "rewards/exact_answer_reward"):
         assert all(key in h and h[key] == h[key] for h in history), key
-    lines = open(os.path.join(tmp_path, "metrics.jsonl")).read().splitlines()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
 
 
@@ -56,7 +56,7 @@ def test_resume_is_bit_for_bit(tmp_path):
 
 
 def test_resume_without_checkpoint_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no intact checkpoint"):
         make_trainer(tmp_path).train(toy.successor_dataset(10), resume=True)
 
 
@@ -154,3 +154,39 @@ def test_model_logit_transform_reaches_the_loss(tmp_path):
     with pytest.raises(ValueError, match="final_logit_softcapping=5.0 disagrees"):
         GRPOTrainer(model, tokenizer, [toy.exact_answer_reward],
                     TrainerConfig(output_dir=str(tmp_path), loss=GRPOLossConfig(final_logit_softcapping=5.0)))
+
+
+def test_missing_stop_at_reward_warns_and_the_main_job_fails(tmp_path):
+    trainer = make_trainer(tmp_path / "a", max_steps=2, stop_at_reward=0.99)
+    with pytest.warns(RuntimeWarning, match=r"ended at step 2 without reaching stop_at_reward=0.99"):
+        trainer.train(toy.successor_dataset(10))
+    assert not trainer.reached_target
+    from grpo_kernels.train import main
+
+    with pytest.warns(RuntimeWarning, match="fewer than the 5 steps"):
+        status = main(["--steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--output-dir",
+                       str(tmp_path / "b"), "--save-steps", "0"])
+    assert status == 1
+
+
+def test_reaching_stop_at_reward_stops_quietly(tmp_path, recwarn):
+    trainer = make_trainer(tmp_path, max_steps=50, stop_at_reward=0.0)
+    history = trainer.train(toy.successor_dataset(10))
+    assert trainer.reached_target and len(history) == 5  # the first full window
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_thread_count_follows_model_size(tmp_path):
+    from grpo_kernels.trainer.threads import SINGLE_THREAD_MAX_PARAMS, choose_threads, cpu_threads
+
+    tiny = torch.nn.Linear(10, 10)
+    big = torch.nn.Linear(1, SINGLE_THREAD_MAX_PARAMS)
+    assert choose_threads("auto", tiny) == 1
+    assert choose_threads("auto", big) == torch.get_num_threads()
+    assert choose_threads(3, tiny) == 3
+    before = torch.get_num_threads()
+    with cpu_threads("auto", tiny) as chosen:
+        assert chosen == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads must be 'auto' or a positive int"):
+        TrainerConfig(num_threads=0)

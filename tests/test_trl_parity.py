@@ -16,7 +16,7 @@ import torch
 import grpo_kernels as gk
 from cases import make_case
 from conftest import BACKENDS
-from helpers import DEVICE, assert_close, assert_grad_close, to_device
+from helpers import assert_close, assert_grad_close, to_device
 
 trl = pytest.importorskip("trl")
 from trl.kernels.chunked_logprob import _torch_transform  # noqa: E402

@@ -12,12 +12,17 @@ import torch
 from ..transform import LogitTransform
 from .dispatch import stats_dtype
 
-# fp32 working set of one chunk of rows; several temporaries of this size may coexist.
-CHUNK_BYTES = 16 * 1024 * 1024
+# Working set of one chunk of rows (fp32, or fp64 for fp64 logits). Two temporaries of this size
+# coexist; small enough to stay in the CPU's cache between the passes over a chunk, which is
+# what makes the chunked passes faster than eager log_softmax + gather on the whole (N, V).
+CHUNK_BYTES = {"cpu": 1024 * 1024}
+# On GPUs a chunk is large enough to fill the device; the per-chunk host syncs stay few.
+DEVICE_CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def rows_per_chunk(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+def rows_per_chunk(vocab: int, itemsize: int = 4, device_type: str = "cpu") -> int:
+    budget = CHUNK_BYTES.get(device_type, DEVICE_CHUNK_BYTES)
+    return max(1, budget // (itemsize * max(vocab, 1)))
 
 
 def _chunk_stats(z: torch.Tensor, lse: torch.Tensor):
@@ -27,11 +32,6 @@ def _chunk_stats(z: torch.Tensor, lse: torch.Tensor):
     p = torch.where(torch.isneginf(z) | ~torch.isfinite(lse).unsqueeze(-1), torch.zeros_like(p), p)
     z_safe = torch.where(p > 0, z, torch.zeros_like(z))
     return p, z_safe
-
-
-def _finite(z: torch.Tensor, lse: torch.Tensor) -> bool:
-    """No −inf or NaN in the chunk: the fast paths, without the −inf-safe masking, apply."""
-    return bool(torch.isfinite(lse).all()) and not bool(torch.isinf(z).any())
 
 
 def _row_blocks(logits: torch.Tensor):
@@ -44,23 +44,35 @@ def _row_blocks(logits: torch.Tensor):
         yield b * t, logits[b]
 
 
+def _chunks(logits: torch.Tensor):
+    """(r0, r1, rows) chunks of at most rows_per_chunk rows, in row order."""
+    step = rows_per_chunk(logits.shape[-1], torch.finfo(stats_dtype(logits)).bits // 8, logits.device.type)
+    for offset, rows in _row_blocks(logits):
+        for c0 in range(0, rows.shape[0], step):
+            c1 = min(rows.shape[0], c0 + step)
+            yield offset + c0, offset + c1, rows[c0:c1]
+
+
 def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTransform, with_entropy: bool = True):
     """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32 (fp64 for fp64 logits).
 
     `transform` maps logits to z' (temperature, logit scale, softcap). Without `with_entropy`
-    the entropy is not computed (returned as zeros).
+    the entropy is not computed (returned as zeros). Chunks are computed on the fast path
+    (no −inf or NaN handling); a chunk whose result is not finite is recomputed on the safe
+    path, found with one host sync for the whole call.
     """
-    vocab = logits.shape[-1]
     n = ids.numel()
     logp = torch.empty(n, dtype=stats_dtype(logits), device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
-    step = rows_per_chunk(vocab)
-    for offset, rows in _row_blocks(logits):
-        for c0 in range(0, rows.shape[0], step):
-            c1 = min(rows.shape[0], c0 + step)
-            _forward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, transform, logp,
-                           entropy if with_entropy else None, lse)
+    chunks = list(_chunks(logits))
+    for r0, r1, chunk in chunks:
+        _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy if with_entropy else None, lse)
+    check = lse + entropy if with_entropy else lse  # −inf logits make the fast entropy NaN, not lse
+    if n and not bool(torch.isfinite(check).all()):
+        for r0, r1, chunk in chunks:
+            if not bool(torch.isfinite(check[r0:r1]).all()):
+                _forward_chunk_safe(chunk, ids, r0, r1, transform, logp, entropy if with_entropy else None, lse)
     return logp, entropy, lse
 
 
@@ -69,17 +81,29 @@ def _transformed(chunk, transform):
 
 
 def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
+    """Fast path: lse = m + log Σ exp(z' − m); H = log s − Σ p·(z' − m) / s (two non-negative terms,
+    so no cancellation when the logits are large). −inf or NaN logits make H (or lse) non-finite."""
+    z = _transformed(chunk, transform)
+    peak = z.amax(-1, keepdim=True)
+    shifted = z - peak
+    e = torch.exp(shifted)
+    total = e.sum(-1)
+    log_total = torch.log(total)
+    target = ids[r0:r1].long().unsqueeze(-1)
+    # log p_y = (z'_y − m) − log s, from the shifted values: exact for large logits.
+    logp[r0:r1] = shifted.gather(-1, target).squeeze(-1) - log_total
+    lse[r0:r1] = peak.squeeze(-1) + log_total
+    if entropy is not None:
+        entropy[r0:r1] = log_total - torch.linalg.vecdot(e, shifted) / total
+
+
+def _forward_chunk_safe(chunk, ids, r0, r1, transform, logp, entropy, lse):
+    """−inf logits (top-k/top-p masking) and rows without any finite logit."""
     z = _transformed(chunk, transform)
     chunk_lse = torch.logsumexp(z, dim=-1)
     lse[r0:r1] = chunk_lse
     logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
     if entropy is None:
-        return
-    if _finite(z, chunk_lse):
-        # Fast path (no −inf, no NaN): H = −Σ p·(z' − lse), one fused dot product per row, and
-        # no cancellation between lse and E[z'] when the logits are large.
-        log_p = z - chunk_lse.unsqueeze(-1)
-        entropy[r0:r1] = -torch.linalg.vecdot(torch.exp(log_p), log_p)
         return
     p, z_safe = _chunk_stats(z, chunk_lse)
     log_p = torch.where(p > 0, z_safe - chunk_lse.unsqueeze(-1), torch.zeros_like(z_safe))
@@ -91,12 +115,9 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transf
 
     dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H.
     """
-    step = rows_per_chunk(logits.shape[-1])
-    for (offset, rows), (_, out_rows) in zip(_row_blocks(logits), _row_blocks(out)):
-        for c0 in range(0, rows.shape[0], step):
-            c1 = min(rows.shape[0], c0 + step)
-            out_rows[c0:c1] = _backward_chunk(rows[c0:c1], ids, offset + c0, offset + c1, lse, entropy, grad_logp,
-                                              grad_entropy, transform).to(out.dtype)
+    lse_finite = bool(torch.isfinite(lse).all())
+    for (r0, r1, chunk), (_, _, out_rows) in zip(_chunks(logits), _chunks(out)):
+        _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows, lse_finite)
     return out
 
 
@@ -108,34 +129,42 @@ def _chain(grad, z, transform):
     return grad if scale == 1.0 else grad.mul_(scale)
 
 
-def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform):
+def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows, lse_finite):
     z = _transformed(chunk, transform)
     dtype = z.dtype
-    chunk_lse = lse[r0:r1]
+    chunk_lse = lse[r0:r1].unsqueeze(-1)
     g_logp = grad_logp[r0:r1].to(dtype).unsqueeze(-1)
     target = ids[r0:r1].long().unsqueeze(-1)
-    if _finite(z, chunk_lse):
-        # Fast path (no −inf): dz = onehot·g_logp − p·(g_logp + g_H·(z' − E_p z')), one buffer, in place,
-        # with z' − E_p z' = (z' − lse) + H (no cancellation when the logits are large).
-        softcapped = transform.softcap is not None  # z' is needed again for dz'/dz
-        log_p = z - chunk_lse.unsqueeze(-1)
-        p = torch.exp(log_p)
-        if grad_entropy is None:
-            grad = p.mul_(-g_logp)
-        else:
-            grad = log_p.add_(entropy[r0:r1].unsqueeze(-1)).mul_(grad_entropy[r0:r1].to(dtype).unsqueeze(-1))
-            grad = grad.add_(g_logp).mul_(p).neg_()
-        grad.scatter_add_(-1, target, g_logp)
-        return _chain(grad, z if softcapped else None, transform)
+    direct = transform.is_identity and out_rows.dtype == dtype  # write the result straight into `out`
+    if grad_entropy is None and lse_finite:
+        # dz = g_logp·(onehot − p): exp(−inf − lse) = 0 needs no masking.
+        p = torch.exp(z - chunk_lse)
+        grad = torch.mul(p, g_logp.neg(), out=out_rows if direct else None)
+    elif grad_entropy is not None and lse_finite and not bool(torch.isneginf(z.amin(-1)).any()):
+        # dz = onehot·g_logp − p·(g_logp + g_H·(z' − lse + H)) = p·(a·z' + c) + onehot·g_logp, with
+        # a = −g_H and c = −g_logp − g_H·(H − lse): three passes, no temporary besides p.
+        g_h = grad_entropy[r0:r1].to(dtype).unsqueeze(-1)
+        c = -g_logp - g_h * (entropy[r0:r1].unsqueeze(-1) - chunk_lse)
+        p = torch.exp(z - chunk_lse)
+        grad = torch.mul(torch.addcmul(c, z, g_h.neg()), p, out=out_rows if direct else None)
+    else:
+        grad = _backward_chunk_safe(z, chunk_lse.squeeze(-1), r0, r1, entropy, g_logp, grad_entropy)
+        direct = False
+    grad.scatter_add_(-1, target, g_logp)
+    if not direct:
+        out_rows.copy_(_chain(grad, z, transform))
+
+
+def _backward_chunk_safe(z, chunk_lse, r0, r1, entropy, g_logp, grad_entropy):
+    """−inf logits and rows without any finite logit: p and z' masked where p is 0."""
     p, z_safe = _chunk_stats(z, chunk_lse)
     grad = -g_logp * p
-    grad.scatter_add_(-1, target, g_logp)
     if grad_entropy is not None:
         finite_lse = torch.where(torch.isfinite(chunk_lse), chunk_lse, torch.zeros_like(chunk_lse))
         centred = torch.where(p > 0, z_safe - finite_lse.unsqueeze(-1) + entropy[r0:r1].unsqueeze(-1),
                               torch.zeros_like(z_safe))
-        grad = grad - grad_entropy[r0:r1].to(dtype).unsqueeze(-1) * p * centred
-    return _chain(grad, z, transform)
+        grad = grad - grad_entropy[r0:r1].to(z.dtype).unsqueeze(-1) * p * centred
+    return grad
 
 
 def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_size=None):

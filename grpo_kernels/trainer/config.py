@@ -26,6 +26,11 @@ class TrainerConfig:
     the step's mean entropy is <= `entropy_target` and towards less otherwise, within
     [entropy_coef_min, entropy_coef_max], and the bonus applies only while the last measured
     entropy is <= entropy_target.
+
+    `num_threads` ("auto" or a positive int) is the number of CPU threads while training on the
+    CPU: "auto" takes 1 for models under `threads.SINGLE_THREAD_MAX_PARAMS` parameters (their
+    operations are too small to gain from threads, and on a busy machine the threads wait on
+    each other), and leaves torch's setting otherwise. See `grpo_kernels.trainer.threads`.
     """
 
     prompts_per_step: int = 16
@@ -60,6 +65,7 @@ class TrainerConfig:
     entropy_coef_min: float = 0.0
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
+    num_threads: object = "auto"
 
     def __post_init__(self):
         positive = ("prompts_per_step", "num_generations", "max_new_tokens", "max_steps", "num_iterations",
@@ -95,6 +101,9 @@ class TrainerConfig:
                              f"{self.entropy_coef_min} and {self.entropy_coef_max}")
         if not self.entropy_coef_delta >= 0:
             raise ValueError(f"TrainerConfig.entropy_coef_delta must be >= 0, got {self.entropy_coef_delta}")
+        if self.num_threads != "auto" and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                           or self.num_threads < 1):
+            raise ValueError(f"TrainerConfig.num_threads must be 'auto' or a positive int, got {self.num_threads!r}")
         if self.loss.temperature != self.temperature:
             self.loss = self.loss.replace(temperature=self.temperature)
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -18,6 +19,10 @@ from . import checkpoint
 from .config import TrainerConfig
 from .rewards import reward_name, score
 from .rollout import Rollout, generate
+from .threads import cpu_threads
+
+# stop_at_reward compares the mean reward of this many latest steps.
+RECENT_WINDOW = 5
 
 
 def _lr_lambda(cfg: TrainerConfig):
@@ -270,21 +275,27 @@ class GRPOTrainer:
         return True
 
     def train(self, dataset, resume: bool = False) -> List[Dict]:
-        """Run until max_steps (or stop_at_reward); returns the per-step metrics."""
+        """Run until max_steps (or stop_at_reward); returns the per-step metrics.
+
+        With `stop_at_reward` set, a run that ends without reaching it warns (RuntimeWarning) and
+        leaves `self.reached_target` False. `resume=True` continues from the newest intact
+        checkpoint in output_dir (damaged ones are skipped with a message).
+        """
         if len(dataset) == 0 or "prompt" not in dataset[0]:
             raise ValueError("dataset must be a non-empty sequence of dicts with a 'prompt' key")
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         if resume and not self._resume():
-            raise FileNotFoundError(f"resume=True but {cfg.output_dir} holds no checkpoint")
+            raise FileNotFoundError(f"resume=True but {cfg.output_dir} holds no intact checkpoint")
         self.model.train()
-        log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        mode = "a" if resume else "w"
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="GRPO", disable=not cfg.progress, dynamic_ncols=True)
-        with open(log_path, mode) as log:
-            while self.step < cfg.max_steps:
+        # The log restarts from the checkpoint's history, so steps run after it before a crash
+        # are not logged twice.
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as log, cpu_threads(cfg.num_threads, self.model):
+            log.writelines(json.dumps(record) + "\n" for record in self.history)
+            while self.step < cfg.max_steps and not self.reached_target:
                 record = self.train_step(dataset)
                 self.history.append(record)
                 log.write(json.dumps(record) + "\n")
@@ -297,12 +308,23 @@ class GRPOTrainer:
                 bar.update(1)
                 if cfg.save_steps and self.step % cfg.save_steps == 0:
                     self._save()
-                if cfg.stop_at_reward is not None and _recent_mean(self.history) >= cfg.stop_at_reward:
-                    break
         bar.close()
+        if cfg.stop_at_reward is not None and not self.reached_target:
+            recent = _recent_mean(self.history)
+            where = (f"mean reward of the last {RECENT_WINDOW} steps: {recent:.3f}" if recent > -math.inf else
+                     f"fewer than the {RECENT_WINDOW} steps the target is averaged over")
+            warnings.warn(f"GRPOTrainer: the run ended at step {self.step} without reaching stop_at_reward="
+                          f"{cfg.stop_at_reward} ({where}); try more steps, a lower learning rate or an "
+                          f"entropy bonus", RuntimeWarning, stacklevel=2)
         return self.history
 
+    @property
+    def reached_target(self) -> bool:
+        """Whether the mean reward of the last RECENT_WINDOW steps reached stop_at_reward."""
+        target = self.cfg.stop_at_reward
+        return target is not None and _recent_mean(self.history) >= target
 
-def _recent_mean(history: List[Dict], window: int = 5) -> float:
+
+def _recent_mean(history: List[Dict], window: int = RECENT_WINDOW) -> float:
     recent = [h["reward"] for h in history[-window:]]
     return sum(recent) / len(recent) if len(recent) == window else -math.inf

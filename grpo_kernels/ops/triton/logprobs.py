@@ -41,7 +41,9 @@ def _num_warps(block: int) -> int:
 def _transform(z, scale, cap, HAS_CAP: tl.constexpr):
     """z' = scale·z, or cap·tanh(scale·z) (tanh as 2σ(2x) − 1, as TRL's kernel), −inf kept."""
     if HAS_CAP:
-        return tl.where(z == float("-inf"), z, cap * (2.0 * tl.sigmoid(2.0 * scale * z) - 1.0))
+        # |2x| <= 40 already saturates tanh in fp32; the clamp keeps exp(-2x) from overflowing.
+        x2 = tl.minimum(tl.maximum(2.0 * scale * z, -40.0), 40.0)
+        return tl.where(z == float("-inf"), z, cap * (2.0 * tl.sigmoid(x2) - 1.0))
     return z * scale
 
 
@@ -75,7 +77,9 @@ def _logprobs_fwd_kernel(
         e = tl.exp(d)
         rescale = tl.exp(m - m_ref)
         if WITH_ENTROPY:
-            t = tl.where(s > 0, rescale * (t + s * (m - m_ref)), 0.0) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+            # Operands are masked before multiplying (never 0·inf): no NaN is formed, even in dead lanes.
+            m_safe = tl.where(s > 0, m, m_ref)
+            t = tl.where(s > 0, rescale * (t + s * (m_safe - m_ref)), 0.0) + tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
         s = s * rescale + tl.sum(e, axis=0)
         m = m_new
     lse = m + tl.log(s)
@@ -118,7 +122,7 @@ def _logprobs_bwd_kernel(
             p = tl.exp(d)
             grad = tl.where(offs == target, g_logp, 0.0) - g_logp * p
             if HAS_GRAD_ENTROPY:
-                grad -= g_ent * tl.where(p > 0, p * (d + h), 0.0)
+                grad -= g_ent * p * tl.where(p > 0, d + h, 0.0)
             grad = grad * _transform_grad(z, scale, cap, HAS_CAP)
             tl.store(out + offs, grad.to(out_ptr.dtype.element_ty), mask=offs < V)
 

@@ -131,6 +131,12 @@ def _vespo_log(x):
 
 
 @triton.jit
+def _vespo_log_of(w):
+    """_vespo_log(log w) for w >= 0, without forming log 0 = −inf (the clamp would drop it anyway)."""
+    return _vespo_log(tl.log(tl.maximum(w, 1e-8)))
+
+
+@triton.jit
 def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.constexpr):
     """k1/k2/k3 value of KL(pi || pi_ref) and its derivative w.r.t. logp (x = ref − logp)."""
     x = ref - logp
@@ -206,9 +212,9 @@ def _grpo_objective_kernel(
             log_w_t = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
             if IS_TOKEN:
                 is_t = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == 1)
-                log_w_t += _vespo_log(tl.log(is_t))
+                log_w_t += _vespo_log_of(is_t)
             if HAS_TOKEN_WEIGHTS and not WEIGHTS_PER_SEQ:
-                log_w_t += _vespo_log(tl.log(tl.load(weights_ptr + row + offs, mask=m, other=1.0)))
+                log_w_t += _vespo_log_of(tl.load(weights_ptr + row + offs, mask=m, other=1.0))
             vespo_log += tl.sum(tl.where(m, log_w_t, 0.0), axis=0)
     n_b = tl.maximum(n_tok, 1.0)
     w_seq, seq_inside = _clamp_log_ratio(sum_delta / n_b, log_ratio_lo, log_ratio_hi)
@@ -220,9 +226,9 @@ def _grpo_objective_kernel(
     vespo_log_w = tl.zeros((), tl.float32)
     if VESPO:
         if IS_SEQ:
-            vespo_log += _vespo_log(tl.log(is_seq))
+            vespo_log += _vespo_log_of(is_seq)
         if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
-            vespo_log += _vespo_log(tl.log(seq_weight))
+            vespo_log += _vespo_log_of(seq_weight)
         vespo_log_w = _vespo_log(vespo_log)
     if AGG == 0:
         agg_w = 1.0 / (n_b * norm)

@@ -1,0 +1,49 @@
+"""Where benchmark results go, and how they are written: never over the committed set by accident.
+
+By default every run writes a fresh directory, runs/benchmarks/<device>-<date>-<time>/;
+`--update-committed` writes into the repository's set, benchmarks/results/<device>/. Files are
+written only at the end of a run, into a scratch directory beside the target, and then moved in
+with one atomic rename each, so an interrupted run leaves nothing and a reader never sees a
+half-written file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Callable
+
+COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FRESH = os.path.join("runs", "benchmarks")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help=f"results directory (default: a fresh {FRESH}/<device>-<date>-<time>)")
+    where.add_argument("--update-committed", action="store_true",
+                       help="write into the committed set, benchmarks/results/<device>/, replacing its files")
+
+
+def directory(args: argparse.Namespace, device_label: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device_label).strip("_")
+    if args.update_committed:
+        return os.path.join(COMMITTED, slug)
+    return args.out or os.path.join(FRESH, f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def publish(write: Callable[[str], None], out_dir: str) -> None:
+    """write(scratch_dir) creates the files; each is then renamed into out_dir atomically."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".bench-", dir=parent)
+    try:
+        write(scratch)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in sorted(os.listdir(scratch)):
+            os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""Benchmarks never clobber the committed results: a fresh directory by default, the committed set
+only with --update-committed, every file written once at the end, skipped contenders reported."""
+import argparse
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import output  # noqa: E402
+
+
+def args(*argv):
+    parser = argparse.ArgumentParser()
+    output.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_default_directory_is_fresh_and_outside_the_committed_set():
+    path = output.directory(args(), "AMD EPYC (2 cores)")
+    assert path.startswith(os.path.join("runs", "benchmarks", "AMD_EPYC_2_cores-"))
+    assert output.directory(args("--out", "x"), "cpu") == "x"
+    committed = output.directory(args("--update-committed"), "AMD EPYC (2 cores)")
+    assert committed == os.path.join(output.COMMITTED, "AMD_EPYC_2_cores")
+    with pytest.raises(SystemExit):
+        args("--out", "x", "--update-committed")
+
+
+def test_publish_writes_everything_or_nothing(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "results.md").write_text("old")
+
+    def failing(scratch):
+        with open(os.path.join(scratch, "results.md"), "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        output.publish(failing, str(out))
+    assert (out / "results.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no scratch left behind
+
+    def complete(scratch):
+        for name in ("results.md", "results.csv"):
+            with open(os.path.join(scratch, name), "w") as f:
+                f.write("new")
+
+    output.publish(complete, str(out))
+    assert (out / "results.md").read_text() == "new" and (out / "results.csv").read_text() == "new"
+
+
+def test_a_run_reports_skipped_contenders_and_leaves_the_committed_set_alone(tmp_path, capsys):
+    pytest.importorskip("verl")
+    from benchmarks.run import main
+
+    before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(output.COMMITTED) for p in fs}
+    assert main(["--quick", "--tasks", "verl_policy", "--no-memory", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "verl 'vanilla' (eager)" in report and "grpo_kernels[torch] 'grpo_kernels_vanilla'" in report
+    assert "## Not run here" in report and "needs CUDA" in report
+    assert "skipped verl_policy / grpo_kernels[cuda] 'grpo_kernels_vanilla': needs CUDA" in capsys.readouterr().err
+    after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(output.COMMITTED) for p in fs}
+    assert after == before
