@@ -30,8 +30,12 @@ except ImportError:  # building without pybind11: pure-Python install
 # what `import verl.trainer.ppo.core_algos` needs, and the README adds `pip install --no-deps verl`.
 VERL_IMPORT_DEPS = ["ray>=2.41", "tensordict>=0.8,<=0.10.0,!=0.9.0", "omegaconf>=2.3", "hydra-core>=1.3",
                     "codetiming>=1.4"]
-TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "trl>=0.24", "transformers>=4.46"] + VERL_IMPORT_DEPS
+# `import grpo_kernels` needs only torch (and triton where it exists); the trainer and the
+# benchmarks bring their own extras, and the tests need both.
+TRAINER = ["transformers>=4.46", "tqdm>=4.60", "matplotlib>=3.7"]
 BENCH = ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"]
+TEST = (["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "ruff>=0.5", "trl>=0.24"] + TRAINER
+        + VERL_IMPORT_DEPS)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
@@ -135,18 +139,15 @@ setup(
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "numpy",
-        "tqdm>=4.60",
-        "transformers>=4.46",
-        "matplotlib>=3.7",
     ],
     extras_require={
+        "trainer": TRAINER,
         "test": TEST,
         "bench": BENCH,
         "gpu": ["flash-attn>=2.6"],
         "trl": ["trl>=0.24"],
         "verl": ["verl>=0.7"],
-        "dev": TEST + BENCH,
+        "dev": sorted(set(TEST + BENCH)),
     },
     entry_points={
         "console_scripts": ["grpo-kernels-train=grpo_kernels.train:main"],

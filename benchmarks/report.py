@@ -68,7 +68,7 @@ def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str)
     for (task, dtype, n, v, h), group in groups.items():
         title = f"## {task}: N={n}" + (f", V={v}" if v else "") + (f", H={h}" if h else "") + f", {dtype}"
         lines += [title, "", "| contender | ms | throughput | % roofline | peak MiB | overhead MiB | speed-up vs eager"
-                  " | speed-up vs torch.compile | memory vs eager | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  " | speed-up vs torch.compile | memory vs eager | note |", "|" + "---|" * 10]
         for r in group:
             if r.get("error"):
                 lines.append(f"| {r['contender']} | | | | | | | | | {r['error']} |")

@@ -1,7 +1,7 @@
 """One command for all benchmarks: `python -m benchmarks [--quick | --full] [--tasks ...]`.
 
---quick  a CPU-sized set: about 4 minutes on 2 CPU cores (measured: 3.6 min on a 2-core
-         AMD EPYC), most of it torch.compile's first compilations
+--quick  a CPU-sized set: about 5-6 minutes on 2 CPU cores (measured: 5.3 min on a 2-core
+         AMD EPYC), much of it torch.compile's first compilations
 --full   the GPU sweep: V in {32000, 128256, 151936, 262144}, N in {4096, 16384},
          H in {2048, 4096}, bf16 and fp32
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="CPU-sized set, ~4 min on 2 cores (default without CUDA)")
+    mode.add_argument("--quick", action="store_true", help="CPU-sized set, ~5-6 min on 2 cores (default without CUDA)")
     mode.add_argument("--full", action="store_true", help="the full GPU sweep (default with CUDA)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated subset of {','.join(TASKS)} (default: all)")

@@ -52,7 +52,8 @@ def _child(which: str, steps: int, vocab: int) -> dict:
 
 
 def run(which: str, steps: int, vocab: int) -> dict:
-    code = f"import json, benchmarks.trl_trainer as b; print('RESULT' + json.dumps(b._child({which!r}, {steps}, {vocab})))"
+    code = (f"import json, benchmarks.trl_trainer as b; "
+            f"print('RESULT' + json.dumps(b._child({which!r}, {steps}, {vocab})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)

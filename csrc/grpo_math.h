@@ -1,4 +1,4 @@
-// The per-token math of SPEC.md as __host__ __device__ inline functions: the single C++ source
+// The per-token math of docs/math.md as __host__ __device__ inline functions: the single C++ source
 // of that math, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) builds. It mirrors
 // grpo_kernels/reference.py and the Triton objective kernel; tests check all three agree.
 #pragma once

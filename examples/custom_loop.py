@@ -33,7 +33,8 @@ for step in range(300):
                              max_new_tokens=2, pad_token_id=tokenizer.pad_token_id)
     completion = seq[:, prompt.shape[1]:]
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    rewards = torch.tensor([float(t.strip()[:1] == r["answer"]) for t, r in zip(texts, (r for r in rows for _ in range(G)))])
+    answers = [r["answer"] for r in rows for _ in range(G)]
+    rewards = torch.tensor([float(t.strip()[:1] == a) for t, a in zip(texts, answers)])
     adv = gk.group_advantages(rewards, group_size=G).advantages
 
     hidden = model.model(seq).last_hidden_state[:, prompt.shape[1] - 1:-1]  # the states predicting completion tokens

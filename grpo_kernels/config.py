@@ -49,7 +49,7 @@ def _finite(field: str, value, *, lower=None, strict=False, allow_none=False) ->
 
 @dataclass
 class GRPOLossConfig:
-    """Configuration of the GRPO loss (see docs/math.md and SPEC.md).
+    """Configuration of the GRPO loss (see docs/math.md).
 
     Attributes mirror TRL's `GRPOConfig` where TRL has the concept:
         loss_type: preset among grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo, vespo.
@@ -136,7 +136,8 @@ class GRPOLossConfig:
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_ALIASES)
         _finite("kl_clamp", self.kl_clamp, lower=0, strict=True, allow_none=True)
         if not isinstance(self.use_bias_correction_kl, bool):
-            raise ValueError(f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
+            raise ValueError(
+                f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         _finite("temperature", self.temperature, lower=0, strict=True)
         _finite("logit_scale", self.logit_scale, lower=0, strict=True)
         _finite("final_logit_softcapping", self.final_logit_softcapping, lower=0, strict=True, allow_none=True)
@@ -169,7 +170,8 @@ class GRPOLossConfig:
         _finite("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_none=True)
         _finite("top_entropy_quantile", self.top_entropy_quantile, lower=0, strict=True)
         if self.top_entropy_quantile > 1:
-            raise ValueError(f"GRPOLossConfig.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
+            raise ValueError(
+                f"GRPOLossConfig.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
         if self.is_correction is not None:
             _choice("is_correction", self.is_correction, IS_CORRECTION_MODES)
         _finite("is_clip_min", self.is_clip_min, lower=0, allow_none=True)

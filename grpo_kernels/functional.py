@@ -146,7 +146,8 @@ def objective_from_logprobs(
     adv = adv if adv.shape == (layout.batch,) else pad(adv)
     as_stat = lambda x: None if x is None else pad(x.to(dtype))  # noqa: E731
     inputs = dict(old_logp=as_stat(old_logps), ref_logp=as_stat(ref_logps), sampling_logp=as_stat(sampling_logps),
-                  is_weights=sequence_or_token_weights(is_weights, layout, dtype), num_items_in_batch=num_items_in_batch)
+                  is_weights=sequence_or_token_weights(is_weights, layout, dtype),
+                  num_items_in_batch=num_items_in_batch)
     logp_pad, entropy_pad = pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1))
     if has_fused_objective(backend):
         loss, per_token_loss, metrics = fused_objective(logp_pad, entropy_pad, padded_mask, adv, cfg, backend, **inputs)
@@ -260,7 +261,7 @@ def grpo_loss(
     inplace_backward: bool = False,
     **overrides,
 ) -> GRPOLossOutput:
-    """The GRPO loss from logits (SPEC.md), fused over the vocabulary.
+    """The GRPO loss from logits (docs/math.md), fused over the vocabulary.
 
     Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps (B, T); advantages
     and is_weights (B,) or (B, T). Packed: logits (N, V), per-token tensors (N,),
@@ -308,7 +309,7 @@ def grpo_loss_from_logprobs(
     backend: str = "auto",
     **overrides,
 ) -> GRPOLossOutput:
-    """The GRPO objective from per-token log-probs the caller already has (SPEC.md after the
+    """The GRPO objective from per-token log-probs the caller already has (docs/math.md after the
     vocabulary sweep), for trainers that compute log-probs their own way (verl, OpenRLHF).
 
     Shapes: logps, entropy, mask, old/ref/sampling_logps, is_weights (B, T) padded, or (N,)
@@ -356,7 +357,7 @@ def group_advantages(
     reward_aggregation: str = "sum_then_normalize",
     backend: str = "auto",
 ) -> AdvantageOutput:
-    """Group-relative advantages from rewards (SPEC.md, "Group advantages").
+    """Group-relative advantages from rewards (docs/math.md, "Group advantages").
 
     rewards: (N,) or (N, F) for F reward functions, NaN where a reward is missing.
     Groups: `group_size` consecutive rows (N divisible by it) or `group_ids` (N,) ints.

@@ -247,7 +247,8 @@ def policy_objective(
     is_weight = None
     if cfg.is_correction is not None:
         if sampling_logp is None:
-            raise ValueError(f"is_correction={cfg.is_correction!r} needs sampling_logps (the inference engine's log-probs)")
+            raise ValueError(
+                f"is_correction={cfg.is_correction!r} needs sampling_logps (the inference engine's log-probs)")
         is_weight = importance_sampling_correction(
             old.to(logp.dtype), sampling_logp.to(logp.dtype), m, cfg.is_correction, cfg.is_clip_min, cfg.is_clip_max
         )
@@ -292,7 +293,8 @@ def policy_objective(
     kl = None
     if cfg.beta != 0.0:
         if ref_logp is None:
-            raise ValueError("ref_logps is required when beta != 0 (the KL term needs the reference policy's log-probs)")
+            raise ValueError(
+                "ref_logps is required when beta != 0 (the KL term needs the reference policy's log-probs)")
         kl = kl_penalty(logp_m, torch.where(m, ref_logp.to(logp.dtype), 0), cfg.kl_kind, cfg.kl_clamp)
         if cfg.use_bias_correction_kl:
             kl = kl * rho  # with its gradient, as TRL: the gradient of E_old[rho k] is unbiased

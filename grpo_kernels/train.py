@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--target-reward", type=_target, default=0.9,
                    help="stop once the mean reward of the last 5 steps reaches it; the job exits with status 1 "
                         "when it is not reached; 'none' runs all --steps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the sampler (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model, the data and the sampler (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/toy",
                    help="metrics.jsonl, reward_curve.png and checkpoints go here (default: %(default)s)")
     p.add_argument("--save-steps", type=int, default=100,

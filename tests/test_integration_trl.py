@@ -24,7 +24,8 @@ def run(trainer_cls, tmp_path, **options):
     model_dir = tmp_path / "model"
     toy.tiny_causal_lm(len(tokenizer), seed=0).save_pretrained(model_dir)
     kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
-              gradient_accumulation_steps=2, max_steps=2, learning_rate=0.05, optim="sgd", logging_steps=1, report_to=[],
+              gradient_accumulation_steps=2, max_steps=2, learning_rate=0.05, optim="sgd", logging_steps=1,
+              report_to=[],
               use_cpu=True, bf16=False, seed=0, save_strategy="no", disable_tqdm=True, temperature=1.0)
     kw.update(options)
     trainer = trainer_cls(model=str(model_dir), reward_funcs=[varied_reward], args=GRPOConfig(**kw),

@@ -1,4 +1,4 @@
-"""The invariants of SPEC.md's last section, for every backend."""
+"""The invariants of docs/math.md's last section, for every backend."""
 import pytest
 import torch
 
@@ -115,7 +115,8 @@ def test_packed_equals_padded(backend, option):
     per_sequence = case.is_weights is not None and case.is_weights.dim() == 1
     out_p = gk.grpo_loss(logits, packed(case.ids), adv, cu_seqlens=cu, old_logps=packed(case.old_logps),
                          ref_logps=packed(case.ref_logps), sampling_logps=packed(case.sampling_logps),
-                         is_weights=case.is_weights if per_sequence else packed(case.is_weights), num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend)
+                         is_weights=case.is_weights if per_sequence else packed(case.is_weights),
+                         num_items_in_batch=case.num_items_in_batch, config=case.config, backend=backend)
     out_p.loss.backward()
     torch.testing.assert_close(out_p.loss, out.loss, rtol=1e-6, atol=1e-7)
     assert torch.equal(out_p.logps, packed(out.logps)) and torch.equal(out_p.entropy, packed(out.entropy))

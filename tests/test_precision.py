@@ -96,7 +96,8 @@ def test_long_sequence_through_logits(backend):
     out = gk.grpo_loss(x, ids, torch.tensor([0.7]), old_logps=old, cu_seqlens=cu, config=cfg, backend=backend)
     out.loss.backward()
     y = logits.double().requires_grad_(True)
-    terms, _, _ = R.grpo_loss(y[None], ids[None], torch.tensor([0.7], dtype=torch.float64), old_logps=old.double()[None],
+    terms, _, _ = R.grpo_loss(y[None], ids[None], torch.tensor([0.7], dtype=torch.float64),
+                              old_logps=old.double()[None],
                               config=cfg)
     terms.loss.backward()
     assert_close(out.loss, terms.loss, rtol=1e-6, atol=0, name="loss")

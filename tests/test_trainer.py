@@ -1,6 +1,5 @@
 """The thin trainer: smoke, convergence, bit-for-bit resume, and reward-function errors (CPU, tiny model)."""
 import json
-import os
 
 import pytest
 import torch

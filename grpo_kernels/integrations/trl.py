@@ -105,7 +105,8 @@ def _fused_compute_loss(self, model, inputs):
     out = fused_linear_grpo_loss(
         hidden, lm_head.weight, completion_ids, inputs["advantages"], bias=getattr(lm_head, "bias", None),
         mask=mask, old_logps=old, ref_logps=inputs.get("ref_per_token_logps"),
-        sampling_logps=sampling if (cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None) else None,
+        sampling_logps=(sampling if (cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None)
+                        else None),
         num_items_in_batch=num_items, config=cfg, backend=getattr(self, "_grpo_kernels_backend", "auto"))
     loss = out.loss if global_count else out.loss / accumulation
     if self._entropy_bonus_enabled:

@@ -159,7 +159,8 @@ def policy_metrics(loss_mode: str, cfg: GRPOLossConfig, old_log_prob, log_prob, 
             lower = masked_mean((torch.maximum(unclipped, clipped) > -adv * cfg.dual_clip) & (adv < 0))
     elif loss_mode == "cispo":
         clipfrac = masked_mean(ratio != ratio.clamp(cfg.cispo_weight_min, cfg.eps_high))
-    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": lower.item()}
+    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+            "actor/pg_clipfrac_lower": lower.item()}
 
 
 def policy_loss_fn(loss_mode: str, backend: str = "auto"):

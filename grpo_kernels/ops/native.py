@@ -40,7 +40,8 @@ class NativeKernels:
         logp = torch.empty(n, dtype=torch.float32, device=x.device)
         entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
         ids = ids.reshape(-1).long().contiguous()
-        self.module.logprobs_forward(*view, ids.data_ptr(), *transform.kernel_params, bool(with_entropy), logp.data_ptr(),
+        self.module.logprobs_forward(*view, ids.data_ptr(), *transform.kernel_params, bool(with_entropy),
+                                     logp.data_ptr(),
                                      entropy.data_ptr(), lse.data_ptr(), *self._stream(x))
         return logp, entropy, lse
 
@@ -67,7 +68,8 @@ class NativeKernels:
         addr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         ptrs = dict(logp=addr(prep.logp), entropy=addr(prep.entropy), mask=addr(prep.mask),
                     advantages=addr(prep.advantages), old=addr(prep.old), ref=addr(prep.ref),
-                    sampling=addr(prep.sampling), token_weights=addr(prep.token_weights), keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
+                    sampling=addr(prep.sampling), token_weights=addr(prep.token_weights),
+                    keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
                     ent_norm=addr(prep.ent_norm), per_token_loss=addr(prep.per_token_loss),
                     g_logp=addr(prep.g_logp), g_entropy=addr(prep.g_entropy), partials=addr(prep.partials))
         bsz, t = prep.logp.shape

@@ -78,8 +78,8 @@ class TrainerConfig:
             raise ValueError("TrainerConfig.num_generations must be >= 2: GRPO compares completions within a group")
         batch = self.prompts_per_step * self.num_generations
         if batch % self.gradient_accumulation_steps:
-            raise ValueError(f"TrainerConfig.gradient_accumulation_steps={self.gradient_accumulation_steps} must divide "
-                             f"prompts_per_step * num_generations = {batch}")
+            raise ValueError(f"TrainerConfig.gradient_accumulation_steps={self.gradient_accumulation_steps} must "
+                             f"divide prompts_per_step * num_generations = {batch}")
         if not self.temperature > 0:
             raise ValueError(f"TrainerConfig.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -70,7 +70,8 @@ class GRPOTrainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         torch.manual_seed(self.cfg.seed)
         self.sampler = torch.Generator().manual_seed(self.cfg.seed)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.learning_rate,
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.learning_rate,
                                            betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg))
         self.step = 0
@@ -242,8 +243,9 @@ class GRPOTrainer:
         tokens = int(batch.completion_mask.sum())
         elapsed = time.perf_counter() - t0
         self.step += 1
-        record = {"step": self.step, "reward": float(torch.nanmean(total)), "reward_std": float(total[~torch.isnan(total)].std())
-                  if int((~torch.isnan(total)).sum()) > 1 else 0.0,
+        scored = total[~torch.isnan(total)]
+        record = {"step": self.step, "reward": float(torch.nanmean(total)),
+                  "reward_std": float(scored.std()) if scored.numel() > 1 else 0.0,
                   "frac_reward_zero_std": float(adv.frac_zero_std), "lr": self.scheduler.get_last_lr()[0],
                   "completion_length": tokens / len(batch.texts), "truncated": float(batch.truncated.float().mean()),
                   "tokens_per_s": tokens * cfg.num_iterations / elapsed, "step_time_s": elapsed}

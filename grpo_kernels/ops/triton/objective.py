@@ -1,7 +1,7 @@
 """Triton kernel: the per-token GRPO objective and its derivatives w.r.t. logp and entropy.
 
 After the vocabulary sweep has produced logp and H per token, this kernel turns them into the
-per-token loss, dL/dlogp and dL/dH for every option of SPEC.md. Those two per-token gradients
+per-token loss, dL/dlogp and dL/dH for every option of docs/math.md. Those two per-token gradients
 are all the backward sweep over the logits needs. One program per sequence:
   pass 1 over its tokens: sequence sums (GSPO log-ratio mean, off-policy KL, sequence IS weight);
   pass 2: per-token loss and gradients, plus per-sequence partial sums of the loss and metrics;
@@ -19,6 +19,23 @@ import triton.language as tl
 
 from .. import objective_inputs as io
 from ...reference import ObjectiveTotals
+
+# The option codes of objective_inputs (the C++ enums in grpo_math.h), as constexpr globals so the
+# kernel reads `PG_KIND == PG_CISPO`, not a bare integer.
+PG_CLIP: tl.constexpr = tl.constexpr(io.PG["clip"])
+PG_CISPO: tl.constexpr = tl.constexpr(io.PG["cispo"])
+PG_VESPO: tl.constexpr = tl.constexpr(io.PG["vespo"])
+KL_NONE: tl.constexpr = tl.constexpr(0)
+KL_K1: tl.constexpr = tl.constexpr(io.KL["k1"])
+KL_K2: tl.constexpr = tl.constexpr(io.KL["k2"])
+IS_NONE: tl.constexpr = tl.constexpr(io.IS[None])
+IS_TOKEN_TRUNCATE: tl.constexpr = tl.constexpr(io.IS["token_truncate"])
+IS_TOKEN_MASK: tl.constexpr = tl.constexpr(io.IS["token_mask"])
+IS_SEQUENCE_TRUNCATE: tl.constexpr = tl.constexpr(io.IS["sequence_truncate"])
+IS_SEQUENCE_MASK: tl.constexpr = tl.constexpr(io.IS["sequence_mask"])
+AGG_SEQ_MEAN_TOKEN_MEAN: tl.constexpr = tl.constexpr(io.AGG["seq-mean-token-mean"])
+LEVEL_TOKEN: tl.constexpr = tl.constexpr(io.LEVEL["token"])
+LEVEL_SEQUENCE: tl.constexpr = tl.constexpr(io.LEVEL["sequence"])
 
 
 @triton.jit
@@ -43,7 +60,7 @@ def _policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip, 
                  PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
     """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp."""
     direct = tl.zeros_like(rho)
-    if PG_KIND == 0:
+    if PG_KIND == PG_CLIP:
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
         rho_c = tl.minimum(tl.maximum(rho, lo), hi)
@@ -64,7 +81,7 @@ def _policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip, 
             d_capped = tl.where(loss < cap, d_rho, tl.where(loss > cap, 0.0, 0.5 * d_rho))
             loss = tl.where(adv < 0, capped, loss)
             d_rho = tl.where(adv < 0, d_capped, d_rho)
-    elif PG_KIND == 1:
+    elif PG_KIND == PG_CISPO:
         weight = tl.minimum(tl.maximum(rho, cispo_lo), eps_high)
         loss = -weight * adv * logp
         d_rho = tl.zeros_like(rho)
@@ -140,10 +157,10 @@ def _vespo_log_of(w):
 def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.constexpr):
     """k1/k2/k3 value of KL(pi || pi_ref) and its derivative w.r.t. logp (x = ref − logp)."""
     x = ref - logp
-    if KL_KIND == 1:
+    if KL_KIND == KL_K1:
         kl = -x
         d_kl = tl.full(x.shape, 1.0, tl.float32)
-    elif KL_KIND == 2:
+    elif KL_KIND == KL_K2:
         kl = 0.5 * x * x
         d_kl = -x
     else:
@@ -181,9 +198,9 @@ def _grpo_objective_kernel(
     if not ADV_PER_TOKEN:
         adv_seq = tl.load(adv_ptr + b)
 
-    VESPO = PG_KIND == 3
-    IS_TOKEN = (IS_MODE == 1) or (IS_MODE == 2)
-    IS_SEQ = (IS_MODE == 3) or (IS_MODE == 4)
+    VESPO = PG_KIND == PG_VESPO
+    IS_TOKEN = (IS_MODE == IS_TOKEN_TRUNCATE) or (IS_MODE == IS_TOKEN_MASK)
+    IS_SEQ = (IS_MODE == IS_SEQUENCE_TRUNCATE) or (IS_MODE == IS_SEQUENCE_MASK)
     seq_weight = tl.full((), 1.0, tl.float32)
     if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
         seq_weight = tl.load(weights_ptr + b)
@@ -205,13 +222,13 @@ def _grpo_objective_kernel(
             if HAS_SAMPLING:
                 behaviour = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
             sum_off += tl.sum(tl.where(m, _nan_to_zero(behaviour - logp), 0.0), axis=0)
-        if IS_MODE != 0:
+        if IS_MODE != IS_NONE:
             samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
             sum_isd += tl.sum(tl.where(m, _nan_to_zero(old - samp), 0.0), axis=0)
         if VESPO:
             log_w_t = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
             if IS_TOKEN:
-                is_t = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == 1)
+                is_t = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == IS_TOKEN_TRUNCATE)
                 log_w_t += _vespo_log_of(is_t)
             if HAS_TOKEN_WEIGHTS and not WEIGHTS_PER_SEQ:
                 log_w_t += _vespo_log_of(tl.load(weights_ptr + row + offs, mask=m, other=1.0))
@@ -222,7 +239,7 @@ def _grpo_objective_kernel(
     off_kl = sum_off / n_b
     is_seq = tl.exp(sum_isd)
     if IS_SEQ:
-        is_seq = _is_clip(is_seq, is_lo, is_hi, IS_MODE == 3)
+        is_seq = _is_clip(is_seq, is_lo, is_hi, IS_MODE == IS_SEQUENCE_TRUNCATE)
     vespo_log_w = tl.zeros((), tl.float32)
     if VESPO:
         if IS_SEQ:
@@ -230,7 +247,7 @@ def _grpo_objective_kernel(
         if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
             vespo_log += _vespo_log_of(seq_weight)
         vespo_log_w = _vespo_log(vespo_log)
-    if AGG == 0:
+    if AGG == AGG_SEQ_MEAN_TOKEN_MEAN:
         agg_w = 1.0 / (n_b * norm)
     else:
         agg_w = 1.0 / norm
@@ -260,11 +277,11 @@ def _grpo_objective_kernel(
             adv = tl.where(m, tl.load(adv_ptr + row + offs, mask=m, other=0.0), 0.0)
         else:
             adv = tl.zeros((BLOCK_T,), tl.float32) + adv_seq
-        if LEVEL == 0:
+        if LEVEL == LEVEL_TOKEN:
             w_tok, inside = _clamp_log_ratio(logp - old, log_ratio_lo, log_ratio_hi)
             rho = tl.exp(w_tok)
             d_rho_direct = rho * mf * inside
-        elif LEVEL == 1:
+        elif LEVEL == LEVEL_SEQUENCE:
             rho = tl.zeros((BLOCK_T,), tl.float32) + rho_seq
             d_rho_direct = tl.zeros((BLOCK_T,), tl.float32)
         else:
@@ -289,11 +306,11 @@ def _grpo_objective_kernel(
             mult = mult * keep_ent
         is_w = tl.full((BLOCK_T,), 1.0, tl.float32)
         if IS_TOKEN:
-            is_w = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == 1)
+            is_w = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == IS_TOKEN_TRUNCATE)
         if IS_SEQ:
             is_w = tl.zeros((BLOCK_T,), tl.float32) + is_seq
         if not VESPO:  # VESPO folds the IS ratios into its sequence weight instead
-            if IS_MODE != 0:
+            if IS_MODE != IS_NONE:
                 mult = mult * is_w
             if HAS_TOKEN_WEIGHTS:
                 if WEIGHTS_PER_SEQ:
@@ -304,7 +321,7 @@ def _grpo_objective_kernel(
         g_t = mult * (d_pg_rho * d_rho_direct + d_pg_direct)
         d_seq_rho = mult * d_pg_rho  # ∂ℓ/∂ρ_b, for the GSPO pass
         kl = tl.zeros((BLOCK_T,), tl.float32)
-        if KL_KIND != 0:
+        if KL_KIND != KL_NONE:
             ref = tl.where(m, tl.load(ref_ptr + row + offs, mask=m, other=0.0), 0.0)
             k_val, d_k = _kl_term(logp, ref, kl_clamp, KL_KIND, HAS_KL_CLAMP)
             if BIAS_CORR:  # β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
@@ -336,7 +353,7 @@ def _grpo_objective_kernel(
         acc_phi += tl.sum(phi * mf, axis=0)
 
     # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
-    if LEVEL == 1:
+    if LEVEL == LEVEL_SEQUENCE:
         scale = acc_drho * rho_seq * seq_inside / n_b
         for t0 in range(0, T, BLOCK_T):
             offs = t0 + lanes
