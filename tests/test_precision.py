@@ -82,9 +82,11 @@ def test_long_sequence_objective(backend, level, length):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "torch")])
-def test_long_sequence_through_logits(backend):
-    """The whole grpo_loss (vocabulary sweep included) on one 32768-token sequence, bf16 logits."""
-    length, vocab = 32768, 16
+@pytest.mark.parametrize("length", [32768, 131072])
+def test_long_sequence_through_logits(backend, length):
+    """The whole grpo_loss (vocabulary sweep included) on one packed sequence of up to 131072 tokens
+    (a peer's launch grid fails at 65536), bf16 logits, sequence-level (GSPO) importance sampling."""
+    vocab = 16
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(length, vocab, generator=g) * 2).bfloat16()
     ids = torch.randint(0, vocab, (length,), generator=g)
