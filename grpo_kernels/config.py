@@ -211,6 +211,16 @@ class GRPOLossConfig:
         return KL_ESTIMATOR_ALIASES[self.kl_estimator]
 
     @property
+    def couples_tokens(self) -> bool:
+        """Whether a token's gradient depends on the log-probs of the other tokens of its sequence:
+        GSPO's sequence ratio, VESPO's sequence weight, the off-policy mask's sequence KL and the
+        sequence-level IS weights. Otherwise it depends on its own log-prob and batch-wide
+        normalisers only, and the fused-linear path may cut a long sequence into row blocks."""
+        return (self.importance_sampling_level != "token" or self.pg_loss == "vespo"
+                or self.off_policy_mask_threshold is not None
+                or self.is_correction in ("sequence_truncate", "sequence_mask"))
+
+    @property
     def uses_num_items_in_batch(self) -> bool:
         """bnpo normalises by the local token count, as TRL does; other token-mean users take the global count."""
         return self.agg_mode == "token-mean" and not (self.loss_type == "bnpo" and self.loss_agg_mode is None)

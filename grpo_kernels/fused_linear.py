@@ -198,8 +198,10 @@ class _FusedLinearGRPO(torch.autograd.Function):
         n = ids.numel()
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         need_b = bias is not None and bias.requires_grad
-        logp_all = torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device)
-        ent_all = torch.empty_like(logp_all)
+        # Zeros, not empty: rows not yet computed must be finite when a row block of a long
+        # sequence takes its gradients (token-level objectives; see the chunk loop).
+        logp_all = torch.zeros(n, dtype=stats_dtype(hidden), device=hidden.device)
+        ent_all = torch.empty_like(logp_all) if cfg.top_entropy_quantile < 1.0 else torch.zeros_like(logp_all)
         padded_mask = plan.layout.per_token_mask(plan.mask)
 
         if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
@@ -234,8 +236,20 @@ class _FusedLinearGRPO(torch.autograd.Function):
                     g_logp, g_ent = _objective_gradients(plan, chunk, logp, ent, totals)
                     backward_rows(logits, r0, r1, lse, g_logp, g_ent)
                 continue
-            # A sequence longer than the budget: forward its row blocks, then recompute each
-            # block's logits for the backward (one extra forward GEMM, memory stays bounded).
+            if need_grad and not cfg.couples_tokens:
+                # A sequence longer than the budget, token-level objective: a token's gradient needs
+                # only its own log-prob (and batch-wide normalisers), so each row block goes forward
+                # and backward at once, at 6·N·H·V. The chunk's other rows stand at 0 (rows not yet
+                # computed) while a block's gradients are taken; they do not enter them.
+                for s0, s1 in blocks:
+                    logits = _logits(h_rows[s0:s1], weight, bias)
+                    logp_all[s0:s1], ent_all[s0:s1], lse = kernels.logprobs_forward(logits, ids[s0:s1], tau)
+                    g_logp, g_ent = _objective_gradients(plan, chunk, logp_all[r0:r1], ent_all[r0:r1], totals)
+                    backward_rows(logits, s0, s1, lse, g_logp[s0 - r0:s1 - r0], g_ent[s0 - r0:s1 - r0])
+                continue
+            # A sequence longer than the budget whose tokens are coupled (GSPO, VESPO, the off-policy
+            # mask): forward its row blocks, then recompute each block's logits for the backward
+            # (one extra forward GEMM, 8·N·H·V for this sequence; memory stays bounded).
             lse_rows = torch.empty(r1 - r0, dtype=logp_all.dtype, device=hidden.device)
             for s0, s1 in blocks:
                 logp_all[s0:s1], ent_all[s0:s1], lse_rows[s0 - r0:s1 - r0] = kernels.logprobs_forward(
