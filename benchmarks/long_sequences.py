@@ -11,8 +11,6 @@ Writes long_sequences.md into a fresh runs/benchmarks/<device>-<date>-<time>/ (o
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from unittest import mock
 
 import torch
@@ -70,14 +68,7 @@ def main(argv=None) -> int:
              f"{args.repeats}.", "", "| path | ms | vs the recompute path |", "|---|---|---|"]
     lines += [f"| {label} | {ms:.1f} | {base / ms:.2f}x |" for label, ms in results]
     text = "\n".join(lines) + "\n"
-    out_dir = output.directory(args, name)
-
-    def write(scratch):
-        with open(os.path.join(scratch, "long_sequences.md"), "w") as f:
-            f.write(text)
-    output.publish(write, out_dir)
-    print(text)
-    print(f"results in {out_dir}", file=sys.stderr)
+    output.publish_texts({"long_sequences.md": text}, output.directory(args, name), text)
     return 0
 
 

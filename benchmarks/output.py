@@ -12,9 +12,10 @@ import argparse
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Dict
 
 COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FRESH = os.path.join("runs", "benchmarks")
@@ -47,3 +48,14 @@ def publish(write: Callable[[str], None], out_dir: str) -> None:
             os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish_texts(texts: Dict[str, str], out_dir: str, report: str) -> None:
+    """Publish named text files (as publish does), then print `report` and where they went."""
+    def write(scratch):
+        for name, text in texts.items():
+            with open(os.path.join(scratch, name), "w", newline="") as f:
+                f.write(text)
+    publish(write, out_dir)
+    print(report)
+    print(f"results in {out_dir}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import resource
@@ -95,17 +96,11 @@ def main(argv=None) -> int:
         lines.append(f"| {r['trainer']} | {r['median_step_s']:.3f} | {r['speedup_vs_trl']:.2f}x | "
                      f"{r['peak_rss_MiB']:.0f} | {r['rss_vs_trl']:.2f} |")
     text = "\n".join(lines) + "\n"
-
-    def write(scratch):
-        with open(os.path.join(scratch, "trl_trainer.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(scratch, "trl_trainer.md"), "w") as f:
-            f.write(text)
-    output.publish(write, out_dir)
-    print(text)
-    print(f"results in {out_dir}", file=sys.stderr)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    output.publish_texts({"trl_trainer.csv": table.getvalue(), "trl_trainer.md": text}, out_dir, text)
     return 0
 
 
