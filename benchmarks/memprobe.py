@@ -11,7 +11,7 @@ import sys
 import torch
 
 from .measure import cpu_peak_extra_bytes_in_process
-from .tasks import TASKS, Contender, Shape
+from .tasks import TASKS, Shape, find_contender
 
 
 def main(argv=None) -> None:
@@ -21,10 +21,9 @@ def main(argv=None) -> None:
     task = TASKS[shape.task]
     device = torch.device("cpu")
     inputs = task.build(shape, device)
-    contender = next(c for c in task.contenders(device) if isinstance(c, Contender) and c.name == spec["contender"])
-    restore = (lambda: task.restore(inputs)) if task.restore else (lambda: None)
+    contender = find_contender(shape.task, device, spec["contender"])
     contender.run(inputs)  # warm-up: lazy initialisation and compilation are not the op's memory
-    restore()
+    task.reset(inputs)
     peak = cpu_peak_extra_bytes_in_process(lambda: contender.run(inputs))
     print(json.dumps({"peak_extra_bytes": peak}))
 

@@ -26,7 +26,7 @@ import torch
 
 from . import output, report
 from .measure import cpu_peak_extra_bytes, cuda_peak_extra_bytes, device_name, roofline, time_ms
-from .tasks import TASKS, Contender, Shape, Skipped, agreement
+from .tasks import TASKS, Contender, Shape, agreement, split_contenders
 
 
 
@@ -70,7 +70,7 @@ def bench_shape(shape: Shape, device: torch.device, roof: Dict, contenders: List
         expected = task.oracle(inputs)
     except Exception as exc:  # noqa: BLE001 - reported in the results, the sweep goes on
         return [dict(**shape.key(), contender="(inputs)", error="OOM" if _is_oom(exc) else repr(exc)[:200])]
-    restore = (lambda: task.restore(inputs)) if task.restore else (lambda: None)
+    restore = lambda: task.reset(inputs)  # noqa: E731
     rows: List[Dict] = []
     for contender in contenders:
         row = dict(**shape.key(), contender=contender.name, note=contender.note, role=contender.role)
@@ -109,12 +109,6 @@ def bench_shape(shape: Shape, device: torch.device, roof: Dict, contenders: List
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-def split_contenders(task: str, device: torch.device):
-    """(runnable contenders, skipped ones) of a task on this device."""
-    entries = TASKS[task].contenders(device)
-    return [e for e in entries if isinstance(e, Contender)], [e for e in entries if isinstance(e, Skipped)]
 
 
 def main(argv=None) -> int:

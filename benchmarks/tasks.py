@@ -74,6 +74,11 @@ class Task:
     # Called (untimed) before every run of every contender: puts back inputs that in-place
     # contenders overwrite, so each run sees the same logits.
     restore: Optional[Callable[[Dict], None]] = None
+
+    def reset(self, inputs: Dict) -> None:
+        """Put back what an earlier run overwrote (nothing for tasks without in-place contenders)."""
+        if self.restore is not None:
+            self.restore(inputs)
     bytes_moved: Optional[Callable[[Shape], float]] = None  # memory-bound: GB/s vs copy roofline
     flops: Optional[Callable[[Shape], float]] = None  # compute-bound: TFLOP/s vs matmul roofline
     tolerance: Callable[[Shape], float] = field(default=lambda s: 2e-2 if s.dtype != "float32" else 1e-4)
@@ -431,6 +436,16 @@ TASKS = {
     "verl_policy": Task("verl_policy", build_verl_policy, verl_policy_contenders, _oracle_verl_policy,
                         tolerance=lambda s: 1e-4),
 }
+
+
+def split_contenders(task: str, device: torch.device):
+    """(runnable contenders, skipped ones) of a task on this device."""
+    entries = TASKS[task].contenders(device)
+    return [e for e in entries if isinstance(e, Contender)], [e for e in entries if isinstance(e, Skipped)]
+
+
+def find_contender(task: str, device: torch.device, name: str) -> Contender:
+    return next(c for c in split_contenders(task, device)[0] if c.name == name)
 
 
 def agreement(value: torch.Tensor, expected: torch.Tensor) -> float:

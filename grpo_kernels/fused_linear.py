@@ -153,6 +153,18 @@ def accumulate_weight_grad(d_weight: torch.Tensor, dlogits: torch.Tensor, h: tor
         d_weight[v0:v1] += (dlogits[:, v0:v1].t() @ h).to(d_weight.dtype)
 
 
+def accumulate_input_grads(dlogits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, d_hidden_rows,
+                           d_weight, d_bias) -> None:
+    """The lm_head's chain rule for one block of rows (each target None when not needed):
+    d_hidden rows = dlogits @ W, d_weight += dlogits.T @ h, d_bias += the column sums of dlogits."""
+    if d_hidden_rows is not None:
+        torch.mm(dlogits, weight, out=d_hidden_rows)
+    if d_weight is not None:
+        accumulate_weight_grad(d_weight, dlogits, h)
+    if d_bias is not None:
+        d_bias.add_(dlogits.sum(0, dtype=d_bias.dtype))
+
+
 def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
     """dL/dlogp and dL/dH of the chunk's rows, with batch-wide normalisers."""
     b0, b1, r0, r1 = chunk
@@ -218,12 +230,8 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         def backward_rows(logits, s0, s1, lse, g_logp, g_ent):
             dlogits = kernels.logprobs_backward(logits, ids[s0:s1], lse, ent_all[s0:s1], g_logp, g_ent, tau, logits)
-            if need_h:
-                torch.mm(dlogits, weight, out=d_hidden[s0:s1])
-            if need_w:
-                accumulate_weight_grad(d_weight, dlogits, h_rows[s0:s1])
-            if need_b:
-                d_bias.add_(dlogits.sum(0, dtype=bias_dtype))
+            accumulate_input_grads(dlogits, h_rows[s0:s1], weight, None if d_hidden is None else d_hidden[s0:s1],
+                                   d_weight, d_bias)
 
         for chunk in plan.chunks:
             _, _, r0, r1 = chunk
@@ -375,12 +383,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             logits = _logits(h, weight, bias)
             dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
                                                 None if g_ent is None else g_ent[r0:r1], ctx.transform, logits)
-            if need_h:
-                torch.mm(dlogits, weight, out=d_hidden[r0:r1])
-            if need_w:
-                accumulate_weight_grad(d_weight, dlogits, h)
-            if need_b:
-                d_bias.add_(dlogits.sum(0, dtype=acc_dtype))
+            accumulate_input_grads(dlogits, h, weight, None if d_hidden is None else d_hidden[r0:r1], d_weight,
+                                   d_bias)
         return (None if d_hidden is None else d_hidden.view(hidden.shape),
                 None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)

@@ -44,9 +44,13 @@ def _row_blocks(logits: torch.Tensor):
         yield b * t, logits[b]
 
 
-def _chunks(logits: torch.Tensor):
-    """(r0, r1, rows) chunks of at most rows_per_chunk rows, in row order."""
-    step = rows_per_chunk(logits.shape[-1], torch.finfo(stats_dtype(logits)).bits // 8, logits.device.type)
+def _chunk_step(logits: torch.Tensor) -> int:
+    """Rows per chunk for these logits: the statistics' itemsize and the device's budget."""
+    return rows_per_chunk(logits.shape[-1], torch.finfo(stats_dtype(logits)).bits // 8, logits.device.type)
+
+
+def _chunks(logits: torch.Tensor, step: int):
+    """(r0, r1, rows) chunks of at most `step` rows, in row order."""
     for offset, rows in _row_blocks(logits):
         for c0 in range(0, rows.shape[0], step):
             c1 = min(rows.shape[0], c0 + step)
@@ -65,7 +69,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTr
     logp = torch.empty(n, dtype=stats_dtype(logits), device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
-    chunks = list(_chunks(logits))
+    chunks = list(_chunks(logits, _chunk_step(logits)))
     for r0, r1, chunk in chunks:
         _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy if with_entropy else None, lse)
     check = lse + entropy if with_entropy else lse  # −inf logits make the fast entropy NaN, not lse
@@ -116,7 +120,8 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transf
     dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H.
     """
     lse_finite = bool(torch.isfinite(lse).all())
-    for (r0, r1, chunk), (_, _, out_rows) in zip(_chunks(logits), _chunks(out)):
+    step = _chunk_step(logits)  # one step for both, so the chunks of logits and out line up
+    for (r0, r1, chunk), (_, _, out_rows) in zip(_chunks(logits, step), _chunks(out, step)):
         _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows, lse_finite)
     return out
 
