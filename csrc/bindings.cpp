@@ -33,13 +33,15 @@ T get(const py::dict& d, const char* key) {
   return d[key].cast<T>();
 }
 
-gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, int64_t T, bool adv_per_token,
-                                 bool weights_per_seq) {
+gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, int64_t row_lo, int64_t row_hi,
+                                 bool adv_per_token, bool weights_per_seq) {
   auto opt_f = [&](const char* k) { return ptrs[k].is_none() ? nullptr : ptr<const float>(ptrs[k].cast<uintptr_t>()); };
   gk::ObjectiveArgs a{};
   a.logp = ptr<const float>(get<uintptr_t>(ptrs, "logp"));
   a.entropy = ptr<const float>(get<uintptr_t>(ptrs, "entropy"));
   a.mask = ptr<const uint8_t>(get<uintptr_t>(ptrs, "mask"));
+  a.cu_seqlens = ptr<const int64_t>(get<uintptr_t>(ptrs, "cu_seqlens"));
+  a.counts = ptr<const float>(get<uintptr_t>(ptrs, "counts"));
   a.adv = ptr<const float>(get<uintptr_t>(ptrs, "advantages"));
   a.old = opt_f("old");
   a.ref = opt_f("ref");
@@ -52,7 +54,8 @@ gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, i
   a.g_logp = ptr<float>(get<uintptr_t>(ptrs, "g_logp"));
   a.g_entropy = ptr<float>(get<uintptr_t>(ptrs, "g_entropy"));
   a.partials = ptr<float>(get<uintptr_t>(ptrs, "partials"));
-  a.T = T;
+  a.row_lo = row_lo;
+  a.row_hi = row_hi;
   a.adv_per_token = adv_per_token ? 1 : 0;
   a.weights_per_seq = weights_per_seq ? 1 : 0;
   gk::LossParams& p = a.p;
@@ -121,11 +124,11 @@ PYBIND11_MODULE(GK_MODULE_NAME, m) {
                                   reinterpret_cast<void*>(out), out_sb, out_st, gk::LogitTransform{scale, cap} GK_STREAM);
         });
   m.def("objective",
-        [](py::dict ptrs, py::dict params, int64_t B, int64_t T, bool adv_per_token,
-           bool weights_per_seq GK_STREAM_ARG) {
-          gk::ObjectiveArgs args = objective_args(ptrs, params, T, adv_per_token, weights_per_seq);
+        [](py::dict ptrs, py::dict params, int64_t row_lo, int64_t row_hi, int64_t seq_lo, int64_t seq_hi,
+           bool adv_per_token, bool weights_per_seq GK_STREAM_ARG) {
+          gk::ObjectiveArgs args = objective_args(ptrs, params, row_lo, row_hi, adv_per_token, weights_per_seq);
           py::gil_scoped_release release;
-          impl::objective(args, B GK_STREAM);
+          impl::objective(args, seq_lo, seq_hi GK_STREAM);
         });
   m.def("group_advantages",
         [](uintptr_t total, uintptr_t order, uintptr_t offsets, uintptr_t group, uintptr_t adv, uintptr_t mean,

@@ -259,23 +259,27 @@ enum Slot : int {
   SLOT_KL, SLOT_IS, SLOT_CISPO_CLIP, SLOT_VESPO_PHI, NUM_SLOTS = 16
 };
 
+// Tokens are packed (N,): sequence b holds rows [cu_seqlens[b], cu_seqlens[b+1]) (padded (B, T)
+// is cu_seqlens = arange(B+1)·T). A pass covers rows [row_lo, row_hi) of sequences [seq_lo, seq_hi).
 struct ObjectiveArgs {
   const float* logp;
   const float* entropy;
   const uint8_t* mask;
-  const float* adv;  // (B,) or (B, T)
+  const int64_t* cu_seqlens;  // (B+1,)
+  const float* counts;        // (B,) unmasked tokens of each whole sequence (a pass may see part of one)
+  const float* adv;  // (B,) or (N,)
   const float* old;  // nullptr: on policy
   const float* ref;
   const float* sampling;
-  const float* token_weights;   // the caller's is_weights, (B, T) or (B,); nullptr: none
+  const float* token_weights;   // the caller's is_weights, (N,) or (B,); nullptr: none
   const uint8_t* keep_entropy;  // nullptr: no entropy mask
   const float* norm;      // aggregation normaliser (1 element)
   const float* ent_norm;  // entropy-bonus normaliser (1 element)
   float* per_token_loss;
   float* g_logp;
   float* g_entropy;
-  float* partials;  // (B, NUM_SLOTS)
-  int64_t T;
+  float* partials;  // (B, NUM_SLOTS): a pass adds its sums (the ratio max: takes the max)
+  int64_t row_lo, row_hi;
   int adv_per_token;
   int weights_per_seq;  // token_weights holds one weight per sequence
   LossParams p;
@@ -295,35 +299,38 @@ GK_HD float vespo_phi(float log_w, float adv, const LossParams& p) {
 
 GK_HD float clamp_vespo_log(float x) { return fminf(fmaxf(x, kVespoLogWMin), 20.f); }
 
-// The whole objective of sequence b: per-token loss, dL/dlogp, dL/dH, and partial sums.
-// Pass 1: sequence sums; pass 2: tokens; pass 3 (GSPO): the gradient through the sequence mean.
-// Sums over the sequence accumulate in fp64: fp32 running sums lose ~T·eps (1e-4 at T = 32k).
+// The objective of the rows of sequence b in [row_lo, row_hi): per-token loss, dL/dlogp, dL/dH,
+// and partial sums added to partials[b]. Pass 1: sequence sums; pass 2: tokens; pass 3 (GSPO):
+// the gradient through the sequence mean. Options that couple a sequence's tokens (GSPO, VESPO,
+// the off-policy mask, sequence IS) need the whole sequence in one pass; token-level ones take any
+// row range, with n_b from `counts`. Sums accumulate in fp64: fp32 running sums lose ~T·eps.
 GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   const LossParams& p = a.p;
-  const int64_t row = b * a.T;
+  const int64_t lo = a.cu_seqlens[b] > a.row_lo ? a.cu_seqlens[b] : a.row_lo;
+  const int64_t hi = a.cu_seqlens[b + 1] < a.row_hi ? a.cu_seqlens[b + 1] : a.row_hi;
   const float norm = *a.norm;
   const bool vespo = p.pg == PG_VESPO;
   const bool is_token = p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK;
   const bool is_seq_mode = p.is_mode == IS_SEQ_TRUNCATE || p.is_mode == IS_SEQ_MASK;
   double n_tok = 0.0, sum_delta = 0.0, sum_off = 0.0, sum_isd = 0.0, vespo_log = 0.0;
-  for (int64_t t = 0; t < a.T; ++t) {
-    if (!a.mask[row + t]) continue;
-    float logp = a.logp[row + t];
-    float old = a.old ? a.old[row + t] : logp;
+  for (int64_t i = lo; i < hi; ++i) {
+    if (!a.mask[i]) continue;
+    float logp = a.logp[i];
+    float old = a.old ? a.old[i] : logp;
     n_tok += 1.0;
     sum_delta += logp - old;
     if (p.has_off_policy) {
-      float behaviour = a.sampling ? a.sampling[row + t] : old;
+      float behaviour = a.sampling ? a.sampling[i] : old;
       sum_off += nan_to_zero(behaviour - logp);
     }
-    if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[row + t]);
+    if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[i]);
     if (vespo) {
       vespo_log += fminf(fmaxf(logp - old, -20.f), 20.f);
-      if (is_token) vespo_log += clamp_vespo_log(logf(token_is_weight(old, a.sampling[row + t], p)));
-      if (a.token_weights && !a.weights_per_seq) vespo_log += clamp_vespo_log(logf(a.token_weights[row + t]));
+      if (is_token) vespo_log += clamp_vespo_log(logf(token_is_weight(old, a.sampling[i], p)));
+      if (a.token_weights && !a.weights_per_seq) vespo_log += clamp_vespo_log(logf(a.token_weights[i]));
     }
   }
-  const float n_b = static_cast<float>(n_tok > 1.0 ? n_tok : 1.0);
+  const float n_b = a.counts[b] > 1.f ? a.counts[b] : 1.f;
   const float w_seq = static_cast<float>(sum_delta / n_b);
   const float rho_seq = expf(clamp_log_ratio(w_seq, p));
   const float seq_inside = log_ratio_inside(w_seq, p);
@@ -344,8 +351,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   double acc_loss = 0.0, acc_ent = 0.0, acc_low = 0.0, acc_high = 0.0, acc_region = 0.0, acc_rho = 0.0, acc_kl = 0.0,
          acc_is = 0.0, acc_drho = 0.0, acc_cispo = 0.0, acc_phi = 0.0;
   float max_rho = 0.f;
-  for (int64_t t = 0; t < a.T; ++t) {
-    const int64_t i = row + t;
+  for (int64_t i = lo; i < hi; ++i) {
     if (!a.mask[i]) {
       a.per_token_loss[i] = 0.f;
       a.g_logp[i] = 0.f;
@@ -424,23 +430,24 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   }
   if (p.level == LEVEL_SEQUENCE) {
     const float scale = static_cast<float>(acc_drho) * rho_seq * seq_inside / n_b;
-    for (int64_t t = 0; t < a.T; ++t)
-      if (a.mask[row + t]) a.g_logp[row + t] += scale;
+    for (int64_t i = lo; i < hi; ++i)
+      if (a.mask[i]) a.g_logp[i] += scale;
   }
   float* part = a.partials + b * NUM_SLOTS;
-  part[SLOT_LOSS] = static_cast<float>(acc_loss);
-  part[SLOT_COUNT] = static_cast<float>(n_tok);
-  part[SLOT_ENTROPY] = static_cast<float>(acc_ent);
-  part[SLOT_LOW] = static_cast<float>(acc_low);
-  part[SLOT_HIGH] = static_cast<float>(acc_high);
-  part[SLOT_REGION] = static_cast<float>(acc_region);
-  part[SLOT_RATIO_SUM] = static_cast<float>(acc_rho);
-  part[SLOT_RATIO_MAX] = max_rho;
-  part[SLOT_KL] = static_cast<float>(acc_kl);
-  part[SLOT_IS] = static_cast<float>(acc_is);
-  part[SLOT_CISPO_CLIP] = static_cast<float>(acc_cispo);
+  part[SLOT_LOSS] += static_cast<float>(acc_loss);
+  part[SLOT_COUNT] += static_cast<float>(n_tok);
+  part[SLOT_ENTROPY] += static_cast<float>(acc_ent);
+  part[SLOT_LOW] += static_cast<float>(acc_low);
+  part[SLOT_HIGH] += static_cast<float>(acc_high);
+  part[SLOT_REGION] += static_cast<float>(acc_region);
+  part[SLOT_RATIO_SUM] += static_cast<float>(acc_rho);
+  part[SLOT_RATIO_MAX] = fmaxf(part[SLOT_RATIO_MAX], max_rho);
+  part[SLOT_KL] += static_cast<float>(acc_kl);
+  part[SLOT_IS] += static_cast<float>(acc_is);
+  part[SLOT_CISPO_CLIP] += static_cast<float>(acc_cispo);
   // TRL's vespo/phi_seq_mean: one φ per sequence (per-sequence advantages), else a token mean.
-  part[SLOT_VESPO_PHI] = a.adv_per_token ? static_cast<float>(acc_phi) : (vespo ? vespo_phi(vespo_log_w, adv_seq, p) : 0.f);
+  // VESPO couples tokens, so its sequences come whole, in exactly one pass.
+  part[SLOT_VESPO_PHI] += a.adv_per_token ? static_cast<float>(acc_phi) : (vespo ? vespo_phi(vespo_log_w, adv_seq, p) : 0.f);
 }
 
 }  // namespace gk

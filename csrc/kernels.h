@@ -23,7 +23,7 @@ void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, b
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
                        int64_t out_stride_t, LogitTransform f);
-void objective(const ObjectiveArgs& args, int64_t num_sequences);
+void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
                       int64_t num_groups, float eps, int mode);
@@ -35,7 +35,7 @@ void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, b
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
                        int64_t out_stride_t, LogitTransform f, uintptr_t stream);
-void objective(const ObjectiveArgs& args, int64_t num_sequences, uintptr_t stream);
+void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi, uintptr_t stream);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
                       int64_t num_groups, float eps, int mode, uintptr_t stream);

@@ -1,9 +1,10 @@
 """Public functional API: selective_logprobs, grpo_loss, group_advantages.
 
-Each call validates its arguments, runs the vocabulary-sized work in the chosen backend's
-fused op, and applies the per-token objective of `reference.policy_objective` to the
-(B, T) results, which is cheap next to the (N, V) sweep. Statistics are fp32, or fp64 for
-fp64 inputs (the torch backend; see ops/dispatch.py).
+Each call checks its arguments (metadata at once, values on the device with one host sync at
+the end, or none with validate=False), runs the vocabulary-sized work in the chosen backend's
+fused op, and the per-token objective in the same backend's objective op, on the tokens as the
+caller laid them out. Statistics are fp32, or fp64 for fp64 inputs (the torch backend; see
+ops/dispatch.py).
 """
 from __future__ import annotations
 
@@ -12,17 +13,15 @@ from typing import Optional
 
 import torch
 
-from . import reference
 from .config import GRPOLossConfig, resolve_config
-from .layout import TokenLayout, check_cu_seqlens
 from .ops import logprobs_with_entropy, resolve_backend
 from .ops.dispatch import backend_module, stats_dtype
-from .ops.objective import fused_objective, has_fused_objective
+from .ops.objective import fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
 from .transform import LogitTransform
 from .validation import (
-    FLOAT_DTYPES, INT_DTYPES, check_finite, check_ids, check_logp_finite, require_device, require_shape,
-    require_tensor, tracing,
+    FLOAT_DTYPES, INT_DTYPES, DeferredChecks, check_cu_seqlens, check_finite, check_ids, check_logp_finite,
+    require_device, require_shape, require_tensor,
 )
 
 SCALE_REWARDS = ("group", "batch", "none", "rloo", "reinforce++")
@@ -37,8 +36,21 @@ REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _LAYOUT_SHAPES = {"logits": ("(B, T, V)", "(N, V)"), "hidden": ("(B, T, H)", "(N, H)"), "logps": ("(B, T)", "(N,)")}
 
 
-def token_layout(token_shape, device, cu_seqlens, anchor="logits") -> TokenLayout:
-    """Layout of the per-token tensors: (B, T) padded, or (N,) packed with cu_seqlens."""
+class Tokens:
+    """Where the sequences lie among the caller's tokens, in the one layout every kernel takes:
+    token_shape (B, T) padded or (N,) packed; cu_seqlens (B+1,) int64 on the device (padded is
+    arange(B+1)·T); num_sequences B. Per-token tensors are used flat, never padded or unpadded."""
+
+    def __init__(self, token_shape, cu_seqlens: torch.Tensor, num_sequences: int):
+        self.token_shape, self.cu_seqlens, self.num_sequences = tuple(token_shape), cu_seqlens, num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.token_shape)
+
+
+def token_layout(token_shape, device, cu_seqlens, checks: DeferredChecks, anchor="logits") -> Tokens:
+    """Tokens for padded (B, T) per-token inputs, or packed (N,) ones with cu_seqlens (no host read)."""
     padded, packed = _LAYOUT_SHAPES[anchor]
     if cu_seqlens is None:
         if len(token_shape) != 2:
@@ -46,51 +58,55 @@ def token_layout(token_shape, device, cu_seqlens, anchor="logits") -> TokenLayou
                 f"per-token inputs must be padded (B, T) ({anchor} {padded}), got token shape {tuple(token_shape)}; "
                 "pass cu_seqlens for the packed (N,) layout"
             )
-    else:
-        if len(token_shape) != 1:
-            raise ValueError(f"with cu_seqlens, tokens must be packed (N,) ({anchor} {packed}), "
-                             f"got {tuple(token_shape)}")
-        check_cu_seqlens(cu_seqlens, token_shape[0], device, anchor)
-    return TokenLayout(token_shape, device, cu_seqlens)
+        bsz, length = token_shape
+        return Tokens(token_shape, torch.arange(bsz + 1, device=device) * length, bsz)
+    if len(token_shape) != 1:
+        raise ValueError(f"with cu_seqlens, tokens must be packed (N,) ({anchor} {packed}), "
+                         f"got {tuple(token_shape)}")
+    cu = check_cu_seqlens(cu_seqlens, token_shape[0], device, checks, anchor)
+    return Tokens(token_shape, cu, cu.numel() - 1)
 
 
-def check_ids_and_mask(ids, mask, token_shape, device, anchor="logits"):
+def check_ids_and_mask(ids, mask, token_shape, device, checks: DeferredChecks, anchor="logits"):
     """`anchor` names the input whose rows the ids label: "logits" or "hidden"."""
     require_tensor("ids", ids, dtypes=INT_DTYPES, kind="an integer tensor of token ids")
     require_shape("ids", ids, token_shape, f"one target token per {anchor} row")
     require_device("ids", ids, device, anchor)
-    return check_mask(mask, token_shape, device, anchor)
+    return check_mask(mask, token_shape, device, checks, anchor)
 
 
-def check_mask(mask, token_shape, device, anchor="logits"):
-    """None, or the mask as bool after checking its shape, device and 0/1 values."""
+def check_mask(mask, token_shape, device, checks: DeferredChecks, anchor="logits"):
+    """None, or the mask as bool after checking its shape, device and (deferred) 0/1 values."""
     if mask is None:
         return None
     require_tensor("mask", mask, dtypes=(torch.bool,) + INT_DTYPES + FLOAT_DTYPES, kind="bool or 0/1 numbers")
     require_shape("mask", mask, token_shape, "one entry per token")
     require_device("mask", mask, device, anchor)
     if mask.dtype != torch.bool:
-        if not tracing() and mask.numel():
-            bad = (mask != 0) & (mask != 1)
-            if bool(bad.any()):
-                count, first = int(bad.sum()), mask[bad][0].item()
-                raise ValueError(f"mask must hold only 0 and 1 (or be bool); found {first!r} "
-                                 f"({count} entr{'y' if count == 1 else 'ies'} not 0 or 1)")
-        mask = mask.bool()
+        if checks.enabled and mask.numel():
+            raw, bad = mask, (mask != 0) & (mask != 1)
+
+            def error():
+                count, first = int(bad.sum()), raw[bad][0].item()
+                return ValueError(f"mask must hold only 0 and 1 (or be bool); found {first!r} "
+                                  f"({count} entr{'y' if count == 1 else 'ies'} not 0 or 1)")
+
+            checks.require(~bad.any(), error)
+        mask = mask != 0
     return mask
 
 
-def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, device,
-                           is_weights=None, anchor="logits"):
-    shape = layout.token_shape
+def check_objective_inputs(tokens: Tokens, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, device,
+                           checks: DeferredChecks, is_weights=None, anchor="logits"):
+    shape, bsz = tokens.token_shape, tokens.num_sequences
     require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, kind="a float tensor")
     require_device("advantages", advantages, device, anchor)
-    if tuple(advantages.shape) not in ((layout.batch,), shape):
+    if tuple(advantages.shape) not in ((bsz,), shape):
         raise ValueError(
-            f"advantages must have shape ({layout.batch},) (one per sequence) or {shape} (one per token), "
+            f"advantages must have shape ({bsz},) (one per sequence) or {shape} (one per token), "
             f"got {tuple(advantages.shape)}"
         )
-    check_finite("advantages", advantages)
+    check_finite("advantages", advantages, None, checks)
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
         if x is not None:
             require_tensor(name, x, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
@@ -98,17 +114,18 @@ def check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_lo
             require_device(name, x, device, anchor)
     if is_weights is not None:
         require_tensor("is_weights", is_weights, dtypes=FLOAT_DTYPES, kind="a float tensor of importance weights")
-        if tuple(is_weights.shape) not in (shape, (layout.batch,), (layout.batch, 1)):
+        if tuple(is_weights.shape) not in (shape, (bsz,), (bsz, 1)):
             raise ValueError(
-                f"is_weights must have shape {shape} (one weight per token), ({layout.batch},) or ({layout.batch}, 1) "
+                f"is_weights must have shape {shape} (one weight per token), ({bsz},) or ({bsz}, 1) "
                 f"(one per sequence), got {tuple(is_weights.shape)}"
             )
         require_device("is_weights", is_weights, device, anchor)
-        check_finite("is_weights", is_weights, mask if tuple(is_weights.shape) == shape else None)
-        if not tracing() and bool((is_weights < 0).any()):
-            raise ValueError("is_weights must be >= 0 (importance-sampling weights)")
-    check_finite("old_logps", old_logps, mask)
-    check_finite("ref_logps", ref_logps, mask)
+        check_finite("is_weights", is_weights, mask if tuple(is_weights.shape) == shape else None, checks)
+        if checks.enabled:
+            checks.require(~(is_weights < 0).any(),
+                           lambda: ValueError("is_weights must be >= 0 (importance-sampling weights)"))
+    check_finite("old_logps", old_logps, mask, checks)
+    check_finite("ref_logps", ref_logps, mask, checks)
     if cfg.beta != 0.0 and ref_logps is None:
         raise ValueError(f"ref_logps is required when beta != 0 (beta={cfg.beta}): the KL term needs them")
     if cfg.is_correction is not None and sampling_logps is None:
@@ -129,55 +146,44 @@ def check_num_items(num_items_in_batch):
     return num_items_in_batch
 
 
+def weights_per_sequence(is_weights, tokens: Tokens) -> bool:
+    """is_weights holds one weight per sequence ((B,) or (B, 1)), not one per token."""
+    return is_weights.numel() == tokens.num_sequences and tuple(is_weights.shape) != tokens.token_shape
+
+
+def advantages_per_token(advantages, tokens: Tokens) -> bool:
+    return tuple(advantages.shape) != (tokens.num_sequences,)
+
+
+def _flat(x):
+    return None if x is None else x.reshape(-1)
+
+
 def objective_from_logprobs(
-    logp_rows, entropy_rows, layout: TokenLayout, mask, advantages, cfg, backend: str, *,
+    logp_rows, entropy_rows, tokens: Tokens, mask, advantages, cfg, backend: str, checks: DeferredChecks, *,
     old_logps=None, ref_logps=None, sampling_logps=None, is_weights=None, num_items_in_batch=None,
 ) -> GRPOLossOutput:
-    """Apply the per-token objective to flat per-row logp/entropy (differentiable).
-
-    Backends with a fused objective kernel compute it with its analytic gradient; the others
-    run `reference.policy_objective` on the (B, T) tensors under autograd, in logp's dtype
-    (fp32, or fp64 on the validation path).
-    """
-    pad = layout.to_padded
-    padded_mask = layout.per_token_mask(mask)
-    dtype = logp_rows.dtype
-    adv = advantages.to(dtype)
-    adv = adv if adv.shape == (layout.batch,) else pad(adv)
-    as_stat = lambda x: None if x is None else pad(x.to(dtype))  # noqa: E731
-    inputs = dict(old_logp=as_stat(old_logps), ref_logp=as_stat(ref_logps), sampling_logp=as_stat(sampling_logps),
-                  is_weights=sequence_or_token_weights(is_weights, layout, dtype),
-                  num_items_in_batch=num_items_in_batch)
-    logp_pad, entropy_pad = pad(logp_rows.reshape(-1)), pad(entropy_rows.reshape(-1))
-    if has_fused_objective(backend):
-        loss, per_token_loss, metrics = fused_objective(logp_pad, entropy_pad, padded_mask, adv, cfg, backend, **inputs)
-    else:
-        terms = reference.policy_objective(logp_pad, entropy_pad, adv, padded_mask, cfg, **inputs)
-        loss, per_token_loss, metrics = terms.loss, terms.per_token_loss, terms.metrics
-    if not tracing() and not bool(torch.isfinite(loss.detach())):
-        raise ValueError(f"the loss came out non-finite ({float(loss)}) although every input passed its checks")
-    live = layout.from_padded(padded_mask)
+    """Apply the per-token objective to flat (N,) logp/entropy (differentiable) in the backend's
+    objective op, on the caller's tokens as they are (packed, or padded read as B sequences of T)."""
+    flat_mask = (torch.ones(tokens.num_tokens, dtype=torch.bool, device=logp_rows.device) if mask is None
+                 else mask.reshape(-1))
+    loss, per_token_loss, metrics = fused_objective(
+        logp_rows.reshape(-1), entropy_rows.reshape(-1), flat_mask, _flat(advantages), tokens.cu_seqlens, cfg,
+        backend, adv_per_token=advantages_per_token(advantages, tokens),
+        weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens),
+        old_logp=_flat(old_logps), ref_logp=_flat(ref_logps), sampling_logp=_flat(sampling_logps),
+        is_weights=_flat(is_weights), num_items_in_batch=num_items_in_batch)
+    if checks.enabled:
+        checks.require(torch.isfinite(loss.detach()), lambda: ValueError(
+            f"the loss came out non-finite ({float(loss)}) although every input passed its checks"))
+    shape = tokens.token_shape
     return GRPOLossOutput(
         loss=loss,
-        logps=torch.where(live, layout.from_padded(logp_pad.detach()), 0.0),
-        entropy=torch.where(live, layout.from_padded(entropy_pad.detach()), 0.0),
-        per_token_loss=layout.from_padded(per_token_loss),
+        logps=torch.where(flat_mask, logp_rows.detach().reshape(-1), 0.0).reshape(shape),
+        entropy=torch.where(flat_mask, entropy_rows.detach().reshape(-1), 0.0).reshape(shape),
+        per_token_loss=per_token_loss.reshape(shape),
         metrics=metrics,
     )
-
-
-def weights_per_sequence(is_weights, layout: TokenLayout) -> bool:
-    """is_weights holds one weight per sequence ((B,) or (B, 1)), not one per token."""
-    return is_weights.numel() == layout.batch and tuple(is_weights.shape) != tuple(layout.token_shape)
-
-
-def sequence_or_token_weights(is_weights, layout: TokenLayout, dtype):
-    """is_weights as the objective takes them: padded (B, T) per token, or (B, 1) per sequence."""
-    if is_weights is None:
-        return None
-    if weights_per_sequence(is_weights, layout):
-        return is_weights.reshape(layout.batch, 1).to(dtype)
-    return layout.to_padded(is_weights.to(dtype))
 
 
 def _check_logits(logits, cu_seqlens):
@@ -214,6 +220,7 @@ def selective_logprobs(
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
     inplace_backward: bool = False,
+    validate: bool = True,
 ):
     """Log-probability of `ids` under softmax(z'), optionally with the entropy.
 
@@ -224,20 +231,24 @@ def selective_logprobs(
     the same shape, differentiable w.r.t. logits. Rows where `mask` is False return 0 and are not
     checked. Use under torch.no_grad() for old/reference log-probs. With inplace_backward=True
     the backward overwrites `logits` with its gradient (saves an (N, V) buffer).
+    validate=True (default) runs every data-dependent check with one host sync at the end of the
+    call; validate=False runs none and never synchronises (bad ids then give wrong numbers, not a crash).
     """
-    if cu_seqlens is not None:
-        token_layout(tuple(logits.shape[:-1]), logits.device, cu_seqlens)
+    checks = DeferredChecks(validate)
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
+    if cu_seqlens is not None:
+        token_layout(tuple(logits.shape[:-1]), logits.device, cu_seqlens, checks)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (..., V), got shape {tuple(logits.shape)}")
     transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
-    mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device)
-    check_ids(ids, logits.shape[-1], mask)
+    mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device, checks)
+    check_ids(ids, logits.shape[-1], mask, checks)
     name = resolve_backend(backend, logits.device, logits.dtype)
     logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), transform, name, inplace_backward,
                                              with_entropy=return_entropy)
     flat_mask = None if mask is None else mask.reshape(-1)
-    check_logp_finite(logp, entropy, flat_mask)
+    check_logp_finite(logp, entropy, flat_mask, checks)
+    checks.raise_first()
     if flat_mask is not None:
         logp, entropy = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, entropy, 0.0)
     logp = logp.reshape(ids.shape)
@@ -259,6 +270,7 @@ def grpo_loss(
     config: Optional[GRPOLossConfig] = None,
     backend: str = "auto",
     inplace_backward: bool = False,
+    validate: bool = True,
     **overrides,
 ) -> GRPOLossOutput:
     """The GRPO loss from logits (docs/math.md), fused over the vocabulary.
@@ -272,25 +284,30 @@ def grpo_loss(
     precomputed rollout importance-sampling weights (>= 0, detached) on the policy term.
     Returns GRPOLossOutput; `.loss` is differentiable w.r.t. logits. With
     inplace_backward=True, backward writes the gradient over `logits` (no extra (N, V)).
+    validate=True (default): every data-dependent check, read with one host sync at the end;
+    validate=False: none, and no host sync at all (CUDA graphs, torch.compile without breaks).
     """
     cfg = resolve_config(config, overrides)
+    checks = DeferredChecks(validate)
     _check_logits(logits, cu_seqlens)
     token_shape = tuple(logits.shape[:-1])
-    layout = token_layout(token_shape, logits.device, cu_seqlens)
-    mask = check_ids_and_mask(ids, mask, token_shape, logits.device)
-    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logits.device,
-                           is_weights)
+    tokens = token_layout(token_shape, logits.device, cu_seqlens, checks)
+    mask = check_ids_and_mask(ids, mask, token_shape, logits.device, checks)
+    check_objective_inputs(tokens, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logits.device,
+                           checks, is_weights)
     num_items_in_batch = check_num_items(num_items_in_batch)
-    check_ids(ids, logits.shape[-1], mask)
+    check_ids(ids, logits.shape[-1], mask, checks)
     name = resolve_backend(backend, logits.device, logits.dtype)
 
     logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), cfg.logit_transform, name,
                                              inplace_backward)
-    check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1))
-    return objective_from_logprobs(
-        logp, entropy, layout, mask, advantages, cfg, name, old_logps=old_logps, ref_logps=ref_logps,
+    check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1), checks)
+    out = objective_from_logprobs(
+        logp, entropy, tokens, mask, advantages, cfg, name, checks, old_logps=old_logps, ref_logps=ref_logps,
         sampling_logps=sampling_logps, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
     )
+    checks.raise_first()
+    return out
 
 
 def grpo_loss_from_logprobs(
@@ -307,6 +324,7 @@ def grpo_loss_from_logprobs(
     cu_seqlens: Optional[torch.Tensor] = None,
     config: Optional[GRPOLossConfig] = None,
     backend: str = "auto",
+    validate: bool = True,
     **overrides,
 ) -> GRPOLossOutput:
     """The GRPO objective from per-token log-probs the caller already has (docs/math.md after the
@@ -315,16 +333,17 @@ def grpo_loss_from_logprobs(
     Shapes: logps, entropy, mask, old/ref/sampling_logps, is_weights (B, T) padded, or (N,)
     packed with cu_seqlens (B+1,); advantages (B,) or per token. `entropy` is needed only by
     the entropy bonus and the entropy mask. The loss is differentiable w.r.t. logps (and
-    entropy); the backends with a fused objective kernel compute its gradient analytically.
+    entropy); each backend's objective op computes its gradient. `validate` as in `grpo_loss`.
     """
     cfg = resolve_config(config, overrides)
+    checks = DeferredChecks(validate)
     require_tensor("logps", logps, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token log-probs")
     token_shape = tuple(logps.shape)
-    layout = token_layout(token_shape, logps.device, cu_seqlens, "logps")
-    mask = check_mask(mask, token_shape, logps.device, "logps")
-    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logps.device,
-                           is_weights, anchor="logps")
-    check_finite("logps", logps, mask)
+    tokens = token_layout(token_shape, logps.device, cu_seqlens, checks, "logps")
+    mask = check_mask(mask, token_shape, logps.device, checks, "logps")
+    check_objective_inputs(tokens, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logps.device,
+                           checks, is_weights, anchor="logps")
+    check_finite("logps", logps, mask, checks)
     dtype = stats_dtype(logps)
     if entropy is None:
         if cfg.entropy_coef != 0.0 or cfg.top_entropy_quantile < 1.0:
@@ -337,13 +356,15 @@ def grpo_loss_from_logprobs(
         require_tensor("entropy", entropy, dtypes=FLOAT_DTYPES, kind="a float tensor of per-token entropies")
         require_shape("entropy", entropy, token_shape, "one entropy per token")
         require_device("entropy", entropy, logps.device, "logps")
-        check_finite("entropy", entropy, mask)
+        check_finite("entropy", entropy, mask, checks)
     name = resolve_backend(backend, logps.device, logps.dtype)
-    return objective_from_logprobs(
-        logps.to(dtype).reshape(-1), entropy.to(dtype).reshape(-1), layout, mask, advantages, cfg, name,
+    out = objective_from_logprobs(
+        logps.to(dtype).reshape(-1), entropy.to(dtype).reshape(-1), tokens, mask, advantages, cfg, name, checks,
         old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps, is_weights=is_weights,
         num_items_in_batch=check_num_items(num_items_in_batch),
     )
+    checks.raise_first()
+    return out
 
 
 def group_advantages(
@@ -356,6 +377,7 @@ def group_advantages(
     reward_weights=None,
     reward_aggregation: str = "sum_then_normalize",
     backend: str = "auto",
+    validate: bool = True,
 ) -> AdvantageOutput:
     """Group-relative advantages from rewards (docs/math.md, "Group advantages").
 
@@ -365,9 +387,13 @@ def group_advantages(
     reward_weights: (F,) weights (default ones). reward_aggregation: "sum_then_normalize"
     or "normalize_then_sum" (GDPO: z-score per function within groups, sum, normalise
     over the batch; scale_rewards is not used then).
+    validate=True checks the values (no inf, finite weights, groups of >= 2) with one host sync;
+    validate=False checks none. With group_size the call never synchronises; group_ids needs one
+    read to count the groups (torch.unique).
     """
+    checks = DeferredChecks(validate)
     rewards, weights, group_index, num_groups = _check_rewards(
-        rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation
+        rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation, checks
     )
     name = resolve_backend(backend, rewards.device, rewards.dtype)
     impl = backend_module(name)
@@ -381,13 +407,15 @@ def group_advantages(
     unscorable = torch.isnan(rewards).all(dim=1)
     total = torch.where(unscorable, float("nan"), torch.nansum(r * w, dim=1))
     adv, mean, std, constant = impl.group_advantages(total, group_index, num_groups, scale, eps, group_size)
+    checks.raise_first()
     return AdvantageOutput(
         advantages=adv.to(r.dtype), group_mean=mean.to(r.dtype), group_std=std.to(r.dtype),
         frac_zero_std=constant.to(r.dtype).mean(), group_index=group_index,
     )
 
 
-def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation):
+def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation,
+                   checks: DeferredChecks):
     require_tensor("rewards", rewards, dtypes=FLOAT_DTYPES, kind="a float tensor (NaN for missing rewards)")
     if rewards.dim() not in (1, 2) or rewards.shape[0] == 0:
         raise ValueError(f"rewards must be (N,) or (N, F) with N >= 1, got shape {tuple(rewards.shape)}")
@@ -401,8 +429,9 @@ def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_we
         )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if not tracing() and bool(torch.isinf(rewards).any()):
-        raise ValueError("rewards contain inf; use NaN for a missing reward")
+    if checks.enabled:
+        checks.require(~torch.isinf(rewards).any(),
+                       lambda: ValueError("rewards contain inf; use NaN for a missing reward"))
     if reward_weights is None:
         weights = torch.ones(num_funcs, dtype=rewards.dtype, device=rewards.device)
     else:
@@ -410,8 +439,8 @@ def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_we
         if weights.shape != (num_funcs,):
             raise ValueError(f"reward_weights must have shape ({num_funcs},) (one per reward function), got "
                              f"{tuple(weights.shape)}")
-        if not bool(torch.isfinite(weights).all()):
-            raise ValueError("reward_weights must be finite")
+        if checks.enabled:
+            checks.require(torch.isfinite(weights).all(), lambda: ValueError("reward_weights must be finite"))
 
     if (group_size is None) == (group_ids is None):
         raise ValueError("pass exactly one of group_size (consecutive groups) or group_ids (any grouping)")
@@ -431,7 +460,8 @@ def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_we
         _, group_index = torch.unique(group_ids, return_inverse=True)
         counts = torch.bincount(group_index)
         num_groups = counts.numel()
-        if bool((counts < 2).any()):
-            lonely = torch.unique(group_ids)[counts < 2][:5].tolist()
-            raise ValueError(f"group_ids has groups of size 1 (ids {lonely}); a group-relative advantage needs >= 2")
+        if checks.enabled:
+            checks.require((counts >= 2).all(), lambda: ValueError(
+                f"group_ids has groups of size 1 (ids {torch.unique(group_ids)[counts < 2][:5].tolist()}); "
+                "a group-relative advantage needs >= 2"))
     return rewards, weights, group_index, num_groups

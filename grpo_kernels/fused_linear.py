@@ -1,17 +1,21 @@
 """Fused-linear GRPO: from the last hidden state and the lm_head to the loss, logits never whole.
 
 For a 150k vocabulary the logits are the largest tensor of a GRPO step. Here they exist one
-chunk at a time. For each chunk of whole sequences:
+chunk at a time, in one preallocated buffer. For each chunk:
     logits = hidden @ weight.T (+ bias)            one GEMM, the chunk only
     logp, H, lse  <- one sweep of the fused kernel
-    dL/dlogp, dL/dH <- the per-token objective, with batch-wide normalisers
+    loss, dL/dlogp, dL/dH <- one pass of the objective op over the chunk's rows, with the
+                     batch-wide normalisers (ops/normalizers.py); its partial sums add up to
+                     the batch's loss and metrics, so each token's objective is evaluated once
     dlogits       <- one sweep, written over the chunk's logits (in place)
     d_hidden = dlogits @ weight;  d_weight += dlogits.T @ hidden;  d_bias += Σ dlogits
-That is 6·N·H·V FLOPs, the GEMM floor of forward + backward. A sequence whose logits exceed the
-chunk budget is split into row blocks: forward over its blocks, then each block's logits are
-recomputed for the backward (8·H·V FLOPs per token instead of 6, memory still bounded). With
-`top_entropy_quantile < 1`, one extra forward GEMM pass finds the batch-wide entropy quantile first.
-Gradients are computed during the forward call and scaled by the upstream gradient in backward.
+That is 6·N·H·V FLOPs, the GEMM floor of forward + backward. Token-level objectives chunk by
+rows whatever the sequence lengths. Objectives that couple a sequence's tokens chunk by whole
+sequences; a sequence whose logits exceed the budget is forwarded block by block, evaluated,
+and each block's logits recomputed for the backward (8·H·V FLOPs per token, memory bounded).
+With `top_entropy_quantile < 1`, one extra forward GEMM pass finds the batch-wide quantile first.
+Gradients are computed during the forward call and scaled by the upstream gradient in backward;
+the loss, log-probs, entropy, per-token loss and metrics leave as the Function's outputs.
 """
 from __future__ import annotations
 
@@ -19,19 +23,20 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import reference
 from .config import resolve_config
 from .functional import (
-    check_ids_and_mask, check_num_items, check_objective_inputs, objective_from_logprobs, sequence_or_token_weights,
-    token_layout, weights_per_sequence,
+    Tokens, advantages_per_token, check_ids_and_mask, check_num_items, check_objective_inputs, token_layout,
+    weights_per_sequence,
 )
-from .layout import TokenLayout
-from .ops.dispatch import backend_module, resolve_backend, stats_dtype
-from .ops.objective import has_fused_objective
+from .ops import objective_inputs as io
+from .ops.dispatch import resolve_backend, stats_dtype
+from .ops.logprobs import logits_grad_inplace, logprobs_rows, safe_ids
+from .ops.normalizers import batch_totals
+from .ops.objective import objective_pass_op
 from .outputs import GRPOLossOutput
 from .transform import LogitTransform
 from .validation import (
-    FLOAT_DTYPES, LOGITS_FROM_HIDDEN, check_ids, check_logp_finite, require_device, require_tensor,
+    FLOAT_DTYPES, LOGITS_FROM_HIDDEN, DeferredChecks, check_ids, check_logp_finite, require_device, require_tensor,
 )
 
 # Logits of one chunk at most this many bytes (in the hidden dtype) for chunk_size="auto". On CPU,
@@ -78,59 +83,50 @@ def row_blocks(r0: int, r1: int, rows: int):
     return [(s, min(r1, s + rows)) for s in range(r0, r1, rows)]
 
 
-def sequence_chunks(layout: TokenLayout, cu_seqlens, rows_per_chunk: int) -> List[Tuple[int, int, int, int]]:
+def sequence_chunks(offsets: List[int], rows_per_chunk: int) -> List[Tuple[int, int, int, int]]:
     """(first sequence, end sequence, first row, end row) of chunks that hold whole sequences.
 
-    A chunk takes as many whole sequences as fit in `rows_per_chunk` rows, and at least one,
-    so a sequence longer than the budget makes a chunk of its own.
+    `offsets` are cu_seqlens on the host. A chunk takes as many whole sequences as fit in
+    `rows_per_chunk` rows, and at least one, so a longer sequence makes a chunk of its own.
     """
-    if not layout.packed:
-        per = max(1, rows_per_chunk // max(layout.length, 1))
-        return [(b0, min(b0 + per, layout.batch), b0 * layout.length, min(b0 + per, layout.batch) * layout.length)
-                for b0 in range(0, layout.batch, per)]
-    offsets = cu_seqlens.tolist()
-    chunks, b0 = [], 0
-    while b0 < layout.batch:
+    chunks, b0, bsz = [], 0, len(offsets) - 1
+    while b0 < bsz:
         b1 = b0 + 1
-        while b1 < layout.batch and offsets[b1 + 1] - offsets[b0] <= rows_per_chunk:
+        while b1 < bsz and offsets[b1 + 1] - offsets[b0] <= rows_per_chunk:
             b1 += 1
         chunks.append((b0, b1, offsets[b0], offsets[b1]))
         b0 = b1
     return chunks
 
 
-class _Plan:
-    """Everything one fused-linear call needs besides the differentiable tensors."""
-
-    def __init__(self, ids, mask, advantages, old, ref, sampling, is_weights, num_items, cu_seqlens, cfg, backend,
-                 rows, layout, accumulate_fp32):
-        self.ids, self.mask, self.advantages = ids, mask, advantages
-        self.old, self.ref, self.sampling, self.is_weights = old, ref, sampling, is_weights
-        self.num_items = num_items
-        self.cu_seqlens, self.cfg, self.backend, self.layout = cu_seqlens, cfg, backend, layout
-        self.rows = rows
-        self.chunks = sequence_chunks(layout, cu_seqlens, rows)
-        self.accumulate_fp32 = accumulate_fp32
-        self.output: Optional[GRPOLossOutput] = None
-
-    def chunk_layout(self, b0, b1, r0, r1) -> TokenLayout:
-        device = self.ids.device
-        if self.layout.packed:
-            return TokenLayout((r1 - r0,), device, self.cu_seqlens[b0:b1 + 1] - self.cu_seqlens[b0])
-        return TokenLayout((b1 - b0, self.layout.length), device)
-
-    def token_slice(self, x, b0, b1, r0, r1):
-        if x is None:
-            return None
-        return x.reshape(-1)[r0:r1] if self.layout.packed else x[b0:b1]
-
-    def chunk_advantages(self, b0, b1, r0, r1):
-        adv = self.advantages
-        return adv[b0:b1] if adv.shape == (self.layout.batch,) else self.token_slice(adv, b0, b1, r0, r1)
+def _whole_sequence_chunks(tokens: Tokens, rows: int, packed: bool):
+    """Chunks of whole sequences, for objectives that couple a sequence's tokens. Padded batches
+    cut at multiples of T; packed ones read cu_seqlens on the host (the one sync of this path)."""
+    if not packed:
+        bsz, length = tokens.token_shape
+        per = max(1, rows // max(length, 1))
+        return [(b0, min(b0 + per, bsz), b0 * length, min(b0 + per, bsz) * length) for b0 in range(0, bsz, per)]
+    offsets = tokens.cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != tokens.num_tokens or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, end at N={tokens.num_tokens} and be non-decreasing, "
+                         f"got {offsets[:8]}{' ...' if len(offsets) > 8 else ''}")
+    return sequence_chunks(offsets, rows)
 
 
-def _logits(h, weight, bias):
-    return torch.nn.functional.linear(h, weight, bias)
+class _LogitsBuffer:
+    """One preallocated (rows, V) buffer that every block's logits reuse (the hidden dtype)."""
+
+    def __init__(self, rows: int, weight: torch.Tensor, bias: Optional[torch.Tensor], h_rows: torch.Tensor):
+        self.weight, self.bias, self.h_rows = weight, bias, h_rows
+        self.storage = torch.empty(rows * weight.shape[0], dtype=h_rows.dtype, device=h_rows.device)
+
+    def __call__(self, s0: int, s1: int) -> torch.Tensor:
+        """hidden[s0:s1] @ weight.T (+ bias) into the buffer."""
+        out = self.storage[:(s1 - s0) * self.weight.shape[0]].view(s1 - s0, self.weight.shape[0])
+        h = self.h_rows[s0:s1]
+        if self.bias is None:
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
 
 def grad_accumulator_dtype(weight: torch.Tensor, accumulate_fp32: bool) -> torch.dtype:
@@ -165,135 +161,96 @@ def accumulate_input_grads(dlogits: torch.Tensor, h: torch.Tensor, weight: torch
         d_bias.add_(dlogits.sum(0, dtype=d_bias.dtype))
 
 
-def _objective_gradients(plan: _Plan, chunk, logp, entropy, totals):
-    """dL/dlogp and dL/dH of the chunk's rows, with batch-wide normalisers."""
-    b0, b1, r0, r1 = chunk
-    layout = plan.chunk_layout(*chunk)
-    pad = layout.to_padded
-    mask = layout.per_token_mask(plan.token_slice(plan.mask, *chunk))
-    dtype = logp.dtype
-    adv = plan.chunk_advantages(*chunk).to(dtype)
-    adv = adv if adv.shape == (b1 - b0,) else pad(adv.reshape(-1))
-    as_stat = lambda x: None if x is None else pad(plan.token_slice(x, *chunk).reshape(-1).to(dtype))  # noqa: E731
-    weights = plan.is_weights
-    if weights is not None:  # one per sequence: the chunk's sequences; per token: the chunk's tokens
-        weights = (weights.reshape(-1)[b0:b1] if weights_per_sequence(weights, plan.layout)
-                   else plan.token_slice(weights, *chunk))
-    weights = sequence_or_token_weights(weights, layout, dtype)
-    keep = None
-    if totals.entropy_keep is not None:
-        keep = totals.entropy_keep[b0:b1, :layout.length]
-    chunk_totals = reference.ObjectiveTotals(totals.normalizer, keep, totals.entropy_normalizer)
-    inputs = dict(old_logp=as_stat(plan.old), ref_logp=as_stat(plan.ref), sampling_logp=as_stat(plan.sampling),
-                  is_weights=weights, totals=chunk_totals)
-    if has_fused_objective(plan.backend):
-        _, _, g_logp, g_ent, _ = backend_module(plan.backend).grpo_objective(
-            pad(logp), pad(entropy), mask, adv, plan.cfg, **inputs)
-    else:
-        with torch.enable_grad():
-            logp_leaf = pad(logp).requires_grad_(True)
-            ent_leaf = pad(entropy).requires_grad_(True)
-            loss = reference.policy_objective(logp_leaf, ent_leaf, adv, mask, plan.cfg, **inputs).loss
-            g_logp, g_ent = torch.autograd.grad(loss, (logp_leaf, ent_leaf), allow_unused=True)
-        g_logp = torch.zeros_like(logp_leaf) if g_logp is None else g_logp
-        g_ent = torch.zeros_like(ent_leaf) if g_ent is None else g_ent
-    return layout.from_padded(g_logp).reshape(-1).contiguous(), layout.from_padded(g_ent).reshape(-1).contiguous()
-
-
 class _FusedLinearGRPO(torch.autograd.Function):
+    """Forward computes the loss, its outputs and every input gradient, chunk by chunk; backward
+    scales the gradients by the upstream one. Each token's objective is evaluated once."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, plan: _Plan):
-        kernels = backend_module(plan.backend)
-        cfg, tau = plan.cfg, plan.cfg.logit_transform
+    def forward(ctx, hidden, weight, bias, ids, mask, advantages, old, ref, sampling, is_weights, num_items,
+                tokens: Tokens, cfg, backend: str, rows: int, accumulate_fp32: bool, packed: bool):
+        tau = cfg.logit_transform
         h_rows = hidden.reshape(-1, hidden.shape[-1])
-        ids = plan.ids.reshape(-1)
-        n = ids.numel()
-        need_h, need_w = hidden.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        # Zeros, not empty: rows not yet computed must be finite when a row block of a long
-        # sequence takes its gradients (token-level objectives; see the chunk loop).
+        n, bsz = tokens.num_tokens, tokens.num_sequences
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        need_grad = need_h or need_w or need_b
+        logits_of = _LogitsBuffer(min(rows, max(n, 1)), weight, bias, h_rows)
         logp_all = torch.zeros(n, dtype=stats_dtype(hidden), device=hidden.device)
-        ent_all = torch.empty_like(logp_all) if cfg.top_entropy_quantile < 1.0 else torch.zeros_like(logp_all)
-        padded_mask = plan.layout.per_token_mask(plan.mask)
+        ent_all, lse_all = torch.zeros_like(logp_all), torch.zeros_like(logp_all)
 
         if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
-            for s0, s1 in row_blocks(0, n, plan.rows):
-                _, ent_all[s0:s1], _ = kernels.logprobs_forward(_logits(h_rows[s0:s1], weight, bias), ids[s0:s1], tau)
-        totals = reference.batch_totals(plan.layout.to_padded(ent_all), padded_mask, cfg, plan.num_items)
+            for s0, s1 in row_blocks(0, n, rows):
+                _, ent_all[s0:s1], _ = logprobs_rows(logits_of(s0, s1), ids[s0:s1], tau, backend)
+        totals = batch_totals(ent_all, mask, tokens.cu_seqlens, cfg, num_items)
+        prep = io.prepare(logp_all, ent_all, mask, advantages, tokens.cu_seqlens, cfg, old_logp=old, ref_logp=ref,
+                          sampling_logp=sampling, is_weights=is_weights, totals=totals,
+                          adv_per_token=advantages_per_token(advantages, tokens),
+                          weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens))
+        logp_all, ent_all = prep.logp, prep.entropy  # the same buffers (already flat and contiguous)
 
         d_hidden = torch.empty_like(h_rows) if need_h else None
-        acc_dtype = grad_accumulator_dtype(weight, plan.accumulate_fp32)
-        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-        bias_dtype = grad_accumulator_dtype(weight, True)
-        d_bias = torch.zeros(weight.shape[0], dtype=bias_dtype, device=weight.device) if need_b else None
-        need_grad = need_h or need_w or need_b
+        d_weight = (torch.zeros(weight.shape, dtype=grad_accumulator_dtype(weight, accumulate_fp32),
+                                device=weight.device) if need_w else None)
+        d_bias = (torch.zeros(weight.shape[0], dtype=grad_accumulator_dtype(weight, True), device=weight.device)
+                  if need_b else None)
 
-        def backward_rows(logits, s0, s1, lse, g_logp, g_ent):
-            dlogits = kernels.logprobs_backward(logits, ids[s0:s1], lse, ent_all[s0:s1], g_logp, g_ent, tau, logits)
+        def forward_rows(s0, s1):
+            logits = logits_of(s0, s1)
+            logp_all[s0:s1], ent_all[s0:s1], lse_all[s0:s1] = logprobs_rows(logits, ids[s0:s1], tau, backend)
+            return logits
+
+        def backward_rows(logits, s0, s1):
+            # Without an entropy bonus dL/dH is 0: the cheaper backward without the entropy term.
+            g_ent = prep.g_entropy[s0:s1] if cfg.entropy_coef != 0.0 else None
+            dlogits = logits_grad_inplace(logits, ids[s0:s1], lse_all[s0:s1], ent_all[s0:s1], prep.g_logp[s0:s1],
+                                          g_ent, tau, backend)
             accumulate_input_grads(dlogits, h_rows[s0:s1], weight, None if d_hidden is None else d_hidden[s0:s1],
                                    d_weight, d_bias)
 
-        for chunk in plan.chunks:
-            _, _, r0, r1 = chunk
-            blocks = row_blocks(r0, r1, plan.rows)
-            if len(blocks) == 1:  # the chunk's logits fit the budget: one pass, logits kept in between
-                logits = _logits(h_rows[r0:r1], weight, bias)
-                logp, ent, lse = kernels.logprobs_forward(logits, ids[r0:r1], tau)
-                logp_all[r0:r1], ent_all[r0:r1] = logp, ent
+        if not cfg.couples_tokens:
+            # A token's gradient needs only its own log-prob, its sequence's token count and the
+            # batch-wide normalisers: row blocks whatever the sequences, each forward, objective and
+            # backward once (6·N·H·V), and no host read of cu_seqlens.
+            for s0, s1 in row_blocks(0, n, rows):
+                logits = forward_rows(s0, s1)
+                objective_pass_op(prep, cfg, backend, (s0, s1), (0, bsz))
                 if need_grad:
-                    g_logp, g_ent = _objective_gradients(plan, chunk, logp, ent, totals)
-                    backward_rows(logits, r0, r1, lse, g_logp, g_ent)
-                continue
-            if need_grad and not cfg.couples_tokens:
-                # A sequence longer than the budget, token-level objective: a token's gradient needs
-                # only its own log-prob (and batch-wide normalisers), so each row block goes forward
-                # and backward at once, at 6·N·H·V. The chunk's other rows stand at 0 (rows not yet
-                # computed) while a block's gradients are taken; they do not enter them.
+                    backward_rows(logits, s0, s1)
+        else:
+            for b0, b1, r0, r1 in _whole_sequence_chunks(tokens, rows, packed):
+                blocks = row_blocks(r0, r1, rows)
+                if len(blocks) == 1:  # the chunk's logits fit the budget: kept between the passes
+                    logits = forward_rows(r0, r1)
+                    objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
+                    if need_grad:
+                        backward_rows(logits, r0, r1)
+                    continue
+                # One sequence longer than the budget whose tokens are coupled (GSPO, VESPO, the off-policy
+                # mask, sequence IS): forward its row blocks, evaluate it whole, then recompute each
+                # block's logits for the backward (8·H·V FLOPs per token instead of 6; memory bounded).
                 for s0, s1 in blocks:
-                    logits = _logits(h_rows[s0:s1], weight, bias)
-                    logp_all[s0:s1], ent_all[s0:s1], lse = kernels.logprobs_forward(logits, ids[s0:s1], tau)
-                    g_logp, g_ent = _objective_gradients(plan, chunk, logp_all[r0:r1], ent_all[r0:r1], totals)
-                    backward_rows(logits, s0, s1, lse, g_logp[s0 - r0:s1 - r0], g_ent[s0 - r0:s1 - r0])
-                continue
-            # A sequence longer than the budget whose tokens are coupled (GSPO, VESPO, the off-policy
-            # mask): forward its row blocks, then recompute each block's logits for the backward
-            # (one extra forward GEMM, 8·N·H·V for this sequence; memory stays bounded).
-            lse_rows = torch.empty(r1 - r0, dtype=logp_all.dtype, device=hidden.device)
-            for s0, s1 in blocks:
-                logp_all[s0:s1], ent_all[s0:s1], lse_rows[s0 - r0:s1 - r0] = kernels.logprobs_forward(
-                    _logits(h_rows[s0:s1], weight, bias), ids[s0:s1], tau)
-            if not need_grad:
-                continue
-            g_logp, g_ent = _objective_gradients(plan, chunk, logp_all[r0:r1], ent_all[r0:r1], totals)
-            for s0, s1 in blocks:
-                backward_rows(_logits(h_rows[s0:s1], weight, bias), s0, s1, lse_rows[s0 - r0:s1 - r0],
-                              g_logp[s0 - r0:s1 - r0], g_ent[s0 - r0:s1 - r0])
+                    forward_rows(s0, s1)
+                objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
+                if need_grad:
+                    for s0, s1 in blocks:
+                        backward_rows(logits_of(s0, s1), s0, s1)
 
-        flat_mask = None if plan.mask is None else plan.mask.reshape(-1)
-        check_logp_finite(logp_all, ent_all, flat_mask, LOGITS_FROM_HIDDEN)
-        with torch.no_grad():
-            plan.output = objective_from_logprobs(
-                logp_all, ent_all, plan.layout, plan.mask, plan.advantages, cfg, plan.backend,
-                old_logps=plan.old, ref_logps=plan.ref, sampling_logps=plan.sampling, is_weights=plan.is_weights,
-                num_items_in_batch=plan.num_items)
-        ctx.grads = (
-            None if d_hidden is None else d_hidden.view(hidden.shape),
-            None if d_weight is None else d_weight,
-            None if d_bias is None else d_bias,
-        )
+        loss, vector = io.finish(prep)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.input_shape = hidden.shape
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return plan.output.loss.detach().clone()
+        ctx.mark_non_differentiable(logp_all, ent_all, prep.per_token_loss, vector)
+        return loss.clone(), logp_all, ent_all, prep.per_token_loss, vector
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_):
         grads = []
-        for g, dtype in zip(ctx.grads, ctx.dtypes):
-            if g is not None:
-                g = g.to(dtype) if g.dtype != dtype else g
-                g = g if torch.equal(grad_loss, torch.ones_like(grad_loss)) else g * grad_loss.to(g.dtype)
+        for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if g is not None:  # scaled in place: the forward made these buffers for this backward only
+                g = g.mul_(grad_loss.to(g.dtype)).to(dtype)
             grads.append(g)
-        ctx.grads = None
-        return grads[0], grads[1], grads[2], None
+        d_hidden = None if grads[0] is None else grads[0].view(ctx.input_shape)
+        return (d_hidden, grads[1], grads[2]) + (None,) * 14
 
 
 def fused_linear_grpo_loss(
@@ -314,6 +271,7 @@ def fused_linear_grpo_loss(
     chunk_size="auto",
     backend: str = "auto",
     accumulate_weight_grad_fp32: bool = True,
+    validate: bool = True,
     **overrides,
 ) -> GRPOLossOutput:
     """The GRPO loss from hidden states and the lm_head, never materialising the whole logits.
@@ -323,29 +281,44 @@ def fused_linear_grpo_loss(
     weight (V, H) and bias (V,) are the lm_head (tied embeddings work: pass the embedding).
     Same options and numbers as `grpo_loss` on logits = hidden @ weight.T + bias.
     `chunk_size`: rows of logits alive at once, or "auto" (<= 256 MiB on CUDA, 128 MiB on CPU, in
-    the hidden dtype). Chunks hold whole sequences; a longer sequence is processed in row blocks
-    with its logits recomputed for the backward.
+    the hidden dtype), in one buffer reused by every chunk. Token-level objectives take row blocks
+    whatever the sequence lengths (6·N·H·V FLOPs); objectives that couple a sequence's tokens
+    (GSPO, VESPO, the off-policy mask, sequence IS) take whole sequences per chunk, and a sequence
+    longer than a chunk has its logits recomputed for the backward (8·H·V per token).
+    `validate`: as in `grpo_loss`. With validate=False and a token-level objective the call does
+    not synchronise; a packed batch with a coupling objective reads cu_seqlens once to chunk it.
     `accumulate_weight_grad_fp32`: accumulate d_weight in fp32 (default) or in weight's dtype
     (saves V·H·2 bytes for a bf16 lm_head). Only the gradients that are needed are computed
     (a frozen weight costs no d_weight GEMM).
     """
     cfg = resolve_config(config, overrides)
+    checks = DeferredChecks(validate)
     _check_linear_inputs(hidden, weight, bias, cu_seqlens)
     token_shape = tuple(hidden.shape[:-1])
-    layout = token_layout(token_shape, hidden.device, cu_seqlens, "hidden")
-    mask = check_ids_and_mask(ids, mask, token_shape, hidden.device, "hidden")
-    check_objective_inputs(layout, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, hidden.device,
-                           is_weights, anchor="hidden")
+    tokens = token_layout(token_shape, hidden.device, cu_seqlens, checks, "hidden")
+    mask = check_ids_and_mask(ids, mask, token_shape, hidden.device, checks, "hidden")
+    check_objective_inputs(tokens, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, hidden.device,
+                           checks, is_weights, anchor="hidden")
     num_items_in_batch = check_num_items(num_items_in_batch)
     vocab = weight.shape[0]
-    check_ids(ids, vocab, mask)
+    check_ids(ids, vocab, mask, checks)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    plan = _Plan(ids, mask, advantages, old_logps, ref_logps, sampling_logps, is_weights, num_items_in_batch,
-                 cu_seqlens, cfg, name, _chunk_rows(chunk_size, vocab, hidden), layout, accumulate_weight_grad_fp32)
-    loss = _FusedLinearGRPO.apply(hidden, weight, bias, plan)
-    out = plan.output
-    return GRPOLossOutput(loss=loss, logps=out.logps, entropy=out.entropy, per_token_loss=out.per_token_loss,
-                          metrics=out.metrics)
+    flat_mask = (torch.ones(tokens.num_tokens, dtype=torch.bool, device=hidden.device) if mask is None
+                 else mask.reshape(-1))
+    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+    loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(
+        hidden, weight, bias, safe_ids(ids.reshape(-1), vocab), flat_mask, flat(advantages), flat(old_logps),
+        flat(ref_logps), flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens, cfg, name,
+        _chunk_rows(chunk_size, vocab, hidden), accumulate_weight_grad_fp32, cu_seqlens is not None)
+    check_logp_finite(logp, entropy, flat_mask, checks, LOGITS_FROM_HIDDEN)
+    if checks.enabled:
+        checks.require(torch.isfinite(loss), lambda: ValueError(
+            f"the loss came out non-finite ({float(loss)}) although every input passed its checks"))
+    checks.raise_first()
+    return GRPOLossOutput(loss=loss, logps=torch.where(flat_mask, logp, 0.0).reshape(token_shape),
+                          entropy=torch.where(flat_mask, entropy, 0.0).reshape(token_shape),
+                          per_token_loss=per_token_loss.reshape(token_shape),
+                          metrics=io.metrics_from_vector(vector, cfg))
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
@@ -353,14 +326,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, transform, rows, backend):
-        kernels = backend_module(backend)
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         n = ids.numel()
+        logits_of = _LogitsBuffer(min(rows, max(n, 1)), weight, bias, h_rows)
         logp = torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device)
         ent, lse = torch.empty_like(logp), torch.empty_like(logp)
         for r0, r1 in row_blocks(0, n, rows):
-            logp[r0:r1], ent[r0:r1], lse[r0:r1] = kernels.logprobs_forward(
-                _logits(h_rows[r0:r1], weight, bias), ids[r0:r1], transform)
+            logp[r0:r1], ent[r0:r1], lse[r0:r1] = logprobs_rows(logits_of(r0, r1), ids[r0:r1], transform, backend)
         ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
         ctx.transform, ctx.rows, ctx.backend = transform, rows, backend
         ctx.mark_non_differentiable(lse)
@@ -369,7 +341,6 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent, _):
         hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
-        kernels = backend_module(ctx.backend)
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_hidden = torch.empty_like(h_rows) if need_h else None
@@ -378,13 +349,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         d_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype).contiguous()
         g_ent = None if g_ent is None else g_ent.to(lse.dtype).contiguous()
+        logits_of = _LogitsBuffer(min(ctx.rows, max(ids.numel(), 1)), weight, bias, h_rows)
         for r0, r1 in row_blocks(0, ids.numel(), ctx.rows):
-            h = h_rows[r0:r1]
-            logits = _logits(h, weight, bias)
-            dlogits = kernels.logprobs_backward(logits, ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
-                                                None if g_ent is None else g_ent[r0:r1], ctx.transform, logits)
-            accumulate_input_grads(dlogits, h, weight, None if d_hidden is None else d_hidden[r0:r1], d_weight,
-                                   d_bias)
+            dlogits = logits_grad_inplace(logits_of(r0, r1), ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
+                                          None if g_ent is None else g_ent[r0:r1], ctx.transform, ctx.backend)
+            accumulate_input_grads(dlogits, h_rows[r0:r1], weight, None if d_hidden is None else d_hidden[r0:r1],
+                                   d_weight, d_bias)
         return (None if d_hidden is None else d_hidden.view(hidden.shape),
                 None if d_weight is None else d_weight.to(weight.dtype),
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)
@@ -403,6 +373,7 @@ def fused_linear_selective_logprobs(
     mask: Optional[torch.Tensor] = None,
     chunk_size="auto",
     backend: str = "auto",
+    validate: bool = True,
 ):
     """Per-token log-probs (and entropy) of `ids` under softmax(z'), z' the transformed logits
     c·tanh(s·(hidden @ weight.T + bias)/c)/τ (s = logit_scale, c = final_logit_softcapping; without
@@ -411,17 +382,20 @@ def fused_linear_selective_logprobs(
     hidden (..., H), ids (...) -> fp32 (...) (fp64 for fp64 hidden/weight). The logits exist one chunk at a time; under
     torch.no_grad() this is how old/reference log-probs are computed without the full logits.
     Differentiable w.r.t. hidden, weight and bias (the backward recomputes each chunk).
-    Rows where `mask` is False return 0 and are not checked.
+    Rows where `mask` is False return 0 and are not checked. `validate`: as in `selective_logprobs`.
     """
+    checks = DeferredChecks(validate)
     _check_linear_inputs(hidden, weight, bias, None if hidden.dim() == 3 else torch.zeros(2))
     transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
-    mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device, "hidden")
-    check_ids(ids, weight.shape[0], mask)
+    mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device, checks, "hidden")
+    check_ids(ids, weight.shape[0], mask, checks)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     rows = _chunk_rows(chunk_size, weight.shape[0], hidden)
-    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, ids.reshape(-1), transform, rows, name)
+    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, safe_ids(ids.reshape(-1), weight.shape[0]),
+                                              transform, rows, name)
     flat_mask = None if mask is None else mask.reshape(-1)
-    check_logp_finite(logp, ent, flat_mask, LOGITS_FROM_HIDDEN)
+    check_logp_finite(logp, ent, flat_mask, checks, LOGITS_FROM_HIDDEN)
+    checks.raise_first()
     if flat_mask is not None:
         logp, ent = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, ent, 0.0)
     logp, ent = logp.reshape(ids.shape), ent.reshape(ids.shape)

@@ -4,9 +4,9 @@
 namespace gk {
 namespace cpu {
 
-void objective(const ObjectiveArgs& args, int64_t num_sequences) {
+void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi) {
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < num_sequences; ++b) objective_sequence(args, b);
+  for (int64_t b = seq_lo; b < seq_hi; ++b) objective_sequence(args, b);
 }
 
 }  // namespace cpu

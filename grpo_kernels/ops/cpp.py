@@ -5,5 +5,5 @@ from .native import NativeKernels
 _kernels = NativeKernels(_C)
 logprobs_forward = _kernels.logprobs_forward
 logprobs_backward = _kernels.logprobs_backward
-grpo_objective = _kernels.grpo_objective
+objective_pass = _kernels.objective_pass
 group_advantages = _kernels.group_advantages

@@ -99,5 +99,28 @@ def logprobs_with_entropy(logits: Tensor, ids: Tensor, transform: LogitTransform
     only when nothing else needs the logits after the loss (it saves one (N, V) buffer).
     Without `with_entropy` the entropy is skipped and its output is zeros.
     """
-    return _logprobs_fwd(logits, ids, float(transform.temperature), float(transform.logit_scale),
-                         float(transform.softcap or 0.0), backend, bool(inplace_backward), bool(with_entropy))
+    ids = safe_ids(ids, logits.shape[-1])
+    return _logprobs_fwd(logits, ids, *_floats(transform), backend, bool(inplace_backward), bool(with_entropy))
+
+
+def safe_ids(ids: Tensor, vocab: int) -> Tensor:
+    """ids clamped into [0, V): the kernels never read outside a row, whatever the caller passed
+    (masked rows may hold -100; bad unmasked ids raise in the deferred checks, or, with
+    validate=False, give wrong numbers rather than a crash)."""
+    return ids.clamp(0, vocab - 1)
+
+
+def _floats(transform: LogitTransform):
+    return float(transform.temperature), float(transform.logit_scale), float(transform.softcap or 0.0)
+
+
+def logprobs_rows(logits: Tensor, ids: Tensor, transform: LogitTransform, backend: str, with_entropy: bool = True):
+    """The forward op outside autograd (for the fused-linear path): (logp, entropy, lse) of (N, V) rows."""
+    return _logprobs_fwd(logits, ids, *_floats(transform), backend, False, bool(with_entropy))
+
+
+def logits_grad_inplace(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+                        grad_entropy: Optional[Tensor], transform: LogitTransform, backend: str) -> Tensor:
+    """Overwrite (N, V) `logits` with dL/dlogits for the upstream per-row gradients; returns it."""
+    _logprobs_bwd_inplace(logits, ids, lse, entropy, grad_logp, grad_entropy, *_floats(transform), backend)
+    return logits

@@ -60,22 +60,18 @@ class NativeKernels:
             target.copy_(work)
         return out
 
-    def grpo_objective(self, logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None,
-                       sampling_logp=None, is_weights=None, num_items_in_batch=None, totals=None):
-        prep = io.prepare(logp, entropy, mask, advantages, cfg, old_logp=old_logp, ref_logp=ref_logp,
-                          sampling_logp=sampling_logp, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-                          totals=totals)
+    def objective_pass(self, prep: io.PreparedObjective, cfg, rows, seqs):
+        """Fill prep's outputs for rows [rows) of sequences [seqs) (see objective_inputs)."""
         addr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         ptrs = dict(logp=addr(prep.logp), entropy=addr(prep.entropy), mask=addr(prep.mask),
+                    cu_seqlens=addr(prep.cu_seqlens), counts=addr(prep.counts),
                     advantages=addr(prep.advantages), old=addr(prep.old), ref=addr(prep.ref),
                     sampling=addr(prep.sampling), token_weights=addr(prep.token_weights),
                     keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
                     ent_norm=addr(prep.ent_norm), per_token_loss=addr(prep.per_token_loss),
                     g_logp=addr(prep.g_logp), g_entropy=addr(prep.g_entropy), partials=addr(prep.partials))
-        bsz, t = prep.logp.shape
-        self.module.objective(ptrs, io.params(cfg), bsz, t, prep.adv_per_token, prep.weights_per_seq,
+        self.module.objective(ptrs, io.params(cfg), *rows, *seqs, prep.adv_per_token, prep.weights_per_seq,
                               *self._stream(prep.logp))
-        return io.finish(prep, cfg)
 
     def group_advantages(self, total, group_index, num_groups, scale_rewards, eps, group_size=None):
         total = total.float().contiguous()

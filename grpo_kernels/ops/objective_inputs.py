@@ -1,9 +1,10 @@
-"""Inputs and outputs of the fused objective kernels (Triton and native C++/CUDA alike), and the
-option codes every kernel shares (they match csrc/grpo_math.h and csrc/advantages_math.h).
+"""Inputs and outputs of the objective op of every backend (torch, Triton, C++, CUDA), the option
+codes the kernels share (they match csrc/grpo_math.h and csrc/advantages_math.h), and the one
+place that decides which metrics a config reports and under which names.
 
-`prepare` turns the padded (B, T) tensors and the config into contiguous fp32/uint8 buffers,
-the batch-wide normalisers and the output buffers; `finish` turns the kernel's per-sequence
-partial sums into the loss and the metrics.
+`prepare` turns the packed (N,) tensors, cu_seqlens and the config into contiguous buffers,
+the batch-wide normalisers and zeroed outputs; a backend's `objective_pass` fills the outputs
+of a range of rows; `finish` turns the per-sequence partial sums into the loss and metrics.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..reference import ObjectiveTotals, batch_totals
+from .normalizers import ObjectiveTotals, batch_totals
 
 PG = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
@@ -44,29 +45,33 @@ def metric_names(cfg):
 
 @dataclass
 class PreparedObjective:
-    logp: torch.Tensor
+    """The objective's inputs as every kernel reads them: the packed (N,) token layout, sequences
+    given by cu_seqlens (padded (B, T) is cu_seqlens = arange(B+1)·T), and the output buffers."""
+
+    logp: torch.Tensor  # (N,) in the statistics' dtype
     entropy: torch.Tensor
-    mask: torch.Tensor  # uint8
-    advantages: torch.Tensor
+    mask: torch.Tensor  # (N,) uint8
+    advantages: torch.Tensor  # (B,) one per sequence, or (N,) one per token
+    cu_seqlens: torch.Tensor  # (B+1,) int64, clamped to [0, N]
+    counts: torch.Tensor  # (B,) unmasked tokens of each whole sequence
     old: Optional[torch.Tensor]
     ref: Optional[torch.Tensor]
     sampling: Optional[torch.Tensor]
-    token_weights: Optional[torch.Tensor]  # the caller's is_weights, (B, T) or one per sequence (B,)
-    keep_entropy: Optional[torch.Tensor]  # uint8
-    norm: torch.Tensor  # (1,) fp32
-    ent_norm: torch.Tensor  # (1,) fp32
-    per_token_loss: torch.Tensor
+    token_weights: Optional[torch.Tensor]  # the caller's is_weights, (N,) per token or (B,) per sequence
+    keep_entropy: Optional[torch.Tensor]  # (N,) uint8
+    norm: torch.Tensor  # (1,)
+    ent_norm: torch.Tensor  # (1,)
+    per_token_loss: torch.Tensor  # (N,) outputs, written row range by row range
     g_logp: torch.Tensor
     g_entropy: torch.Tensor
-    partials: torch.Tensor  # (B, NUM_SLOTS)
+    partials: torch.Tensor  # (B, NUM_SLOTS), zeroed; each pass adds its rows' sums (slot 7: max)
+
+    adv_per_token: bool  # advantages hold one value per token
+    weights_per_seq: bool  # token_weights hold one weight per sequence
 
     @property
-    def adv_per_token(self) -> bool:
-        return self.advantages.dim() == 2
-
-    @property
-    def weights_per_seq(self) -> bool:
-        return self.token_weights is not None and self.token_weights.dim() == 1
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
 
 
 def params(cfg) -> dict:
@@ -90,27 +95,37 @@ def params(cfg) -> dict:
     )
 
 
-def prepare(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
-            is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None) -> PreparedObjective:
-    f32 = lambda x: None if x is None else x.float().contiguous()  # noqa: E731
-    logp, entropy = f32(logp), f32(entropy)
-    if is_weights is not None and is_weights.shape != logp.shape:  # one weight per sequence
-        is_weights = is_weights.reshape(-1)
+def prepare(logp, entropy, mask, advantages, cu_seqlens, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
+            is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None,
+            adv_per_token: bool = False, weights_per_seq: bool = False) -> PreparedObjective:
+    """Flat (N,) inputs -> PreparedObjective; nothing is read on the host.
+
+    advantages (B,) or (N,) as `adv_per_token` says; is_weights (N,) or (B,) as `weights_per_seq`
+    says (the caller knows which from the shapes, even when B = N). fp64 logp keeps fp64 (the
+    torch backend's validation path); everything else computes in fp32.
+    """
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    cast = lambda x: None if x is None else x.reshape(-1).to(dtype).contiguous()  # noqa: E731
+    logp, entropy, mask = cast(logp), cast(entropy), mask.reshape(-1)
+    n = logp.numel()
+    cu = cu_seqlens.long().clamp(0, n).contiguous()  # in bounds even before the deferred checks raise
     if totals is None:
-        totals = batch_totals(torch.where(mask, entropy, 0), mask, cfg, num_items_in_batch)
+        totals = batch_totals(entropy, mask, cu, cfg, num_items_in_batch)
     keep = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
     return PreparedObjective(
-        logp=logp, entropy=entropy, mask=mask.to(torch.uint8).contiguous(), advantages=f32(advantages),
-        old=f32(old_logp), ref=f32(ref_logp), sampling=f32(sampling_logp), token_weights=f32(is_weights),
-        keep_entropy=keep,
-        norm=totals.normalizer.float().reshape(1), ent_norm=totals.entropy_normalizer.float().reshape(1),
-        per_token_loss=torch.empty_like(logp), g_logp=torch.empty_like(logp), g_entropy=torch.empty_like(logp),
-        partials=torch.empty(logp.shape[0], NUM_SLOTS, dtype=torch.float32, device=logp.device),
+        logp=logp, entropy=entropy, mask=mask.to(torch.uint8).contiguous(), advantages=cast(advantages),
+        cu_seqlens=cu, counts=totals.counts.to(dtype).contiguous(),
+        old=cast(old_logp), ref=cast(ref_logp), sampling=cast(sampling_logp), token_weights=cast(is_weights),
+        keep_entropy=keep, norm=totals.normalizer.to(dtype).reshape(1),
+        ent_norm=totals.entropy_normalizer.to(dtype).reshape(1),
+        per_token_loss=torch.zeros_like(logp), g_logp=torch.zeros_like(logp), g_entropy=torch.zeros_like(logp),
+        partials=torch.zeros(cu.numel() - 1, NUM_SLOTS, dtype=dtype, device=logp.device),
+        adv_per_token=adv_per_token, weights_per_seq=weights_per_seq and is_weights is not None,
     )
 
 
-def finish(prep: PreparedObjective, cfg):
-    """(loss 0-d, per_token_loss, g_logp, g_entropy, metrics) from the kernel's outputs."""
+def finish(prep: PreparedObjective):
+    """(loss 0-d, metric vector in METRIC_ORDER) from the per-sequence partial sums."""
     partials = prep.partials
     totals = partials.sum(0)  # a fixed-order sum over sequences: deterministic
     denom = totals[1].clamp(min=1)
@@ -128,8 +143,12 @@ def finish(prep: PreparedObjective, cfg):
         "cispo_clip_ratio": totals[10] / denom,
         "vespo/phi_seq_mean": totals[11] / phi_denom,
     }
-    metrics = {name: values[name] for name in metric_names(cfg)}
-    return totals[0], prep.per_token_loss, prep.g_logp, prep.g_entropy, metrics
+    return totals[0], torch.stack([values[name] for name in METRIC_ORDER])
+
+
+def metrics_from_vector(vector: torch.Tensor, cfg) -> dict:
+    """The metric vector of `finish` as the dict a call with this config reports."""
+    return {name: vector[METRIC_ORDER.index(name)] for name in metric_names(cfg)}
 
 
 def group_layout(group_index, num_groups, group_size, n, device):

@@ -11,6 +11,7 @@ import torch
 
 from ..transform import LogitTransform
 from .dispatch import stats_dtype
+from .torch_objective import objective_pass  # noqa: F401 - the backend's objective op
 
 # Working set of one chunk of rows (fp32, or fp64 for fp64 logits). Two temporaries of this size
 # coexist; small enough to stay in the CPU's cache between the passes over a chunk, which is

@@ -5,6 +5,6 @@ Importing this package needs triton >= 3.2. On a machine without a GPU the kerne
 """
 from .advantages import group_advantages
 from .logprobs import logprobs_backward, logprobs_forward
-from .objective import grpo_objective
+from .objective import objective_pass
 
-__all__ = ["logprobs_forward", "logprobs_backward", "grpo_objective", "group_advantages"]
+__all__ = ["logprobs_forward", "logprobs_backward", "objective_pass", "group_advantages"]

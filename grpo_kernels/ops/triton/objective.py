@@ -2,11 +2,13 @@
 
 After the vocabulary sweep has produced logp and H per token, this kernel turns them into the
 per-token loss, dL/dlogp and dL/dH for every option of docs/math.md. Those two per-token gradients
-are all the backward sweep over the logits needs. One program per sequence:
+are all the backward sweep over the logits needs. Tokens are packed (N,) and sequences found
+through cu_seqlens (padded is the special case arange·T). One program per sequence, over the
+pass's rows of it:
   pass 1 over its tokens: sequence sums (GSPO log-ratio mean, off-policy KL, sequence IS weight);
   pass 2: per-token loss and gradients, plus per-sequence partial sums of the loss and metrics;
   pass 3 (GSPO only): the gradient through the sequence mean, ρ_b · m_s / n_b · Σ_t ∂L/∂ρ_b.
-The kernel reads and writes O(B·T) floats, nothing of size V, and reduces metrics on the
+The kernel reads and writes O(N) floats, nothing of size V, and reduces metrics on the
 device: per-sequence partials, then a deterministic sum over sequences (no atomics).
 
 The derivatives follow autograd on reference.py exactly, ties included: torch.minimum splits
@@ -18,7 +20,6 @@ import triton
 import triton.language as tl
 
 from .. import objective_inputs as io
-from ...reference import ObjectiveTotals
 
 # The option codes of objective_inputs (the C++ enums in grpo_math.h), as constexpr globals so the
 # kernel reads `PG_KIND == PG_CISPO`, not a bare integer.
@@ -44,14 +45,14 @@ def _nan_to_zero(x):
 
 
 @triton.jit
-def _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY: tl.constexpr):
-    """The mask, logp and old logp of one block of a sequence's tokens (0 where masked)."""
-    inb = offs < T
-    m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
-    logp = tl.where(m, tl.load(logp_ptr + row + offs, mask=m, other=0.0), 0.0)
+def _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY: tl.constexpr):
+    """The mask, logp and old logp of one block of a sequence's tokens, rows offs < end (0 where masked)."""
+    inb = offs < end
+    m = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+    logp = tl.where(m, tl.load(logp_ptr + offs, mask=m, other=0.0), 0.0)
     old = logp
     if not ON_POLICY:
-        old = tl.where(m, tl.load(old_ptr + row + offs, mask=m, other=0.0), 0.0)
+        old = tl.where(m, tl.load(old_ptr + offs, mask=m, other=0.0), 0.0)
     return inb, m, logp, old
 
 
@@ -126,9 +127,9 @@ def _is_clip(w, is_lo, is_hi, TRUNCATE: tl.constexpr):
 
 
 @triton.jit
-def _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, TRUNCATE: tl.constexpr):
+def _token_is_weight(samp_ptr, offs, m, old, is_lo, is_hi, TRUNCATE: tl.constexpr):
     """exp(old − sampling) per token (NaN sampling log-probs count as 0), clipped."""
-    samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+    samp = tl.load(samp_ptr + offs, mask=m, other=0.0)
     return _is_clip(tl.exp(tl.where(m, _nan_to_zero(old - samp), 0.0)), is_lo, is_hi, TRUNCATE)
 
 
@@ -178,10 +179,10 @@ def _kl_term(logp, ref, kl_clamp, KL_KIND: tl.constexpr, HAS_KL_CLAMP: tl.conste
 
 @triton.jit
 def _grpo_objective_kernel(
-    logp_ptr, ent_ptr, mask_ptr, adv_ptr, old_ptr, ref_ptr, samp_ptr, weights_ptr, keep_ent_ptr,
+    logp_ptr, ent_ptr, mask_ptr, cu_ptr, counts_ptr, adv_ptr, old_ptr, ref_ptr, samp_ptr, weights_ptr, keep_ent_ptr,
     norm_ptr, ent_norm_ptr,
     loss_ptr, g_logp_ptr, g_ent_ptr, part_ptr,
-    T, eps_low, eps_high, delta, dual_clip, s_pos, s_neg, beta, kl_clamp, off_thresh,
+    row_lo, row_hi, seq_lo, eps_low, eps_high, delta, dual_clip, s_pos, s_neg, beta, kl_clamp, off_thresh,
     is_lo, is_hi, entropy_coef, log_ratio_lo, log_ratio_hi, cispo_lo, k_pos, lam_pos, k_neg, lam_neg,
     PG_KIND: tl.constexpr, LEVEL: tl.constexpr, KL_KIND: tl.constexpr, IS_MODE: tl.constexpr,
     AGG: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, ON_POLICY: tl.constexpr, HAS_SAMPLING: tl.constexpr,
@@ -190,8 +191,10 @@ def _grpo_objective_kernel(
     HAS_ENT_MASK: tl.constexpr, HAS_ENT_BONUS: tl.constexpr,
     NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    row = b * T
+    b = seq_lo + tl.program_id(0).to(tl.int64)
+    # This pass's rows of sequence b: [cu[b], cu[b+1]) within [row_lo, row_hi).
+    start = tl.maximum(tl.load(cu_ptr + b), row_lo)
+    end = tl.minimum(tl.load(cu_ptr + b + 1), row_hi)
     lanes = tl.arange(0, BLOCK_T)
     norm = tl.load(norm_ptr)
     adv_seq = tl.zeros((), tl.float32)
@@ -212,28 +215,28 @@ def _grpo_objective_kernel(
     sum_off = tl.zeros((), tl.float32)
     sum_isd = tl.zeros((), tl.float32)
     vespo_log = tl.zeros((), tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(start, end, BLOCK_T):
         offs = t0 + lanes
-        inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY)
+        inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
         n_tok += tl.sum(m.to(tl.float32), axis=0)
         sum_delta += tl.sum(logp - old, axis=0)
         if HAS_OFF_POLICY:
             behaviour = old
             if HAS_SAMPLING:
-                behaviour = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+                behaviour = tl.load(samp_ptr + offs, mask=m, other=0.0)
             sum_off += tl.sum(tl.where(m, _nan_to_zero(behaviour - logp), 0.0), axis=0)
         if IS_MODE != IS_NONE:
-            samp = tl.load(samp_ptr + row + offs, mask=m, other=0.0)
+            samp = tl.load(samp_ptr + offs, mask=m, other=0.0)
             sum_isd += tl.sum(tl.where(m, _nan_to_zero(old - samp), 0.0), axis=0)
         if VESPO:
             log_w_t = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
             if IS_TOKEN:
-                is_t = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == IS_TOKEN_TRUNCATE)
+                is_t = _token_is_weight(samp_ptr, offs, m, old, is_lo, is_hi, IS_MODE == IS_TOKEN_TRUNCATE)
                 log_w_t += _vespo_log_of(is_t)
             if HAS_TOKEN_WEIGHTS and not WEIGHTS_PER_SEQ:
-                log_w_t += _vespo_log_of(tl.load(weights_ptr + row + offs, mask=m, other=1.0))
+                log_w_t += _vespo_log_of(tl.load(weights_ptr + offs, mask=m, other=1.0))
             vespo_log += tl.sum(tl.where(m, log_w_t, 0.0), axis=0)
-    n_b = tl.maximum(n_tok, 1.0)
+    n_b = tl.maximum(tl.load(counts_ptr + b), 1.0)  # the whole sequence's count: a pass may see part of it
     w_seq, seq_inside = _clamp_log_ratio(sum_delta / n_b, log_ratio_lo, log_ratio_hi)
     rho_seq = tl.exp(w_seq)
     off_kl = sum_off / n_b
@@ -268,13 +271,13 @@ def _grpo_objective_kernel(
     acc_drho = tl.zeros((), tl.float32)
     acc_cispo = tl.zeros((), tl.float32)
     acc_phi = tl.zeros((), tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(start, end, BLOCK_T):
         offs = t0 + lanes
-        inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, row, offs, T, ON_POLICY)
+        inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
         mf = m.to(tl.float32)
-        ent = tl.where(m, tl.load(ent_ptr + row + offs, mask=m, other=0.0), 0.0)
+        ent = tl.where(m, tl.load(ent_ptr + offs, mask=m, other=0.0), 0.0)
         if ADV_PER_TOKEN:
-            adv = tl.where(m, tl.load(adv_ptr + row + offs, mask=m, other=0.0), 0.0)
+            adv = tl.where(m, tl.load(adv_ptr + offs, mask=m, other=0.0), 0.0)
         else:
             adv = tl.zeros((BLOCK_T,), tl.float32) + adv_seq
         if LEVEL == LEVEL_TOKEN:
@@ -302,11 +305,11 @@ def _grpo_objective_kernel(
             mult = tl.where((adv < 0) & stale, 0.0, mult)
         keep_ent = mf
         if HAS_ENT_MASK:
-            keep_ent = (tl.load(keep_ent_ptr + row + offs, mask=m, other=0) != 0).to(tl.float32) * mf
+            keep_ent = (tl.load(keep_ent_ptr + offs, mask=m, other=0) != 0).to(tl.float32) * mf
             mult = mult * keep_ent
         is_w = tl.full((BLOCK_T,), 1.0, tl.float32)
         if IS_TOKEN:
-            is_w = _token_is_weight(samp_ptr, row, offs, m, old, is_lo, is_hi, IS_MODE == IS_TOKEN_TRUNCATE)
+            is_w = _token_is_weight(samp_ptr, offs, m, old, is_lo, is_hi, IS_MODE == IS_TOKEN_TRUNCATE)
         if IS_SEQ:
             is_w = tl.zeros((BLOCK_T,), tl.float32) + is_seq
         if not VESPO:  # VESPO folds the IS ratios into its sequence weight instead
@@ -316,13 +319,13 @@ def _grpo_objective_kernel(
                 if WEIGHTS_PER_SEQ:
                     mult = mult * seq_weight
                 else:
-                    mult = mult * tl.load(weights_ptr + row + offs, mask=m, other=0.0)
+                    mult = mult * tl.load(weights_ptr + offs, mask=m, other=0.0)
         loss_t = pg * mult
         g_t = mult * (d_pg_rho * d_rho_direct + d_pg_direct)
         d_seq_rho = mult * d_pg_rho  # ∂ℓ/∂ρ_b, for the GSPO pass
         kl = tl.zeros((BLOCK_T,), tl.float32)
         if KL_KIND != KL_NONE:
-            ref = tl.where(m, tl.load(ref_ptr + row + offs, mask=m, other=0.0), 0.0)
+            ref = tl.where(m, tl.load(ref_ptr + offs, mask=m, other=0.0), 0.0)
             k_val, d_k = _kl_term(logp, ref, kl_clamp, KL_KIND, HAS_KL_CLAMP)
             if BIAS_CORR:  # β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
                 kl = k_val * rho
@@ -334,9 +337,9 @@ def _grpo_objective_kernel(
             loss_t += beta * kl
         w = mf * agg_w
         loss_t = tl.where(m, loss_t, 0.0)
-        tl.store(loss_ptr + row + offs, loss_t, mask=inb)
-        tl.store(g_logp_ptr + row + offs, tl.where(m, g_t * w, 0.0), mask=inb)
-        tl.store(g_ent_ptr + row + offs, -ent_w * keep_ent, mask=inb)
+        tl.store(loss_ptr + offs, loss_t, mask=inb)
+        tl.store(g_logp_ptr + offs, tl.where(m, g_t * w, 0.0), mask=inb)
+        tl.store(g_ent_ptr + offs, -ent_w * keep_ent, mask=inb)
         acc_loss += tl.sum(loss_t * w, axis=0) - ent_w * tl.sum(keep_ent * ent, axis=0)
         acc_drho += tl.sum(tl.where(m, w * d_seq_rho, 0.0), axis=0)
         low = ((rho < 1.0 - eps_low) & (adv < 0)).to(tl.float32) * mf
@@ -355,54 +358,53 @@ def _grpo_objective_kernel(
     # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
     if LEVEL == LEVEL_SEQUENCE:
         scale = acc_drho * rho_seq * seq_inside / n_b
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(start, end, BLOCK_T):
             offs = t0 + lanes
-            inb = offs < T
-            m = (tl.load(mask_ptr + row + offs, mask=inb, other=0) != 0) & inb
-            g = tl.load(g_logp_ptr + row + offs, mask=inb, other=0.0)
-            tl.store(g_logp_ptr + row + offs, tl.where(m, g + scale, 0.0), mask=inb)
+            inb = offs < end
+            m = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+            g = tl.load(g_logp_ptr + offs, mask=inb, other=0.0)
+            tl.store(g_logp_ptr + offs, tl.where(m, g + scale, 0.0), mask=inb)
 
+    # Add this pass's sums to the sequence's partials (the ratio max: keep the larger).
     part = part_ptr + b * NUM_SLOTS
-    tl.store(part + 0, acc_loss)
-    tl.store(part + 1, n_tok)
-    tl.store(part + 2, acc_ent)
-    tl.store(part + 3, acc_low)
-    tl.store(part + 4, acc_high)
-    tl.store(part + 5, acc_region)
-    tl.store(part + 6, acc_rho)
-    tl.store(part + 7, max_rho)
-    tl.store(part + 8, acc_kl)
-    tl.store(part + 9, acc_is)
-    tl.store(part + 10, acc_cispo)
+    tl.store(part + 0, tl.load(part + 0) + acc_loss)
+    tl.store(part + 1, tl.load(part + 1) + n_tok)
+    tl.store(part + 2, tl.load(part + 2) + acc_ent)
+    tl.store(part + 3, tl.load(part + 3) + acc_low)
+    tl.store(part + 4, tl.load(part + 4) + acc_high)
+    tl.store(part + 5, tl.load(part + 5) + acc_region)
+    tl.store(part + 6, tl.load(part + 6) + acc_rho)
+    tl.store(part + 7, tl.maximum(tl.load(part + 7), max_rho))
+    tl.store(part + 8, tl.load(part + 8) + acc_kl)
+    tl.store(part + 9, tl.load(part + 9) + acc_is)
+    tl.store(part + 10, tl.load(part + 10) + acc_cispo)
     # TRL's vespo/phi_seq_mean: one φ per sequence (per-sequence advantages), else a token mean.
+    # VESPO couples tokens, so its sequences come whole, in exactly one pass.
     if ADV_PER_TOKEN:
-        tl.store(part + 11, acc_phi)
+        tl.store(part + 11, tl.load(part + 11) + acc_phi)
     elif VESPO:
-        tl.store(part + 11, _vespo_phi(vespo_log_w, adv_seq, k_pos, lam_pos, k_neg, lam_neg))
-    else:
-        tl.store(part + 11, 0.0)
+        tl.store(part + 11, tl.load(part + 11) + _vespo_phi(vespo_log_w, adv_seq, k_pos, lam_pos, k_neg, lam_neg))
 
 
-def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
-                   is_weights=None, num_items_in_batch=None, totals: ObjectiveTotals = None):
-    """Padded (B, T) fp32 inputs -> (loss 0-d, per_token_loss, g_logp, g_entropy, metrics dict).
-
-    g_logp and g_entropy are dL/dlogp and dL/dH for an upstream gradient of 1 on the loss.
-    `totals` (see reference.ObjectiveTotals) makes this a chunk of whole sequences of a larger batch.
-    """
-    prep = io.prepare(logp, entropy, mask, advantages, cfg, old_logp=old_logp, ref_logp=ref_logp,
-                      sampling_logp=sampling_logp, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-                      totals=totals)
-    bsz, t = prep.logp.shape
+def objective_pass(prep: io.PreparedObjective, cfg, rows, seqs):
+    """Fill prep's outputs for rows [rows) of sequences [seqs) (see objective_inputs)."""
+    (row_lo, row_hi), (seq_lo, seq_hi) = rows, seqs
+    if seq_hi <= seq_lo:
+        return
     p = io.params(cfg)
-    _grpo_objective_kernel[(bsz,)](
-        prep.logp, prep.entropy, prep.mask, prep.advantages,
+    n = prep.logp.numel()
+    # Tokens one program walks per block: a sequence's length is not known on the host, so the
+    # block follows the pass's rows per sequence on average (a host-known bound).
+    per_sequence = max(1, (row_hi - row_lo) // (seq_hi - seq_lo))
+    _grpo_objective_kernel[(seq_hi - seq_lo,)](
+        prep.logp, prep.entropy, prep.mask, prep.cu_seqlens, prep.counts, prep.advantages,
         prep.old if prep.old is not None else prep.logp, prep.ref if prep.ref is not None else prep.logp,
         prep.sampling if prep.sampling is not None else prep.logp,
         prep.token_weights if prep.token_weights is not None else prep.logp,
         prep.keep_entropy if prep.keep_entropy is not None else prep.mask, prep.norm, prep.ent_norm,
         prep.per_token_loss, prep.g_logp, prep.g_entropy, prep.partials,
-        t, p["eps_low"], p["eps_high"], p["delta"], p["dual_clip"], p["sapo_pos"], p["sapo_neg"], p["beta"],
+        row_lo, min(row_hi, n), seq_lo,
+        p["eps_low"], p["eps_high"], p["delta"], p["dual_clip"], p["sapo_pos"], p["sapo_neg"], p["beta"],
         p["kl_clamp"], p["off_thresh"], p["is_lo"], p["is_hi"], p["entropy_coef"], p["log_ratio_lo"],
         p["log_ratio_hi"], p["cispo_lo"], p["vespo_k_pos"], p["vespo_lambda_pos"], p["vespo_k_neg"],
         p["vespo_lambda_neg"],
@@ -412,6 +414,5 @@ def grpo_objective(logp, entropy, mask, advantages, cfg, *, old_logp=None, ref_l
         BIAS_CORR=bool(p["bias_corr"]), HAS_OFF_POLICY=bool(p["has_off_policy"]),
         HAS_TOKEN_WEIGHTS=prep.token_weights is not None, WEIGHTS_PER_SEQ=prep.weights_per_seq,
         HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=p["entropy_coef"] != 0.0, NUM_SLOTS=io.NUM_SLOTS,
-        BLOCK_T=min(1024, triton.next_power_of_2(max(t, 1))),
+        BLOCK_T=min(1024, triton.next_power_of_2(per_sequence)),
     )
-    return io.finish(prep, cfg)
