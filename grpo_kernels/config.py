@@ -7,10 +7,13 @@ not deep inside a kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .ops.dispatch import trace_as_constant
 from .transform import LogitTransform
 
 LOSS_TYPE_PRESETS = {
@@ -234,9 +237,53 @@ class GRPOLossConfig:
         return dataclasses.replace(self, **overrides) if overrides else self
 
 
-def resolve_config(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
+def _resolve(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
     if config is None:
         config = GRPOLossConfig()
     elif not isinstance(config, GRPOLossConfig):
         raise TypeError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
     return config.replace(**overrides)
+
+
+# Configs by their JSON text, newest last. The custom ops take a config as its text; the text
+# leads back to the object without parsing (torch.compile follows a dict lookup, not json.loads).
+_CONFIGS: dict = {}
+_CONFIGS_KEPT = 256
+
+
+def _remember(cfg: GRPOLossConfig) -> str:
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    _CONFIGS.pop(text, None)
+    _CONFIGS[text] = cfg
+    while len(_CONFIGS) > _CONFIGS_KEPT:
+        _CONFIGS.pop(next(iter(_CONFIGS)))
+    return text
+
+
+@trace_as_constant
+def config_json(cfg: GRPOLossConfig) -> str:
+    """The config as JSON text, the form the custom ops take."""
+    return _remember(cfg)
+
+
+@trace_as_constant
+def _resolved_json(config: Optional[GRPOLossConfig], overrides: dict) -> str:
+    return _remember(_resolve(config, overrides))
+
+
+def config_from_json(text: str) -> GRPOLossConfig:
+    cfg = _CONFIGS.get(text)
+    return cfg if cfg is not None else _parse_config(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_config(text: str) -> GRPOLossConfig:
+    return GRPOLossConfig(**json.loads(text))
+
+
+def resolve_config(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
+    """`config` (default GRPOLossConfig()) with keyword overrides of its fields, validated.
+
+    Under torch.compile the config is built once at trace time, by Python, not traced: a config
+    built by traced code would reach the custom ops without its overrides."""
+    return config_from_json(_resolved_json(config, overrides))

@@ -15,6 +15,7 @@ import torch
 
 from .config import GRPOLossConfig, resolve_config
 from .ops import logprobs_with_entropy, resolve_backend
+from .ops.advantages import group_advantages as advantages_op
 from .ops.dispatch import backend_module, stats_dtype
 from .ops.objective import fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
@@ -167,8 +168,11 @@ def objective_from_logprobs(
     objective op, on the caller's tokens as they are (packed, or padded read as B sequences of T)."""
     flat_mask = (torch.ones(tokens.num_tokens, dtype=torch.bool, device=logp_rows.device) if mask is None
                  else mask.reshape(-1))
+    # Without an entropy bonus the loss does not depend on H: detached, the log-prob backward then
+    # takes its cheaper path without the entropy term (the entropy mask is detached anyway).
+    entropy_in = entropy_rows if cfg.entropy_coef != 0.0 else entropy_rows.detach()
     loss, per_token_loss, metrics = fused_objective(
-        logp_rows.reshape(-1), entropy_rows.reshape(-1), flat_mask, _flat(advantages), tokens.cu_seqlens, cfg,
+        logp_rows.reshape(-1), entropy_in.reshape(-1), flat_mask, _flat(advantages), tokens.cu_seqlens, cfg,
         backend, adv_per_token=advantages_per_token(advantages, tokens),
         weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens),
         old_logp=_flat(old_logps), ref_logp=_flat(ref_logps), sampling_logp=_flat(sampling_logps),
@@ -396,7 +400,6 @@ def group_advantages(
         rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation, checks
     )
     name = resolve_backend(backend, rewards.device, rewards.dtype)
-    impl = backend_module(name)
     r = rewards.float() if rewards.dtype != torch.float64 else rewards
     w = weights.to(r.dtype)
     if reward_aggregation == "normalize_then_sum":
@@ -406,7 +409,7 @@ def group_advantages(
         scale = scale_rewards
     unscorable = torch.isnan(rewards).all(dim=1)
     total = torch.where(unscorable, float("nan"), torch.nansum(r * w, dim=1))
-    adv, mean, std, constant = impl.group_advantages(total, group_index, num_groups, scale, eps, group_size)
+    adv, mean, std, constant = advantages_op(total, group_index, num_groups, scale, eps, group_size, name)
     checks.raise_first()
     return AdvantageOutput(
         advantages=adv.to(r.dtype), group_mean=mean.to(r.dtype), group_std=std.to(r.dtype),

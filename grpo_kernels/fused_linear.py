@@ -32,7 +32,7 @@ from .ops import objective_inputs as io
 from .ops.dispatch import resolve_backend, stats_dtype
 from .ops.logprobs import logits_grad_inplace, logprobs_rows, safe_ids
 from .ops.normalizers import batch_totals
-from .ops.objective import objective_pass_op
+from .ops.objective import config_from_json, config_json, objective_pass_op
 from .outputs import GRPOLossOutput
 from .transform import LogitTransform
 from .validation import (
@@ -167,7 +167,12 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, advantages, old, ref, sampling, is_weights, num_items,
-                tokens: Tokens, cfg, backend: str, rows: int, accumulate_fp32: bool, packed: bool):
+                cu_seqlens, token_shape, config: str, backend: str, rows: int, accumulate_fp32: bool, packed: bool,
+                adv_per_token: bool, weights_per_seq: bool):
+        # Plain arguments only (the config as its JSON text, the layout as a tensor and a shape):
+        # torch.compile traces this forward and must see every value that steers it.
+        cfg = config_from_json(config)
+        tokens = Tokens(token_shape, cu_seqlens, cu_seqlens.numel() - 1)
         tau = cfg.logit_transform
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         n, bsz = tokens.num_tokens, tokens.num_sequences
@@ -183,9 +188,8 @@ class _FusedLinearGRPO(torch.autograd.Function):
                 _, ent_all[s0:s1], _ = logprobs_rows(logits_of(s0, s1), ids[s0:s1], tau, backend)
         totals = batch_totals(ent_all, mask, tokens.cu_seqlens, cfg, num_items)
         prep = io.prepare(logp_all, ent_all, mask, advantages, tokens.cu_seqlens, cfg, old_logp=old, ref_logp=ref,
-                          sampling_logp=sampling, is_weights=is_weights, totals=totals,
-                          adv_per_token=advantages_per_token(advantages, tokens),
-                          weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens))
+                          sampling_logp=sampling, is_weights=is_weights, totals=totals, adv_per_token=adv_per_token,
+                          weights_per_seq=weights_per_seq)
         logp_all, ent_all = prep.logp, prep.entropy  # the same buffers (already flat and contiguous)
 
         d_hidden = torch.empty_like(h_rows) if need_h else None
@@ -250,7 +254,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
                 g = g.mul_(grad_loss.to(g.dtype)).to(dtype)
             grads.append(g)
         d_hidden = None if grads[0] is None else grads[0].view(ctx.input_shape)
-        return (d_hidden, grads[1], grads[2]) + (None,) * 14
+        return (d_hidden, grads[1], grads[2]) + (None,) * 17
 
 
 def fused_linear_grpo_loss(
@@ -308,8 +312,10 @@ def fused_linear_grpo_loss(
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(
         hidden, weight, bias, safe_ids(ids.reshape(-1), vocab), flat_mask, flat(advantages), flat(old_logps),
-        flat(ref_logps), flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens, cfg, name,
-        _chunk_rows(chunk_size, vocab, hidden), accumulate_weight_grad_fp32, cu_seqlens is not None)
+        flat(ref_logps), flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens.cu_seqlens, token_shape,
+        config_json(cfg), name, _chunk_rows(chunk_size, vocab, hidden), accumulate_weight_grad_fp32,
+        cu_seqlens is not None, advantages_per_token(advantages, tokens),
+        is_weights is not None and weights_per_sequence(is_weights, tokens))
     check_logp_finite(logp, entropy, flat_mask, checks, LOGITS_FROM_HIDDEN)
     if checks.enabled:
         checks.require(torch.isfinite(loss), lambda: ValueError(

@@ -44,6 +44,8 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     Masked-out entries sort last (+inf), so the n selected values lead; positions are read
     with tensor indices, so nothing leaves the device. With no selected value the result is +inf.
     """
+    if values.numel() == 0:
+        return values.new_full((), float("inf"))
     ordered = torch.sort(torch.where(mask, values, float("inf"))).values
     count = mask.sum().to(torch.float64)
     pos = q * (count - 1)
@@ -51,9 +53,11 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     snapped = (pos - nearest).abs() < QUANTILE_SNAP
     lo = torch.where(snapped, nearest, torch.floor(pos)).clamp(min=0)
     frac = torch.where(snapped, torch.zeros_like(pos), pos - lo).to(values.dtype)
-    last = max(values.numel() - 1, 0)
-    lo_index = lo.long().clamp(max=last)
-    v_lo, v_hi = ordered[lo_index], ordered[(lo_index + 1).clamp(max=last)]
+    last = values.numel() - 1
+    lo_index = lo.long().clamp(max=last).reshape(1)
+    # index_select, not ordered[lo_index]: indexing with a 0-d tensor reads it on the host.
+    v_lo = ordered.index_select(0, lo_index).reshape(())
+    v_hi = ordered.index_select(0, (lo_index + 1).clamp(max=last)).reshape(())
     # frac = 0 must not meet v_hi = +inf (the first masked-out entry): 0·inf is NaN.
     return torch.where(frac == 0, v_lo, v_lo + frac * (v_hi - v_lo))
 

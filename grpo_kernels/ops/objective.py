@@ -8,27 +8,14 @@ The config travels as a JSON string so the op stays opaque to torch.compile.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..config import GRPOLossConfig
+from ..config import config_from_json, config_json  # noqa: F401 - re-exported for the fused-linear path
 from . import objective_inputs as io
-from .dispatch import backend_module, trace_as_constant
-
-
-@trace_as_constant
-def config_json(cfg: GRPOLossConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-
-
-@functools.lru_cache(maxsize=64)
-def _config(text: str) -> GRPOLossConfig:
-    return GRPOLossConfig(**json.loads(text))
+from .dispatch import backend_module
 
 
 def run_objective(prep: io.PreparedObjective, cfg, backend: str, rows=None, seqs=None) -> None:
@@ -57,7 +44,7 @@ def _objective_pass(
                                        token_weights, keep_entropy, norm, ent_norm, per_token_loss, g_logp, g_entropy,
                                        partials)))
     prep = io.PreparedObjective(**tensors, adv_per_token=adv_per_token, weights_per_seq=weights_per_seq)
-    run_objective(prep, _config(config), backend, (row_lo, row_hi), (seq_lo, seq_hi))
+    run_objective(prep, config_from_json(config), backend, (row_lo, row_hi), (seq_lo, seq_hi))
 
 
 @_objective_pass.register_fake
@@ -77,7 +64,7 @@ def _grpo_objective(
     ref_logp: Optional[Tensor], sampling_logp: Optional[Tensor], is_weights: Optional[Tensor],
     num_items: Optional[Tensor], config: str, backend: str, adv_per_token: bool, weights_per_seq: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cfg = _config(config)
+    cfg = config_from_json(config)
     prep = io.prepare(logp, entropy, mask, advantages, cu_seqlens, cfg, old_logp=old_logp, ref_logp=ref_logp,
                       sampling_logp=sampling_logp, is_weights=is_weights, num_items_in_batch=num_items,
                       adv_per_token=adv_per_token, weights_per_seq=weights_per_seq)

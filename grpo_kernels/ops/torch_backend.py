@@ -26,15 +26,6 @@ def rows_per_chunk(vocab: int, itemsize: int = 4, device_type: str = "cpu") -> i
     return max(1, budget // (itemsize * max(vocab, 1)))
 
 
-def _chunk_stats(z: torch.Tensor, lse: torch.Tensor):
-    """Probabilities p and the finite-safe z' (−inf entries set to 0, where p is 0 anyway)."""
-    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(z - finite_lse.unsqueeze(-1))
-    p = torch.where(torch.isneginf(z) | ~torch.isfinite(lse).unsqueeze(-1), torch.zeros_like(p), p)
-    z_safe = torch.where(p > 0, z, torch.zeros_like(z))
-    return p, z_safe
-
-
 def _row_blocks(logits: torch.Tensor):
     """(first row, 2-D view of rows) pieces covering (N, V) or strided (B, T, V) logits without copying."""
     if logits.dim() == 2:
@@ -62,22 +53,16 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTr
     """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32 (fp64 for fp64 logits).
 
     `transform` maps logits to z' (temperature, logit scale, softcap). Without `with_entropy`
-    the entropy is not computed (returned as zeros). Chunks are computed on the fast path
-    (no −inf or NaN handling); a chunk whose result is not finite is recomputed on the safe
-    path, found with one host sync for the whole call.
+    the entropy is not computed (returned as zeros). Branch-free: −inf logits (top-k/top-p
+    masking) and rows without a finite logit are handled by the same arithmetic as any other
+    row, so nothing is read on the host.
     """
     n = ids.numel()
     logp = torch.empty(n, dtype=stats_dtype(logits), device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
-    chunks = list(_chunks(logits, _chunk_step(logits)))
-    for r0, r1, chunk in chunks:
+    for r0, r1, chunk in _chunks(logits, _chunk_step(logits)):
         _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy if with_entropy else None, lse)
-    check = lse + entropy if with_entropy else lse  # −inf logits make the fast entropy NaN, not lse
-    if n and not bool(torch.isfinite(check).all()):
-        for r0, r1, chunk in chunks:
-            if not bool(torch.isfinite(check[r0:r1]).all()):
-                _forward_chunk_safe(chunk, ids, r0, r1, transform, logp, entropy if with_entropy else None, lse)
     return logp, entropy, lse
 
 
@@ -86,44 +71,37 @@ def _transformed(chunk, transform):
 
 
 def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
-    """Fast path: lse = m + log Σ exp(z' − m); H = log s − Σ p·(z' − m) / s (two non-negative terms,
-    so no cancellation when the logits are large). −inf or NaN logits make H (or lse) non-finite."""
+    """lse = m + log Σ exp(z' − m); H = log s − Σ p·(z' − m) / s (two non-negative terms, so no
+    cancellation when the logits are large). −inf entries are lifted to the lowest finite value
+    after the target is read: exp gives exactly 0 there and 0·(lowest) = 0 in the entropy."""
     z = _transformed(chunk, transform)
     peak = z.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # a row of −inf: shift by 0
     shifted = z - peak
+    target = ids[r0:r1].long().unsqueeze(-1)
+    # log p_y = (z'_y − m) − log s, from the shifted values: exact for large logits; −inf stays −inf.
+    target_shifted = shifted.gather(-1, target).squeeze(-1)
+    shifted.clamp_(min=torch.finfo(shifted.dtype).min)
     e = torch.exp(shifted)
     total = e.sum(-1)
     log_total = torch.log(total)
-    target = ids[r0:r1].long().unsqueeze(-1)
-    # log p_y = (z'_y − m) − log s, from the shifted values: exact for large logits.
-    logp[r0:r1] = shifted.gather(-1, target).squeeze(-1) - log_total
+    logp[r0:r1] = target_shifted - log_total
     lse[r0:r1] = peak.squeeze(-1) + log_total
     if entropy is not None:
-        entropy[r0:r1] = log_total - torch.linalg.vecdot(e, shifted) / total
-
-
-def _forward_chunk_safe(chunk, ids, r0, r1, transform, logp, entropy, lse):
-    """−inf logits (top-k/top-p masking) and rows without any finite logit."""
-    z = _transformed(chunk, transform)
-    chunk_lse = torch.logsumexp(z, dim=-1)
-    lse[r0:r1] = chunk_lse
-    logp[r0:r1] = z.gather(-1, ids[r0:r1].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
-    if entropy is None:
-        return
-    p, z_safe = _chunk_stats(z, chunk_lse)
-    log_p = torch.where(p > 0, z_safe - chunk_lse.unsqueeze(-1), torch.zeros_like(z_safe))
-    entropy[r0:r1] = -(p * log_p).sum(-1)
+        h = log_total - torch.linalg.vecdot(e, shifted) / total
+        entropy[r0:r1] = torch.where(total > 0, h, torch.zeros_like(h))  # no finite logit: H = 0
 
 
 def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: LogitTransform, out):
     """Write dL/dlogits into `out` (which may be `logits` itself, for the in-place variant).
 
     dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H.
+    Branch-free like the forward: a row without a finite logit (lse = −inf) gets p = 0.
     """
-    lse_finite = bool(torch.isfinite(lse).all())
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     step = _chunk_step(logits)  # one step for both, so the chunks of logits and out line up
     for (r0, r1, chunk), (_, _, out_rows) in zip(_chunks(logits, step), _chunks(out, step)):
-        _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows, lse_finite)
+        _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows)
     return out
 
 
@@ -135,42 +113,28 @@ def _chain(grad, z, transform):
     return grad if scale == 1.0 else grad.mul_(scale)
 
 
-def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows, lse_finite):
+def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows):
     z = _transformed(chunk, transform)
     dtype = z.dtype
     chunk_lse = lse[r0:r1].unsqueeze(-1)
     g_logp = grad_logp[r0:r1].to(dtype).unsqueeze(-1)
     target = ids[r0:r1].long().unsqueeze(-1)
     direct = transform.is_identity and out_rows.dtype == dtype  # write the result straight into `out`
-    if grad_entropy is None and lse_finite:
-        # dz = g_logp·(onehot − p): exp(−inf − lse) = 0 needs no masking.
-        p = torch.exp(z - chunk_lse)
+    p = torch.exp(z - chunk_lse)  # 0 at −inf logits and in rows without a finite logit
+    if grad_entropy is None:
         grad = torch.mul(p, g_logp.neg(), out=out_rows if direct else None)
-    elif grad_entropy is not None and lse_finite and not bool(torch.isneginf(z.amin(-1)).any()):
+    else:
         # dz = onehot·g_logp − p·(g_logp + g_H·(z' − lse + H)) = p·(a·z' + c) + onehot·g_logp, with
         # a = −g_H and c = −g_logp − g_H·(H − lse): three passes, no temporary besides p.
         g_h = grad_entropy[r0:r1].to(dtype).unsqueeze(-1)
         c = -g_logp - g_h * (entropy[r0:r1].unsqueeze(-1) - chunk_lse)
-        p = torch.exp(z - chunk_lse)
         grad = torch.mul(torch.addcmul(c, z, g_h.neg()), p, out=out_rows if direct else None)
-    else:
-        grad = _backward_chunk_safe(z, chunk_lse.squeeze(-1), r0, r1, entropy, g_logp, grad_entropy)
-        direct = False
+        # Where p = 0 the bracket may be ±inf (z' = −inf, or no finite logit): 0·inf is NaN, the
+        # true value is 0. NaN logits give NaN loss and log-probs, which the checks report.
+        grad.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
     grad.scatter_add_(-1, target, g_logp)
     if not direct:
         out_rows.copy_(_chain(grad, z, transform))
-
-
-def _backward_chunk_safe(z, chunk_lse, r0, r1, entropy, g_logp, grad_entropy):
-    """−inf logits and rows without any finite logit: p and z' masked where p is 0."""
-    p, z_safe = _chunk_stats(z, chunk_lse)
-    grad = -g_logp * p
-    if grad_entropy is not None:
-        finite_lse = torch.where(torch.isfinite(chunk_lse), chunk_lse, torch.zeros_like(chunk_lse))
-        centred = torch.where(p > 0, z_safe - finite_lse.unsqueeze(-1) + entropy[r0:r1].unsqueeze(-1),
-                              torch.zeros_like(z_safe))
-        grad = grad - grad_entropy[r0:r1].to(z.dtype).unsqueeze(-1) * p * centred
-    return grad
 
 
 def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_size=None):

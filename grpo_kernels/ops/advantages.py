@@ -1,0 +1,32 @@
+"""The group-advantage op of every backend as a torch.library custom op: opaque to torch.compile,
+shape-only under FakeTensorMode, so the compiled kernels never see a fake tensor."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .dispatch import backend_module
+
+
+@torch.library.custom_op("grpo_kernels::group_advantages", mutates_args=())
+def _group_advantages(total: Tensor, group_index: Tensor, num_groups: int, scale_rewards: str, eps: float,
+                      group_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    adv, mean, std, constant = backend_module(backend).group_advantages(
+        total, group_index, num_groups, scale_rewards, eps, group_size or None)
+    return adv.to(total.dtype), mean.to(total.dtype), std.to(total.dtype), constant.bool()
+
+
+@_group_advantages.register_fake
+def _(total, group_index, num_groups, scale_rewards, eps, group_size, backend):
+    stats = lambda: total.new_empty(num_groups)  # noqa: E731
+    return torch.empty_like(total), stats(), stats(), total.new_empty(num_groups, dtype=torch.bool)
+
+
+def group_advantages(total: Tensor, group_index: Tensor, num_groups: int, scale_rewards: str, eps: float,
+                     group_size, backend: str):
+    """total (N,) aggregated rewards (NaN: unscorable), group_index (N,) in [0, num_groups) ->
+    (advantages (N,), group mean (G,), group std (G,), constant-group flags (G,) bool)."""
+    return _group_advantages(total, group_index, int(num_groups), scale_rewards, float(eps), int(group_size or 0),
+                             backend)
