@@ -245,6 +245,7 @@ def _resolve(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfi
     return config.replace(**overrides)
 
 
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GRPOLossConfig))
 # Configs by their JSON text, newest last. The custom ops take a config as its text; the text
 # leads back to the object without parsing (torch.compile follows a dict lookup, not json.loads).
 _CONFIGS: dict = {}
@@ -252,7 +253,16 @@ _CONFIGS_KEPT = 256
 
 
 def _remember(cfg: GRPOLossConfig) -> str:
-    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    # asdict + dumps cost ~75 µs a call: once per object and set of values (a field may be reassigned).
+    values = tuple(getattr(cfg, f) for f in _FIELD_NAMES)
+    cached = cfg.__dict__.get("_json_cache")
+    if cached is not None and cached[0] == values:
+        text = cached[1]
+    else:
+        text = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+        cfg.__dict__["_json_cache"] = (values, text)  # not a field: asdict, replace and == ignore it
+    if _CONFIGS.get(text) is cfg:
+        return text
     _CONFIGS.pop(text, None)
     _CONFIGS[text] = cfg
     while len(_CONFIGS) > _CONFIGS_KEPT:

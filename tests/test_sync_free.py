@@ -4,11 +4,17 @@ Under FakeTensorMode any read of a tensor's value on the host (.item(), bool(), 
 raises, so a call that completes there never synchronises. The controls run the same calls
 with validate=True and expect that exception: the harness does catch a sync.
 """
+import os
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import grpo_kernels as gk
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.host_overhead import count_host_reads  # noqa: E402
 
 CPU_BACKENDS = [b for b in ("torch", "cpp") if b in gk.available_backends("cpu")]
 B, T, V, H = 3, 5, 11, 8
@@ -64,28 +70,11 @@ def test_control_validate_true_is_caught_reading(packed):
         _every_call(_inputs(packed), "torch", validate=True)
 
 
-class HostReads:
-    """Counts reads of tensor values on the host (the syncs of a CUDA run) while active."""
-
-    READERS = ("item", "tolist", "__bool__", "__int__", "__float__")
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        for name in self.READERS:
-            original = getattr(torch.Tensor, name)
-
-            def reader(tensor, *args, _original=original, **kwargs):
-                self.count += 1
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, reader)
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_validate_true_reads_once_per_call(monkeypatch, backend, packed):
+def test_validate_true_reads_once_per_call(backend, packed):
+    """Counted at .item(), .tolist(), bool(), int() and float() of any tensor (benchmarks.host_overhead)."""
     x = _inputs(packed, torch.Generator().manual_seed(0))
-    reads = HostReads(monkeypatch)
     common = dict(mask=x["mask"], cu_seqlens=x["cu_seqlens"], backend=backend)
     calls = {
         "grpo_loss": lambda: gk.grpo_loss(x["logits"], x["ids"], x["advantages"], old_logps=x["old"],
@@ -98,9 +87,8 @@ def test_validate_true_reads_once_per_call(monkeypatch, backend, packed):
             chunk_size=4, **common, **TOKEN_LEVEL),
     }
     for name, call in calls.items():
-        reads.count = 0
-        call()
-        assert reads.count == 1, (name, reads.count)
+        reads = count_host_reads(call)
+        assert reads == 1, (name, reads)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -116,15 +116,36 @@ def test_padding_free_batches_give_the_padded_numbers(tmp_path, loss_type):
     for packed in (False, True):
         trainer.cfg.padding_free = packed
         trainer.model.zero_grad()
-        out = trainer.micro_batch_loss(batch, adv, None, ref)
+        out = trainer.micro_batch_loss(batch, adv, None, ref[batch.completion_mask] if packed else ref)
         out.loss.backward()
         grads = [p.grad.clone() for p in trainer.model.parameters()]
         results.append((out.loss.detach(), grads, trainer._logps(trainer.model, batch)))
     (l0, g0, lp0), (l1, g1, lp1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp1, lp0[batch.completion_mask], rtol=1e-5, atol=1e-5)  # packed: (N,)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_step_keeps_old_and_ref_packed(tmp_path):
+    """A whole optimizer step in gradient-accumulation micro-batches: packed old/ref log-probs are
+    sliced per micro-batch as they are (never padded and re-packed) and give the padded update."""
+    from grpo_kernels.trainer.rollout import generate
+
+    updates = []
+    for packed in (False, True):
+        trainer = make_trainer(tmp_path / str(packed), loss=GRPOLossConfig(loss_type="dapo", beta=0.1),
+                               gradient_accumulation_steps=2, padding_free=packed)
+        torch.manual_seed(5)
+        batch = generate(trainer.model, trainer.tokenizer, [r["prompt"] for r in toy.successor_dataset(4)],
+                         trainer.cfg)
+        old = trainer._logps(trainer.model, batch)
+        assert old.dim() == (1 if packed else 2)
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer._optimize(batch, torch.linspace(-1, 1, batch.completion_ids.shape[0]), old, old - 0.1)
+        updates.append([p.detach() - b for p, b in zip(trainer.model.parameters(), before)])
+    for a, b in zip(*updates):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)  # Adam: updates ~lr = 3e-3
 
 
 def test_adaptive_entropy_follows_trls_rule(tmp_path):

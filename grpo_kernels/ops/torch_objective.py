@@ -216,22 +216,25 @@ def _objective_rows(prep, cfg, p: _Pass, seq_lo, seq_hi):
 def _add_partials(prep, cfg, p: _Pass, contribution, ent, rho_value, adv, kl, is_weight, phi, seq_lo, seq_hi):
     """Per-sequence sums of the pass's rows into prep.partials, slot by slot as the kernels write them."""
     m = p.mask
-    count = lambda flags: p.per_sequence_sum((flags & m).to(ent.dtype))  # noqa: E731
     low = (rho_value < 1 - cfg.eps_low) & (adv < 0)
     high = (rho_value > 1 + cfg.eps_high) & (adv > 0)
+    ones = torch.ones_like(rho_value)
+    zero_rows = torch.zeros_like(rho_value)
+    # Every slot's per-token values in one (n, 12) matrix, summed by sequence in one index_add.
+    per_token = torch.stack([
+        contribution, ones, ent, low.to(ent.dtype), high.to(ent.dtype), (low | high).to(ent.dtype), rho_value,
+        zero_rows, zero_rows if kl is None else kl.detach(), ones if is_weight is None else is_weight,
+        ((rho_value > cfg.eps_high) & (adv > 0)).to(ent.dtype),
+        phi if phi is not None and prep.adv_per_token else zero_rows,
+    ], dim=1)
+    per_token = torch.where(m.unsqueeze(1), per_token, 0)
+    sums = torch.zeros(prep.num_sequences, per_token.shape[1], dtype=torch.float64, device=ent.device)
+    sums = sums.index_add(0, p.seq, per_token.to(torch.float64)).to(prep.partials.dtype)
+    if phi is not None and not prep.adv_per_token:  # one φ per sequence, each sequence whole in one pass
+        owned = torch.zeros_like(phi, dtype=torch.bool)
+        owned[seq_lo:seq_hi] = True
+        sums[:, 11] = torch.where(owned, phi, 0)
+    prep.partials[:, :per_token.shape[1]] += sums
     zero = torch.zeros(prep.num_sequences, dtype=ent.dtype, device=ent.device)
-    slots = [p.per_sequence_sum(contribution), count(torch.ones_like(m)), p.per_sequence_sum(p.masked(ent)),
-             count(low), count(high), count(low | high), p.per_sequence_sum(p.masked(rho_value)), zero,
-             zero if kl is None else p.per_sequence_sum(p.masked(kl.detach())),
-             count(torch.ones_like(m)) if is_weight is None else p.per_sequence_sum(p.masked(is_weight)),
-             count((rho_value > cfg.eps_high) & (adv > 0)), zero]
-    if phi is not None:
-        if prep.adv_per_token:
-            slots[11] = p.per_sequence_sum(p.masked(phi))
-        else:  # one φ per sequence, each sequence whole in exactly one pass
-            owned = torch.zeros_like(phi, dtype=torch.bool)
-            owned[seq_lo:seq_hi] = True
-            slots[11] = torch.where(owned, phi, 0)
-    prep.partials[:, :len(slots)] += torch.stack(slots, dim=1)
     peak = zero.scatter_reduce(0, p.seq, p.masked(rho_value), "amax", include_self=True)
     prep.partials[:, 7] = torch.maximum(prep.partials[:, 7], peak)

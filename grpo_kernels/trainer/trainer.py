@@ -132,7 +132,8 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _logps(self, model, batch: Rollout) -> torch.Tensor:
-        """(B, T) log-probs of the completion tokens (0 where masked)."""
+        """Log-probs of the completion tokens in the loss's own layout: (B, T) padded (0 where
+        masked), or (N,) packed when padding-free. They go back into the loss as they are."""
         weight, bias = self._lm_head(model)
         states = self._token_states(model, batch)
         loss_cfg = self.cfg.loss
@@ -140,11 +141,7 @@ class GRPOTrainer:
                                                temperature=loss_cfg.temperature, logit_scale=loss_cfg.logit_scale,
                                                final_logit_softcapping=loss_cfg.final_logit_softcapping,
                                                mask=states["mask"], backend=self.cfg.backend)
-        if states["cu_seqlens"] is None:
-            return logp
-        padded = torch.zeros(batch.completion_ids.shape, dtype=logp.dtype, device=logp.device)
-        padded[batch.completion_mask] = logp
-        return padded
+        return logp
 
     def _reference_logps(self, batch: Rollout) -> torch.Tensor:
         if self.ref_model is not None:
@@ -153,18 +150,30 @@ class GRPOTrainer:
             return self._logps(self.model, batch)
 
     def micro_batch_loss(self, micro: Rollout, advantages, old, ref, *, num_items_in_batch=None, config=None):
-        """The loss of one micro-batch (padded or packed, as configured): a GRPOLossOutput."""
+        """The loss of one micro-batch (padded or packed, as configured): a GRPOLossOutput.
+
+        old and ref: log-probs as `_logps` gives them in this layout ((B, T) or packed (N,)).
+        """
         cfg = config or self.cfg.loss
         weight, bias = self._lm_head(self.model)
         states = self._token_states(self.model, micro)
-        pack = states["pack"]
         use_sampling = cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None
         return fused_linear_grpo_loss(
             states["hidden"], weight, states["ids"], advantages, bias=bias, mask=states["mask"],
-            old_logps=None if old is None else pack(old), ref_logps=None if ref is None else pack(ref),
-            sampling_logps=pack(micro.sampling_logps) if use_sampling else None,
+            old_logps=old, ref_logps=ref,
+            # The rollout's own (B, T) sampling log-probs, gathered once into the packed order.
+            sampling_logps=states["pack"](micro.sampling_logps) if use_sampling else None,
             num_items_in_batch=num_items_in_batch, cu_seqlens=states["cu_seqlens"], config=cfg,
             backend=self.cfg.backend)
+
+    @staticmethod
+    def _token_slice(x, batch: Rollout, part: slice):
+        """The micro-batch `part`'s tokens of a per-token tensor: rows of (B, T), or the packed
+        (N,) span of those sequences."""
+        if x is None or x.dim() == 2:
+            return None if x is None else x[part]
+        bounds = [0] + batch.completion_mask.sum(1).cumsum(0).tolist()
+        return x[bounds[part.start]:bounds[part.stop]]
 
     def _micro_batches(self, size: int):
         step = size // self.cfg.gradient_accumulation_steps
@@ -188,7 +197,7 @@ class GRPOTrainer:
                             batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
                             batch.texts[part], batch.truncated[part])
             out = self.micro_batch_loss(
-                micro, advantages[part], None if old is None else old[part], None if ref is None else ref[part],
+                micro, advantages[part], self._token_slice(old, batch, part), self._token_slice(ref, batch, part),
                 num_items_in_batch=total_tokens if global_count else None,
                 config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
             (out.loss if global_count else out.loss * share).backward()
