@@ -21,8 +21,8 @@ from .ops.objective import fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
 from .transform import LogitTransform
 from .validation import (
-    FLOAT_DTYPES, INT_DTYPES, DeferredChecks, check_cu_seqlens, check_finite, check_ids, check_logp_finite,
-    require_device, require_shape, require_tensor,
+    FLOAT_DTYPES, INT_DTYPES, LOGITS_GIVEN, DeferredChecks, check_cu_seqlens, check_finite, check_ids,
+    check_logp_finite, require_device, require_shape, require_tensor,
 )
 
 SCALE_REWARDS = ("group", "batch", "none", "rloo", "reinforce++")
@@ -156,8 +156,43 @@ def advantages_per_token(advantages, tokens: Tokens) -> bool:
     return tuple(advantages.shape) != (tokens.num_sequences,)
 
 
-def _flat(x):
+def flat(x):
+    """A per-token (or per-sequence) tensor as the kernels take it: flat, or None."""
     return None if x is None else x.reshape(-1)
+
+
+def token_mask(mask, tokens: Tokens, device) -> torch.Tensor:
+    """The (N,) bool mask of the caller's tokens: theirs, flattened, or all True."""
+    return torch.ones(tokens.num_tokens, dtype=torch.bool, device=device) if mask is None else mask.reshape(-1)
+
+
+def loss_output(loss, logp, entropy, per_token_loss, metrics, mask: torch.Tensor, shape,
+                checks: DeferredChecks) -> GRPOLossOutput:
+    """The call's GRPOLossOutput from flat (N,) results, in the caller's token shape: log-probs and
+    entropy detached and 0 where masked. Adds the deferred check that the loss came out finite."""
+    if checks.enabled:
+        checks.require(torch.isfinite(loss.detach()), lambda: ValueError(
+            f"the loss came out non-finite ({float(loss)}) although every input passed its checks"))
+    return GRPOLossOutput(
+        loss=loss,
+        logps=torch.where(mask, logp.detach().reshape(-1), 0.0).reshape(shape),
+        entropy=torch.where(mask, entropy.detach().reshape(-1), 0.0).reshape(shape),
+        per_token_loss=per_token_loss.reshape(shape),
+        metrics=metrics,
+    )
+
+
+def masked_logprobs(logp, entropy, mask, shape, return_entropy: bool, checks: DeferredChecks,
+                    logits: str = LOGITS_GIVEN):
+    """The end of the log-prob calls: the finiteness checks, the call's one host read, 0 where
+    masked, the caller's token shape."""
+    flat_mask = flat(mask)
+    check_logp_finite(logp, entropy, flat_mask, checks, logits)
+    checks.raise_first()
+    if flat_mask is not None:
+        logp, entropy = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, entropy, 0.0)
+    logp = logp.reshape(shape)
+    return (logp, entropy.reshape(shape)) if return_entropy else logp
 
 
 def objective_from_logprobs(
@@ -166,28 +201,18 @@ def objective_from_logprobs(
 ) -> GRPOLossOutput:
     """Apply the per-token objective to flat (N,) logp/entropy (differentiable) in the backend's
     objective op, on the caller's tokens as they are (packed, or padded read as B sequences of T)."""
-    flat_mask = (torch.ones(tokens.num_tokens, dtype=torch.bool, device=logp_rows.device) if mask is None
-                 else mask.reshape(-1))
+    flat_mask = token_mask(mask, tokens, logp_rows.device)
     # Without an entropy bonus the loss does not depend on H: detached, the log-prob backward then
     # takes its cheaper path without the entropy term (the entropy mask is detached anyway).
     entropy_in = entropy_rows if cfg.entropy_coef != 0.0 else entropy_rows.detach()
     loss, per_token_loss, metrics = fused_objective(
-        logp_rows.reshape(-1), entropy_in.reshape(-1), flat_mask, _flat(advantages), tokens.cu_seqlens, cfg,
+        flat(logp_rows), flat(entropy_in), flat_mask, flat(advantages), tokens.cu_seqlens, cfg,
         backend, adv_per_token=advantages_per_token(advantages, tokens),
         weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens),
-        old_logp=_flat(old_logps), ref_logp=_flat(ref_logps), sampling_logp=_flat(sampling_logps),
-        is_weights=_flat(is_weights), num_items_in_batch=num_items_in_batch)
-    if checks.enabled:
-        checks.require(torch.isfinite(loss.detach()), lambda: ValueError(
-            f"the loss came out non-finite ({float(loss)}) although every input passed its checks"))
-    shape = tokens.token_shape
-    return GRPOLossOutput(
-        loss=loss,
-        logps=torch.where(flat_mask, logp_rows.detach().reshape(-1), 0.0).reshape(shape),
-        entropy=torch.where(flat_mask, entropy_rows.detach().reshape(-1), 0.0).reshape(shape),
-        per_token_loss=per_token_loss.reshape(shape),
-        metrics=metrics,
-    )
+        old_logp=flat(old_logps), ref_logp=flat(ref_logps), sampling_logp=flat(sampling_logps),
+        is_weights=flat(is_weights), num_items_in_batch=num_items_in_batch)
+    return loss_output(loss, logp_rows, entropy_rows, per_token_loss, metrics, flat_mask, tokens.token_shape,
+                       checks)
 
 
 def _check_logits(logits, cu_seqlens):
@@ -250,13 +275,7 @@ def selective_logprobs(
     name = resolve_backend(backend, logits.device, logits.dtype)
     logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), transform, name, inplace_backward,
                                              with_entropy=return_entropy)
-    flat_mask = None if mask is None else mask.reshape(-1)
-    check_logp_finite(logp, entropy, flat_mask, checks)
-    checks.raise_first()
-    if flat_mask is not None:
-        logp, entropy = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, entropy, 0.0)
-    logp = logp.reshape(ids.shape)
-    return (logp, entropy.reshape(ids.shape)) if return_entropy else logp
+    return masked_logprobs(logp, entropy, mask, ids.shape, return_entropy, checks)
 
 
 def grpo_loss(

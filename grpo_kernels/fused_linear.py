@@ -24,15 +24,16 @@ from typing import List, Optional, Tuple
 import torch
 
 from .config import resolve_config
+from .config import config_from_json, config_json
 from .functional import (
-    Tokens, advantages_per_token, check_ids_and_mask, check_num_items, check_objective_inputs, token_layout,
-    weights_per_sequence,
+    Tokens, advantages_per_token, check_ids_and_mask, check_num_items, check_objective_inputs, flat, loss_output,
+    masked_logprobs, token_layout, token_mask, weights_per_sequence,
 )
 from .ops import objective_inputs as io
 from .ops.dispatch import resolve_backend, stats_dtype
 from .ops.logprobs import logits_grad_inplace, logprobs_rows, safe_ids
 from .ops.normalizers import batch_totals
-from .ops.objective import config_from_json, config_json, objective_pass_op
+from .ops.objective import objective_pass_op
 from .outputs import GRPOLossOutput
 from .transform import LogitTransform
 from .validation import (
@@ -211,33 +212,30 @@ class _FusedLinearGRPO(torch.autograd.Function):
             accumulate_input_grads(dlogits, h_rows[s0:s1], weight, None if d_hidden is None else d_hidden[s0:s1],
                                    d_weight, d_bias)
 
-        if not cfg.couples_tokens:
-            # A token's gradient needs only its own log-prob, its sequence's token count and the
-            # batch-wide normalisers: row blocks whatever the sequences, each forward, objective and
-            # backward once (6·N·H·V), and no host read of cu_seqlens.
-            for s0, s1 in row_blocks(0, n, rows):
-                logits = forward_rows(s0, s1)
-                objective_pass_op(prep, cfg, backend, (s0, s1), (0, bsz))
-                if need_grad:
-                    backward_rows(logits, s0, s1)
+        if cfg.couples_tokens:
+            chunks = _whole_sequence_chunks(tokens, rows, packed)
         else:
-            for b0, b1, r0, r1 in _whole_sequence_chunks(tokens, rows, packed):
-                blocks = row_blocks(r0, r1, rows)
-                if len(blocks) == 1:  # the chunk's logits fit the budget: kept between the passes
-                    logits = forward_rows(r0, r1)
-                    objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
-                    if need_grad:
-                        backward_rows(logits, r0, r1)
-                    continue
-                # One sequence longer than the budget whose tokens are coupled (GSPO, VESPO, the off-policy
-                # mask, sequence IS): forward its row blocks, evaluate it whole, then recompute each
-                # block's logits for the backward (8·H·V FLOPs per token instead of 6; memory bounded).
-                for s0, s1 in blocks:
-                    forward_rows(s0, s1)
+            # A token's gradient needs only its own log-prob, its sequence's token count and the
+            # batch-wide normalisers: row blocks whatever the sequences (each pass covering every
+            # sequence's rows in the block), and no host read of cu_seqlens.
+            chunks = [(0, bsz, s0, s1) for s0, s1 in row_blocks(0, n, rows)]
+        for b0, b1, r0, r1 in chunks:
+            blocks = row_blocks(r0, r1, rows)
+            if len(blocks) == 1:  # the chunk's logits fit the budget: kept between the passes (6·N·H·V)
+                logits = forward_rows(r0, r1)
                 objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
                 if need_grad:
-                    for s0, s1 in blocks:
-                        backward_rows(logits_of(s0, s1), s0, s1)
+                    backward_rows(logits, r0, r1)
+                continue
+            # One sequence longer than the budget whose tokens are coupled (GSPO, VESPO, the off-policy
+            # mask, sequence IS): forward its row blocks, evaluate it whole, then recompute each
+            # block's logits for the backward (8·H·V FLOPs per token instead of 6; memory bounded).
+            for s0, s1 in blocks:
+                forward_rows(s0, s1)
+            objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
+            if need_grad:
+                for s0, s1 in blocks:
+                    backward_rows(logits_of(s0, s1), s0, s1)
 
         loss, vector = io.finish(prep)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -307,9 +305,7 @@ def fused_linear_grpo_loss(
     vocab = weight.shape[0]
     check_ids(ids, vocab, mask, checks)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    flat_mask = (torch.ones(tokens.num_tokens, dtype=torch.bool, device=hidden.device) if mask is None
-                 else mask.reshape(-1))
-    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+    flat_mask = token_mask(mask, tokens, hidden.device)
     loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(
         hidden, weight, bias, safe_ids(ids.reshape(-1), vocab), flat_mask, flat(advantages), flat(old_logps),
         flat(ref_logps), flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens.cu_seqlens, token_shape,
@@ -317,14 +313,10 @@ def fused_linear_grpo_loss(
         cu_seqlens is not None, advantages_per_token(advantages, tokens),
         is_weights is not None and weights_per_sequence(is_weights, tokens))
     check_logp_finite(logp, entropy, flat_mask, checks, LOGITS_FROM_HIDDEN)
-    if checks.enabled:
-        checks.require(torch.isfinite(loss), lambda: ValueError(
-            f"the loss came out non-finite ({float(loss)}) although every input passed its checks"))
+    out = loss_output(loss, logp, entropy, per_token_loss, io.metrics_from_vector(vector, cfg), flat_mask,
+                      token_shape, checks)
     checks.raise_first()
-    return GRPOLossOutput(loss=loss, logps=torch.where(flat_mask, logp, 0.0).reshape(token_shape),
-                          entropy=torch.where(flat_mask, entropy, 0.0).reshape(token_shape),
-                          per_token_loss=per_token_loss.reshape(token_shape),
-                          metrics=io.metrics_from_vector(vector, cfg))
+    return out
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
@@ -399,10 +391,4 @@ def fused_linear_selective_logprobs(
     rows = _chunk_rows(chunk_size, weight.shape[0], hidden)
     logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, safe_ids(ids.reshape(-1), weight.shape[0]),
                                               transform, rows, name)
-    flat_mask = None if mask is None else mask.reshape(-1)
-    check_logp_finite(logp, ent, flat_mask, checks, LOGITS_FROM_HIDDEN)
-    checks.raise_first()
-    if flat_mask is not None:
-        logp, ent = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, ent, 0.0)
-    logp, ent = logp.reshape(ids.shape), ent.reshape(ids.shape)
-    return (logp, ent) if return_entropy else logp
+    return masked_logprobs(logp, ent, mask, ids.shape, return_entropy, checks, LOGITS_FROM_HIDDEN)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..config import config_from_json, config_json  # noqa: F401 - re-exported for the fused-linear path
+from ..config import config_from_json, config_json
 from . import objective_inputs as io
 from .dispatch import backend_module
 

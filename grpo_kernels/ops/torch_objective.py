@@ -70,11 +70,11 @@ class _Pass:
         return None if x is None else x[self.lo:self.hi]
 
     def per_sequence_sum(self, x, wide: bool = False):
-        """(B,) sums of the rows' values by sequence (0 where masked is the caller's job), accumulated
+        """(B, ...) sums of the rows' values by sequence (0 where masked is the caller's job), accumulated
         in fp64 as the kernels do: an fp32 running sum over a 32k-token sequence loses ~1e-4.
         wide=True returns the fp64 sums, so that gathering them back per token also accumulates
         the gradient in fp64."""
-        out = torch.zeros(self.prep.num_sequences, dtype=torch.float64, device=x.device)
+        out = torch.zeros((self.prep.num_sequences,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
         out = out.index_add(0, self.seq, x.to(torch.float64))
         return out if wide else out.to(x.dtype)
 
@@ -228,8 +228,7 @@ def _add_partials(prep, cfg, p: _Pass, contribution, ent, rho_value, adv, kl, is
         phi if phi is not None and prep.adv_per_token else zero_rows,
     ], dim=1)
     per_token = torch.where(m.unsqueeze(1), per_token, 0)
-    sums = torch.zeros(prep.num_sequences, per_token.shape[1], dtype=torch.float64, device=ent.device)
-    sums = sums.index_add(0, p.seq, per_token.to(torch.float64)).to(prep.partials.dtype)
+    sums = p.per_sequence_sum(per_token, wide=True).to(prep.partials.dtype)
     if phi is not None and not prep.adv_per_token:  # one φ per sequence, each sequence whole in one pass
         owned = torch.zeros_like(phi, dtype=torch.bool)
         owned[seq_lo:seq_hi] = True

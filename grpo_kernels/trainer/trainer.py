@@ -167,12 +167,11 @@ class GRPOTrainer:
             backend=self.cfg.backend)
 
     @staticmethod
-    def _token_slice(x, batch: Rollout, part: slice):
+    def _token_slice(x, bounds, part: slice):
         """The micro-batch `part`'s tokens of a per-token tensor: rows of (B, T), or the packed
-        (N,) span of those sequences."""
+        (N,) span of those sequences, `bounds` being the sequences' packed offsets."""
         if x is None or x.dim() == 2:
             return None if x is None else x[part]
-        bounds = [0] + batch.completion_mask.sum(1).cumsum(0).tolist()
         return x[bounds[part.start]:bounds[part.stop]]
 
     def _micro_batches(self, size: int):
@@ -186,7 +185,10 @@ class GRPOTrainer:
         losses divide by the batch's token count, the others are weighted by their share of sequences.
         """
         cfg = self.cfg.loss.replace(entropy_coef=self._applied_entropy_coef())
-        total_tokens = int(batch.completion_mask.sum())
+        # Packed offsets of the sequences, read once per step: the token count, and the spans of
+        # packed old/ref log-probs per micro-batch.
+        bounds = [0] + batch.completion_mask.sum(1).cumsum(0).tolist()
+        total_tokens = bounds[-1]
         size = batch.completion_ids.shape[0]
         global_count = cfg.uses_num_items_in_batch
         sums: Dict[str, float] = {}
@@ -197,7 +199,7 @@ class GRPOTrainer:
                             batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
                             batch.texts[part], batch.truncated[part])
             out = self.micro_batch_loss(
-                micro, advantages[part], self._token_slice(old, batch, part), self._token_slice(ref, batch, part),
+                micro, advantages[part], self._token_slice(old, bounds, part), self._token_slice(ref, bounds, part),
                 num_items_in_batch=total_tokens if global_count else None,
                 config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
             (out.loss if global_count else out.loss * share).backward()
