@@ -20,6 +20,7 @@ from .ops.dispatch import backend_module, stats_dtype
 from .ops.objective import fused_objective
 from .outputs import AdvantageOutput, GRPOLossOutput
 from .transform import LogitTransform
+from .vocab_parallel import VocabShard, vocab_parallel_logprobs, vocab_shard
 from .validation import (
     FLOAT_DTYPES, INT_DTYPES, LOGITS_GIVEN, DeferredChecks, check_cu_seqlens, check_finite, check_ids,
     check_logp_finite, require_device, require_shape, require_tensor,
@@ -233,6 +234,20 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def logits_shard(logits, process_group, vocab_start, validate: bool) -> Optional[VocabShard]:
+    """This rank's vocabulary slice of `logits` (None without a process group); see vocab_parallel.py."""
+    rows = math.prod(logits.shape[:-1])
+    return vocab_shard(process_group, vocab_start, logits.shape[-1], rows, 0, logits.device, validate)
+
+
+def _logprobs(logits, ids, transform, backend, inplace_backward, with_entropy, shard: Optional[VocabShard]):
+    """(logp, entropy, lse) (N,) over the whole vocabulary, from the whole logits or this rank's slice."""
+    rows, flat_ids = _rows(logits), ids.reshape(-1)
+    if shard is None:
+        return logprobs_with_entropy(rows, flat_ids, transform, backend, inplace_backward, with_entropy=with_entropy)
+    return vocab_parallel_logprobs(rows, flat_ids, shard, transform, backend, inplace_backward, with_entropy)
+
+
 # ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
@@ -250,6 +265,8 @@ def selective_logprobs(
     backend: str = "auto",
     inplace_backward: bool = False,
     validate: bool = True,
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ):
     """Log-probability of `ids` under softmax(z'), optionally with the entropy.
 
@@ -262,6 +279,9 @@ def selective_logprobs(
     the backward overwrites `logits` with its gradient (saves an (N, V) buffer).
     validate=True (default) runs every data-dependent check with one host sync at the end of the
     call; validate=False runs none and never synchronises (bad ids then give wrong numbers, not a crash).
+    Vocabulary-parallel: with `process_group`, `logits` are this rank's slice (..., V_local) of
+    the vocabulary, ids [vocab_start, vocab_start + V_local) (default rank · V_local); ids stay
+    global. Every rank gets the full-vocabulary logp and entropy, and the gradient of its slice.
     """
     checks = DeferredChecks(validate)
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
@@ -271,10 +291,10 @@ def selective_logprobs(
         raise ValueError(f"logits must be (..., V), got shape {tuple(logits.shape)}")
     transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
     mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device, checks)
-    check_ids(ids, logits.shape[-1], mask, checks)
     name = resolve_backend(backend, logits.device, logits.dtype)
-    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), transform, name, inplace_backward,
-                                             with_entropy=return_entropy)
+    shard = logits_shard(logits, process_group, vocab_start, validate)
+    check_ids(ids, logits.shape[-1] if shard is None else shard.total, mask, checks)
+    logp, entropy, _ = _logprobs(logits, ids, transform, name, inplace_backward, return_entropy, shard)
     return masked_logprobs(logp, entropy, mask, ids.shape, return_entropy, checks)
 
 
@@ -294,6 +314,8 @@ def grpo_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     validate: bool = True,
+    process_group=None,
+    vocab_start: Optional[int] = None,
     **overrides,
 ) -> GRPOLossOutput:
     """The GRPO loss from logits (docs/math.md), fused over the vocabulary.
@@ -309,6 +331,8 @@ def grpo_loss(
     inplace_backward=True, backward writes the gradient over `logits` (no extra (N, V)).
     validate=True (default): every data-dependent check, read with one host sync at the end;
     validate=False: none, and no host sync at all (CUDA graphs, torch.compile without breaks).
+    Vocabulary-parallel with `process_group` / `vocab_start` as in `selective_logprobs`: every
+    rank gets the same loss and metrics, and the gradient of its own slice of the logits.
     """
     cfg = resolve_config(config, overrides)
     checks = DeferredChecks(validate)
@@ -319,11 +343,10 @@ def grpo_loss(
     check_objective_inputs(tokens, advantages, old_logps, ref_logps, sampling_logps, mask, cfg, logits.device,
                            checks, is_weights)
     num_items_in_batch = check_num_items(num_items_in_batch)
-    check_ids(ids, logits.shape[-1], mask, checks)
     name = resolve_backend(backend, logits.device, logits.dtype)
-
-    logp, entropy, _ = logprobs_with_entropy(_rows(logits), ids.reshape(-1), cfg.logit_transform, name,
-                                             inplace_backward)
+    shard = logits_shard(logits, process_group, vocab_start, validate)
+    check_ids(ids, logits.shape[-1] if shard is None else shard.total, mask, checks)
+    logp, entropy, _ = _logprobs(logits, ids, cfg.logit_transform, name, inplace_backward, True, shard)
     check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1), checks)
     out = objective_from_logprobs(
         logp, entropy, tokens, mask, advantages, cfg, name, checks, old_logps=old_logps, ref_logps=ref_logps,

@@ -31,7 +31,7 @@ from .functional import (
 )
 from .ops import objective_inputs as io
 from .ops.dispatch import resolve_backend, stats_dtype
-from .ops.logprobs import logits_grad_inplace, logprobs_rows, safe_ids
+from .ops.logprobs import logits_grad_inplace, safe_ids
 from .ops.normalizers import batch_totals
 from .ops.objective import objective_pass_op
 from .outputs import GRPOLossOutput
@@ -39,6 +39,7 @@ from .transform import LogitTransform
 from .validation import (
     FLOAT_DTYPES, LOGITS_FROM_HIDDEN, DeferredChecks, check_ids, check_logp_finite, require_device, require_tensor,
 )
+from .vocab_parallel import VocabShard, gradient_ids, rows_stats, vocab_shard
 
 # Logits of one chunk at most this many bytes (in the hidden dtype) for chunk_size="auto". On CPU,
 # chunks of ~1000 rows keep the d_weight GEMM (K = rows) efficient: at N=2048, H=512, V=32000,
@@ -49,6 +50,7 @@ AUTO_CHUNK_BYTES = {"cuda": 256 * 1024 * 1024, "cpu": 128 * 1024 * 1024}
 def _check_linear_inputs(hidden, weight, bias, cu_seqlens):
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, kind="a float tensor of last hidden states")
     require_tensor("weight", weight, dtypes=FLOAT_DTYPES, kind="the float (V, H) lm_head weight")
+    _refuse_sharded_parameter(weight)
     expected = 2 if cu_seqlens is not None else 3
     if hidden.dim() != expected:
         layout = "packed (N, H) with cu_seqlens" if cu_seqlens is not None else "padded (B, T, H)"
@@ -70,10 +72,31 @@ def _check_linear_inputs(hidden, weight, bias, cu_seqlens):
         require_device("bias", bias, hidden.device, "hidden")
 
 
-def _chunk_rows(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
+def _refuse_sharded_parameter(weight) -> None:
+    """A DTensor lm_head (FSDP2's fully_shard, or a TP-sharded parameter) holds only this rank's
+    piece: using its local rows as if they were the whole weight would give wrong log-probs silently."""
+    if type(weight).__name__ == "DTensor":
+        raise TypeError(
+            "weight is a DTensor (a sharded parameter, e.g. from FSDP2's fully_shard): compute the loss inside the "
+            "sharded module's forward (FSDP2 then gathers the weight), or pass weight.full_tensor(); for a "
+            "vocabulary-sharded lm_head pass its local rows (weight.to_local()) with process_group=")
+
+
+def _sharded_vocab(hidden, weight, process_group, vocab_start, validate) -> Optional[VocabShard]:
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    return vocab_shard(process_group, vocab_start, weight.shape[0], rows, hidden.shape[-1], hidden.device, validate,
+                       what="the lm_head rows")
+
+
+def _chunk_rows(chunk_size, vocab: int, hidden: torch.Tensor, shard: Optional[VocabShard] = None) -> int:
+    """Rows of logits per chunk. Vocabulary-parallel ranks must cut the same chunks (each chunk
+    is a collective): "auto" then sizes them for the widest slice, gathered by the layout check,
+    or agreed with one all-reduce when it did not run (validate=False)."""
     if chunk_size == "auto":
         budget = AUTO_CHUNK_BYTES["cuda" if hidden.is_cuda else "cpu"]
-        return max(1, budget // (vocab * hidden.element_size()))
+        widest = vocab if shard is None or shard.widest is None else shard.widest
+        rows = max(1, budget // (widest * hidden.element_size()))
+        return shard.fewest(rows, hidden.device) if shard is not None and shard.widest is None else rows
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be 'auto' or a positive int (rows of logits per chunk), got {chunk_size!r}")
     return chunk_size
@@ -169,9 +192,10 @@ class _FusedLinearGRPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask, advantages, old, ref, sampling, is_weights, num_items,
                 cu_seqlens, token_shape, config: str, backend: str, rows: int, accumulate_fp32: bool, packed: bool,
-                adv_per_token: bool, weights_per_seq: bool):
+                adv_per_token: bool, weights_per_seq: bool, shard: Optional[VocabShard], reduce_hidden_grad: bool):
         # Plain arguments only (the config as its JSON text, the layout as a tensor and a shape):
-        # torch.compile traces this forward and must see every value that steers it.
+        # torch.compile traces this forward and must see every value that steers it. `shard`: this
+        # rank's slice of a vocabulary-parallel lm_head (vocab_parallel.py), or None.
         cfg = config_from_json(config)
         tokens = Tokens(token_shape, cu_seqlens, cu_seqlens.numel() - 1)
         tau = cfg.logit_transform
@@ -186,7 +210,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
             for s0, s1 in row_blocks(0, n, rows):
-                _, ent_all[s0:s1], _ = logprobs_rows(logits_of(s0, s1), ids[s0:s1], tau, backend)
+                _, ent_all[s0:s1], _ = rows_stats(logits_of(s0, s1), ids[s0:s1], tau, backend, shard)
         totals = batch_totals(ent_all, mask, tokens.cu_seqlens, cfg, num_items)
         prep = io.prepare(logp_all, ent_all, mask, advantages, tokens.cu_seqlens, cfg, old_logp=old, ref_logp=ref,
                           sampling_logp=sampling, is_weights=is_weights, totals=totals, adv_per_token=adv_per_token,
@@ -201,14 +225,14 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         def forward_rows(s0, s1):
             logits = logits_of(s0, s1)
-            logp_all[s0:s1], ent_all[s0:s1], lse_all[s0:s1] = logprobs_rows(logits, ids[s0:s1], tau, backend)
+            logp_all[s0:s1], ent_all[s0:s1], lse_all[s0:s1] = rows_stats(logits, ids[s0:s1], tau, backend, shard)
             return logits
 
         def backward_rows(logits, s0, s1):
             # Without an entropy bonus dL/dH is 0: the cheaper backward without the entropy term.
             g_ent = prep.g_entropy[s0:s1] if cfg.entropy_coef != 0.0 else None
-            dlogits = logits_grad_inplace(logits, ids[s0:s1], lse_all[s0:s1], ent_all[s0:s1], prep.g_logp[s0:s1],
-                                          g_ent, tau, backend)
+            dlogits = logits_grad_inplace(logits, gradient_ids(ids[s0:s1], shard), lse_all[s0:s1], ent_all[s0:s1],
+                                          prep.g_logp[s0:s1], g_ent, tau, backend)
             accumulate_input_grads(dlogits, h_rows[s0:s1], weight, None if d_hidden is None else d_hidden[s0:s1],
                                    d_weight, d_bias)
 
@@ -237,6 +261,8 @@ class _FusedLinearGRPO(torch.autograd.Function):
                 for s0, s1 in blocks:
                     backward_rows(logits_of(s0, s1), s0, s1)
 
+        if shard is not None and reduce_hidden_grad and d_hidden is not None:
+            shard.all_reduce(d_hidden)  # each slice's dlogits @ W_k is a partial sum over the vocabulary
         loss, vector = io.finish(prep)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.input_shape = hidden.shape
@@ -252,7 +278,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
                 g = g.mul_(grad_loss.to(g.dtype)).to(dtype)
             grads.append(g)
         d_hidden = None if grads[0] is None else grads[0].view(ctx.input_shape)
-        return (d_hidden, grads[1], grads[2]) + (None,) * 17
+        return (d_hidden, grads[1], grads[2]) + (None,) * 19
 
 
 def fused_linear_grpo_loss(
@@ -274,6 +300,9 @@ def fused_linear_grpo_loss(
     backend: str = "auto",
     accumulate_weight_grad_fp32: bool = True,
     validate: bool = True,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
     **overrides,
 ) -> GRPOLossOutput:
     """The GRPO loss from hidden states and the lm_head, never materialising the whole logits.
@@ -292,6 +321,13 @@ def fused_linear_grpo_loss(
     `accumulate_weight_grad_fp32`: accumulate d_weight in fp32 (default) or in weight's dtype
     (saves V·H·2 bytes for a bf16 lm_head). Only the gradients that are needed are computed
     (a frozen weight costs no d_weight GEMM).
+    Vocabulary-parallel (Megatron's column-parallel lm_head): with `process_group`, weight (V_local, H)
+    and bias (V_local,) are this rank's rows, ids [vocab_start, vocab_start + V_local) (default
+    rank · V_local); ids stay global and hidden is the same on every rank. Every rank gets the
+    full-vocabulary loss, log-probs, entropy and metrics and its slice's d_weight; d_hidden is
+    all-reduced inside (reduce_hidden_grad=True) or left as this rank's partial sum (False, for
+    callers whose own region function reduces it). Every rank must pass the same chunk_size
+    ("auto" sizes the chunks for the widest slice on every rank).
     """
     cfg = resolve_config(config, overrides)
     checks = DeferredChecks(validate)
@@ -303,15 +339,16 @@ def fused_linear_grpo_loss(
                            checks, is_weights, anchor="hidden")
     num_items_in_batch = check_num_items(num_items_in_batch)
     vocab = weight.shape[0]
-    check_ids(ids, vocab, mask, checks)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
+    shard = _sharded_vocab(hidden, weight, process_group, vocab_start, validate)
+    check_ids(ids, vocab if shard is None else shard.total, mask, checks)
     flat_mask = token_mask(mask, tokens, hidden.device)
     loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(
-        hidden, weight, bias, safe_ids(ids.reshape(-1), vocab), flat_mask, flat(advantages), flat(old_logps),
+        hidden, weight, bias, _kernel_ids(ids, vocab, shard), flat_mask, flat(advantages), flat(old_logps),
         flat(ref_logps), flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens.cu_seqlens, token_shape,
-        config_json(cfg), name, _chunk_rows(chunk_size, vocab, hidden), accumulate_weight_grad_fp32,
+        config_json(cfg), name, _chunk_rows(chunk_size, vocab, hidden, shard), accumulate_weight_grad_fp32,
         cu_seqlens is not None, advantages_per_token(advantages, tokens),
-        is_weights is not None and weights_per_sequence(is_weights, tokens))
+        is_weights is not None and weights_per_sequence(is_weights, tokens), shard, bool(reduce_hidden_grad))
     check_logp_finite(logp, entropy, flat_mask, checks, LOGITS_FROM_HIDDEN)
     out = loss_output(loss, logp, entropy, per_token_loss, io.metrics_from_vector(vector, cfg), flat_mask,
                       token_shape, checks)
@@ -319,20 +356,28 @@ def fused_linear_grpo_loss(
     return out
 
 
+def _kernel_ids(ids, vocab: int, shard: Optional[VocabShard]):
+    """Flat ids the kernels can read: clamped into [0, V), or global for a vocabulary slice (the
+    shard makes them local; ids in no rank's slice, as masked -100, belong to none)."""
+    return safe_ids(ids.reshape(-1), vocab) if shard is None else ids.reshape(-1)
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
     """Chunked logp/entropy; the backward recomputes each chunk's logits (nothing of size V is kept)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, transform, rows, backend):
+    def forward(ctx, hidden, weight, bias, ids, transform, rows, backend, shard, reduce_hidden_grad):
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         n = ids.numel()
         logits_of = _LogitsBuffer(min(rows, max(n, 1)), weight, bias, h_rows)
         logp = torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device)
         ent, lse = torch.empty_like(logp), torch.empty_like(logp)
         for r0, r1 in row_blocks(0, n, rows):
-            logp[r0:r1], ent[r0:r1], lse[r0:r1] = logprobs_rows(logits_of(r0, r1), ids[r0:r1], transform, backend)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)
+            logp[r0:r1], ent[r0:r1], lse[r0:r1] = rows_stats(logits_of(r0, r1), ids[r0:r1], transform, backend,
+                                                             shard)
+        ctx.save_for_backward(hidden, weight, bias, gradient_ids(ids, shard), lse, ent)
         ctx.transform, ctx.rows, ctx.backend = transform, rows, backend
+        ctx.shard, ctx.reduce_hidden_grad = shard, reduce_hidden_grad
         ctx.mark_non_differentiable(lse)
         return logp, ent, lse
 
@@ -353,9 +398,11 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                                           None if g_ent is None else g_ent[r0:r1], ctx.transform, ctx.backend)
             accumulate_input_grads(dlogits, h_rows[r0:r1], weight, None if d_hidden is None else d_hidden[r0:r1],
                                    d_weight, d_bias)
+        if ctx.shard is not None and ctx.reduce_hidden_grad and d_hidden is not None:
+            ctx.shard.all_reduce(d_hidden)
         return (None if d_hidden is None else d_hidden.view(hidden.shape),
                 None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None)
+                None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
 def fused_linear_selective_logprobs(
@@ -372,6 +419,9 @@ def fused_linear_selective_logprobs(
     chunk_size="auto",
     backend: str = "auto",
     validate: bool = True,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
 ):
     """Per-token log-probs (and entropy) of `ids` under softmax(z'), z' the transformed logits
     c·tanh(s·(hidden @ weight.T + bias)/c)/τ (s = logit_scale, c = final_logit_softcapping; without
@@ -381,14 +431,17 @@ def fused_linear_selective_logprobs(
     torch.no_grad() this is how old/reference log-probs are computed without the full logits.
     Differentiable w.r.t. hidden, weight and bias (the backward recomputes each chunk).
     Rows where `mask` is False return 0 and are not checked. `validate`: as in `selective_logprobs`.
+    `process_group`, `vocab_start`, `reduce_hidden_grad`: a vocabulary-parallel lm_head, as in
+    `fused_linear_grpo_loss` (weight holds this rank's (V_local, H) rows).
     """
     checks = DeferredChecks(validate)
     _check_linear_inputs(hidden, weight, bias, None if hidden.dim() == 3 else torch.zeros(2))
     transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
     mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device, checks, "hidden")
-    check_ids(ids, weight.shape[0], mask, checks)
     name = resolve_backend(backend, hidden.device, hidden.dtype)
-    rows = _chunk_rows(chunk_size, weight.shape[0], hidden)
-    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, safe_ids(ids.reshape(-1), weight.shape[0]),
-                                              transform, rows, name)
+    shard = _sharded_vocab(hidden, weight, process_group, vocab_start, validate)
+    check_ids(ids, weight.shape[0] if shard is None else shard.total, mask, checks)
+    rows = _chunk_rows(chunk_size, weight.shape[0], hidden, shard)
+    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, _kernel_ids(ids, weight.shape[0], shard),
+                                              transform, rows, name, shard, bool(reduce_hidden_grad))
     return masked_logprobs(logp, ent, mask, ids.shape, return_entropy, checks, LOGITS_FROM_HIDDEN)

@@ -6,6 +6,10 @@ then end-of-sequence; 36 symbols) from a random policy (mean reward ~0.001: it m
 right symbol and then EOS among 47 tokens) to a mean reward of at least 0.9, printing the reward
 curve and writing it to <output_dir>/reward_curve.png. On a 2-core CPU this takes about 10 s.
 `--model PATH` trains any local HF causal LM (with its tokenizer) on the same task instead.
+
+Data-parallel on several processes: `torchrun --nproc_per_node=2 -m grpo_kernels.train` (gloo
+on CPU, NCCL with one GPU per process); --prompts-per-step must be divisible by the number of
+processes. Rank 0 prints and writes the outputs.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .ops.dispatch import BACKENDS
 from .trainer import GRPOTrainer, TrainerConfig
 from .trainer import toy
 from .trainer.curves import reward_png, text_curve
+from .trainer.parallel import init_from_environment
 
 
 def _threads(value: str):
@@ -88,8 +93,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    distributed = init_from_environment()
+    try:
+        return _train(args)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args) -> int:
     torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,13 +124,15 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     history = trainer.train(dataset, resume=args.resume)
     elapsed = time.perf_counter() - start
+    if not trainer.parallel.is_main:
+        return 0 if args.target_reward is None or trainer.reached_target else 1
     print(text_curve(history))
     png = reward_png(history, os.path.join(args.output_dir, "reward_curve.png"),
                      title=f"GRPO on '{args.task}' ({sum(p.numel() for p in model.parameters()):,} parameters)")
     final = sum(h["reward"] for h in history[-5:]) / min(5, len(history))  # the trainer's stop window
     summary = {"task": args.task, "steps": history[-1]["step"], "seconds": round(elapsed, 1),
                "first_reward": history[0]["reward"], "final_reward_mean5": final, "png": png,
-               "metrics": os.path.join(args.output_dir, "metrics.jsonl")}
+               "metrics": os.path.join(args.output_dir, "metrics.jsonl"), "processes": trainer.parallel.world}
     print(json.dumps(summary))
     if args.target_reward is not None and not trainer.reached_target:
         print(f"FAILED: the mean reward of the last 5 steps is {final:.3f}, below --target-reward "

@@ -62,3 +62,21 @@ def test_a_run_reports_skipped_contenders_and_leaves_the_committed_set_alone(tmp
     assert "skipped verl_policy / grpo_kernels[cuda] 'grpo_kernels_vanilla': needs CUDA" in capsys.readouterr().err
     after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(output.COMMITTED) for p in fs}
     assert after == before
+
+
+def test_vocab_parallel_benchmark_runs_on_two_processes(tmp_path):
+    """The communication benchmark under torchrun, tiny: its table and the bytes it counts."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "benchmarks.vocab_parallel", "--tokens", "64", "--vocab", "512", "--hidden", "16", "--repeats", "1",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "vocab_parallel.md").read_text()
+    # 64 tokens: a max and a packed sum of 3 fp32 each (1024 B) and the layout check (32 B); the
+    # fused-linear path adds the 64 x 16 fp32 hidden gradient (4096 B); the all-gather 64 x 256 fp32.
+    assert "| ours, logits slice | 1,056 |" in table
+    assert "| ours, fused-linear (lm_head rows) | 5,152 |" in table
+    assert "| all-gather the logits | 65,536 |" in table

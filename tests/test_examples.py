@@ -21,13 +21,19 @@ def run_example(name, tmp_path):
 
 def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES.glob("*.py")} == {"quickstart.py", "custom_loop.py", "custom_rewards.py",
-                                                        "train_toy.py"}
+                                                        "train_toy.py", "tensor_parallel.py"}
 
 
 def test_quickstart(tmp_path):
     out = run_example("quickstart.py", tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loss" in out.stdout and "'clip_ratio/region'" in out.stdout
+
+
+def test_tensor_parallel_launches_two_ranks_and_matches_one_process(tmp_path):
+    out = run_example("tensor_parallel.py", tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on 2 ranks" in out.stdout and "matches the single-process loss: True" in out.stdout
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -232,3 +232,70 @@ def test_patch_fused_linear_replaces_verls_entry_points(monkeypatch):
     assert logp.shape == (6,) and torch.equal(logp, want_logp.reshape(-1)) and torch.equal(ent, want_ent.reshape(-1))
     with pytest.raises(ValueError, match="reduction='mean' is not supported"):
         lce.linear_cross_entropy(hidden, weight, ids, 1.0, "mean")
+
+
+def vocab_parallel_worker(rank, world, use_verls_kernel):
+    """verl's tensor-parallel linear_cross_entropy semantics on this rank's (V / world, H) rows:
+    full-vocabulary log-probs and entropy, d_weight of the rows, the partial d_hidden.
+    Against verl's FusedLinearForPPO on the whole weight, or, on GPUs, verl's own
+    vocabulary-parallel Triton kernel on the same slices."""
+    import torch.distributed as dist
+
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO as VerlFusedLinear
+
+    device = f"cuda:{rank}" if use_verls_kernel else "cpu"
+    g = torch.Generator().manual_seed(7)
+    vocab, size = 1000, 1000 // world
+    hidden = torch.randn(3, 5, 128, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, 128, generator=g, dtype=torch.float64) * 0.1
+    ids = torch.randint(0, vocab, (3, 5), generator=g)
+    g_logp, g_ent = torch.randn(15, generator=g, dtype=torch.float64), torch.randn(15, generator=g, dtype=torch.float64)
+    rows = slice(rank * size, (rank + 1) * size)
+
+    def run(fn, h, w, dtype):
+        h, w = (x.to(device, dtype).clone().requires_grad_(True) for x in (h, w))
+        logp, ent = fn(h, w, ids.to(device))
+        ((logp.reshape(-1).double() * g_logp.to(device)).sum() + (ent.reshape(-1).double() * g_ent.to(device)).sum()
+         ).backward()
+        return [x.detach().double().cpu() for x in (logp.reshape(-1), ent.reshape(-1), h.grad, w.grad)]
+
+    group = dist.group.WORLD
+    ours = run(lambda h, w, y: gk_verl.linear_cross_entropy(h, w, y, 1.0, "none", group, backend="auto"),
+               hidden, weight[rows], torch.float32 if use_verls_kernel else torch.float64)
+    if use_verls_kernel:
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy as verl_lce
+
+        want = run(lambda h, w, y: verl_lce(h, w, y, 1.0, "none", group), hidden, weight[rows], torch.float32)
+        partial_want = want[2]
+        tol = 1e-4
+    else:
+        want = run(lambda h, w, y: VerlFusedLinear(impl_backend="torch")(h, w, y, 1.0), hidden, weight, torch.float64)
+        want[3] = want[3][rows]
+        partial_want = None
+        tol = 1e-5  # verl's torch path computes its logits in fp32
+    summed = ours[2].clone()
+    dist.all_reduce(summed, group=group)
+    checks = [("log_probs", ours[0], want[0]), ("entropy", ours[1], want[1]), ("d_weight rows", ours[3], want[3])]
+    if partial_want is None:
+        checks.append(("sum of partial d_hidden", summed, want[2]))
+    else:
+        checks.append(("partial d_hidden", ours[2], partial_want))
+    return [f"{name}: {float((a - b).abs().max()):.3g}" for name, a, b in checks
+            if float((a - b).abs().max()) > tol * max(1.0, float(b.abs().max()))]
+
+
+def test_linear_cross_entropy_vocab_parallel_on_cpu():
+    from distributed import run_ranks
+
+    for rank, problems in enumerate(run_ranks(2, vocab_parallel_worker, False)):
+        assert not problems, f"rank {rank}: {problems}"
+
+
+@pytest.mark.gpu
+def test_linear_cross_entropy_vocab_parallel_against_verls_kernel():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("verl's vocabulary-parallel kernel needs 2 GPUs")
+    from distributed import run_ranks
+
+    for rank, problems in enumerate(run_ranks(2, vocab_parallel_worker, True, backend="nccl")):
+        assert not problems, f"rank {rank}: {problems}"

@@ -83,7 +83,9 @@ void backward_rows(const RowsView& x, const int64_t* ids, const float* lse, cons
     // z − E[z] = (z − lse) + H: both terms are moderate even when the logits are ~1e4.
     const float h = grad_entropy ? entropy[r] : 0.f;
     const int64_t y = ids[r];
-    const float z_y = transform_logit<CAP>(S::load(row[y]), f);  // read before an in-place write can clobber it
+    // y outside [0, V): the target lies in another rank's vocabulary slice, no one-hot term here.
+    const bool has_target = y >= 0 && y < V;
+    const float z_y = has_target ? transform_logit<CAP>(S::load(row[y]), f) : 0.f;  // read before an in-place write
     const float p_y = exp_fast(z_y - row_lse);
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
@@ -93,7 +95,8 @@ void backward_rows(const RowsView& x, const int64_t* ids, const float* lse, cons
       float centred = p > 0.f ? d + h : 0.f;
       out[v] = S::store(-p * (g + gh * centred) * transform_grad<CAP>(z, f));
     }
-    out[y] = S::store((g * (1.f - p_y) - gh * p_y * ((z_y - row_lse) + h)) * transform_grad<CAP>(z_y, f));
+    if (has_target)
+      out[y] = S::store((g * (1.f - p_y) - gh * p_y * ((z_y - row_lse) + h)) * transform_grad<CAP>(z_y, f));
   }
 }
 

@@ -250,15 +250,19 @@ class FusedLinearForPPO(torch.nn.Module):
 def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduction: str = "none",
                          dist_process_group=None, backend: str = "auto"):
     """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`: flat fp32
-    (log_probs (N,), entropy (N,)) for hidden (..., H) and labels (...). Only reduction="none"
-    and no vocabulary-parallel process group."""
+    (log_probs (N,), entropy (N,)) for hidden (..., H) and labels (...). Only reduction="none".
+
+    With `dist_process_group` (verl's vocabulary-parallel lm_head) `weight` is this rank's
+    (V / world, H) rows, ids [rank · V_local, (rank + 1) · V_local), labels global, as verl
+    shards it; every rank gets the full-vocabulary log-probs and entropy, d_weight of its rows,
+    and, as verl's kernel, its partial d_hidden (the caller's tensor-parallel region reduces it).
+    """
     if reduction != "none":
         raise ValueError(f"reduction={reduction!r} is not supported; grpo_kernels returns per-token values ('none')")
-    if dist_process_group is not None:
-        raise ValueError("dist_process_group (a vocabulary-parallel lm_head) is not supported by grpo_kernels")
     logp, entropy = fused_linear_selective_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                     labels.reshape(-1).long(), temperature=float(temperature),
-                                                    return_entropy=True, backend=backend)
+                                                    return_entropy=True, backend=backend,
+                                                    process_group=dist_process_group, reduce_hidden_grad=False)
     return logp, entropy
 
 

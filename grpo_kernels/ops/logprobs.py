@@ -72,18 +72,28 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     logits, ids, lse, entropy = ctx.saved_tensors
+    grad_logits = logits_grad(logits, ids, lse, entropy, grad_logp, grad_entropy if ctx.with_entropy else None,
+                              ctx.transform, ctx.backend, ctx.inplace)
+    return grad_logits, None, None, None, None, None, None, None
+
+
+def logits_grad(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
+                grad_entropy: Optional[Tensor], floats, backend: str, inplace: bool) -> Tensor:
+    """dL/dlogits from the upstream (grad_logp, grad_entropy) and the saved per-row statistics.
+
+    `ids` outside [0, V) mean the row's target is not among these logits (another rank's
+    vocabulary slice): the gradient then has no one-hot term. grad_entropy None: the entropy was
+    not computed or not used. `floats`: transform_floats(transform). With `inplace` the gradient
+    is written over `logits`.
+    """
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    if not ctx.with_entropy:
-        grad_entropy = None  # the entropy was not computed, so nothing downstream used it
     args = (ids, lse, entropy, grad_logp.contiguous(),
-            None if grad_entropy is None else grad_entropy.contiguous(), *ctx.transform, ctx.backend)
-    if ctx.inplace:
+            None if grad_entropy is None else grad_entropy.contiguous(), *floats, backend)
+    if inplace:
         _logprobs_bwd_inplace(logits, *args)
-        grad_logits = logits
-    else:
-        grad_logits = _logprobs_bwd(logits, *args)
-    return grad_logits, None, None, None, None, None, None, None
+        return logits
+    return _logprobs_bwd(logits, *args)
 
 
 _logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -100,7 +110,7 @@ def logprobs_with_entropy(logits: Tensor, ids: Tensor, transform: LogitTransform
     Without `with_entropy` the entropy is skipped and its output is zeros.
     """
     ids = safe_ids(ids, logits.shape[-1])
-    return _logprobs_fwd(logits, ids, *_floats(transform), backend, bool(inplace_backward), bool(with_entropy))
+    return _logprobs_fwd(logits, ids, *transform_floats(transform), backend, bool(inplace_backward), bool(with_entropy))
 
 
 def safe_ids(ids: Tensor, vocab: int) -> Tensor:
@@ -110,17 +120,17 @@ def safe_ids(ids: Tensor, vocab: int) -> Tensor:
     return ids.clamp(0, vocab - 1)
 
 
-def _floats(transform: LogitTransform):
+def transform_floats(transform: LogitTransform):
+    """The transform as the custom ops take it: (temperature, logit_scale, softcap or 0)."""
     return float(transform.temperature), float(transform.logit_scale), float(transform.softcap or 0.0)
 
 
 def logprobs_rows(logits: Tensor, ids: Tensor, transform: LogitTransform, backend: str, with_entropy: bool = True):
     """The forward op outside autograd (for the fused-linear path): (logp, entropy, lse) of (N, V) rows."""
-    return _logprobs_fwd(logits, ids, *_floats(transform), backend, False, bool(with_entropy))
+    return _logprobs_fwd(logits, ids, *transform_floats(transform), backend, False, bool(with_entropy))
 
 
 def logits_grad_inplace(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
                         grad_entropy: Optional[Tensor], transform: LogitTransform, backend: str) -> Tensor:
     """Overwrite (N, V) `logits` with dL/dlogits for the upstream per-row gradients; returns it."""
-    _logprobs_bwd_inplace(logits, ids, lse, entropy, grad_logp, grad_entropy, *_floats(transform), backend)
-    return logits
+    return logits_grad(logits, ids, lse, entropy, grad_logp, grad_entropy, transform_floats(transform), backend, True)

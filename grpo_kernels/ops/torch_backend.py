@@ -94,6 +94,7 @@ def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
 
 def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: LogitTransform, out):
     """Write dL/dlogits into `out` (which may be `logits` itself, for the in-place variant).
+    An id outside [0, V) means the row's target is not in these logits (vocabulary-parallel).
 
     dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H.
     Branch-free like the forward: a row without a finite logit (lse = −inf) gets p = 0.
@@ -118,7 +119,10 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
     dtype = z.dtype
     chunk_lse = lse[r0:r1].unsqueeze(-1)
     g_logp = grad_logp[r0:r1].to(dtype).unsqueeze(-1)
-    target = ids[r0:r1].long().unsqueeze(-1)
+    # A target outside [0, V) lies in another rank's vocabulary slice: no one-hot term here.
+    row_ids = ids[r0:r1].long().unsqueeze(-1)
+    vocab = chunk.shape[-1]
+    target, g_onehot = row_ids.clamp(0, vocab - 1), torch.where((row_ids >= 0) & (row_ids < vocab), g_logp, 0.0)
     direct = transform.is_identity and out_rows.dtype == dtype  # write the result straight into `out`
     p = torch.exp(z - chunk_lse)  # 0 at −inf logits and in rows without a finite logit
     if grad_entropy is None:
@@ -132,7 +136,7 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
         # Where p = 0 the bracket may be ±inf (z' = −inf, or no finite logit): 0·inf is NaN, the
         # true value is 0. NaN logits give NaN loss and log-probs, which the checks report.
         grad.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    grad.scatter_add_(-1, target, g_logp)
+    grad.scatter_add_(-1, target, g_onehot)
     if not direct:
         out_rows.copy_(_chain(grad, z, transform))
 

@@ -17,6 +17,7 @@ from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logpro
 from ..transform import with_model_logit_options
 from . import checkpoint
 from .config import TrainerConfig
+from .parallel import DataParallel
 from .rewards import reward_name, score
 from .rollout import Rollout, generate
 from .threads import cpu_threads
@@ -38,6 +39,18 @@ def _lr_lambda(cfg: TrainerConfig):
     return factor
 
 
+class _MicroBatchLoss(torch.nn.Module):
+    """The policy's loss on one micro-batch as a module's forward, the call DDP synchronises."""
+
+    def __init__(self, trainer: "GRPOTrainer"):
+        super().__init__()
+        self.model = trainer.model
+        self._trainer = [trainer]  # a list: not a submodule
+
+    def forward(self, *args, **kwargs):
+        return self._trainer[0].micro_batch_loss(*args, **kwargs)
+
+
 class GRPOTrainer:
     """A GRPO trainer thin enough to read in one sitting.
 
@@ -46,6 +59,10 @@ class GRPOTrainer:
     `train(dataset)` takes a sequence of dicts with a "prompt" key; the other keys reach the
     reward functions as keyword lists. The full logits are never materialised: log-probs and
     the loss come from `fused_linear_*` on the hidden states.
+
+    Under torchrun (torch.distributed initialised with W > 1 processes) it trains data-parallel
+    with DDP: each rank samples prompts_per_step / W prompts, and the update is that of the
+    whole batch (see trainer/parallel.py). Rank 0 writes the log and the checkpoints.
     """
 
     def __init__(self, model, tokenizer, reward_funcs: Sequence[Callable], config: Optional[TrainerConfig] = None,
@@ -68,8 +85,13 @@ class GRPOTrainer:
         self.ref_model = ref_model
         if self.cfg.loss.beta != 0.0 and ref_model is None and not hasattr(model, "disable_adapter"):
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        torch.manual_seed(self.cfg.seed)
+        self.parallel = DataParallel(self.device)
+        self.parallel.share(self.cfg.prompts_per_step, "TrainerConfig.prompts_per_step")
+        # Ranks sample different completions; the prompt sampler is the same everywhere (each
+        # rank takes its share of the same draw).
+        torch.manual_seed(self.cfg.seed + self.parallel.rank)
         self.sampler = torch.Generator().manual_seed(self.cfg.seed)
+        self.loss_module = self.parallel.wrap(_MicroBatchLoss(self))
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.learning_rate,
                                            betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay)
@@ -181,32 +203,42 @@ class GRPOTrainer:
     def _optimize(self, batch: Rollout, advantages, old, ref) -> Dict[str, float]:
         """One optimizer step over the batch, in gradient-accumulation micro-batches.
 
-        Micro-batch losses are scaled so that their sum is the loss of the whole batch: token-mean
-        losses divide by the batch's token count, the others are weighted by their share of sequences.
+        Micro-batch losses are scaled so that their sum over micro-batches and ranks is the loss
+        of the whole (global) batch: token-mean losses divide by the global token count, the
+        others are weighted by their share of the global batch's sequences. DDP averages the
+        ranks' gradients, so each rank's loss is multiplied by W.
         """
         cfg = self.cfg.loss.replace(entropy_coef=self._applied_entropy_coef())
+        world = self.parallel.world
         # Packed offsets of the sequences, read once per step: the token count, and the spans of
         # packed old/ref log-probs per micro-batch.
         bounds = [0] + batch.completion_mask.sum(1).cumsum(0).tolist()
-        total_tokens = bounds[-1]
         size = batch.completion_ids.shape[0]
+        global_size = size * world
+        total_tokens = int(self.parallel.sum([bounds[-1]])[0])
         global_count = cfg.uses_num_items_in_batch
         sums: Dict[str, float] = {}
         entropy_sum = 0.0
-        for part in self._micro_batches(size):
-            share = (part.stop - part.start) / size
+        parts = self._micro_batches(size)
+        for i, part in enumerate(parts):
+            share = (part.stop - part.start) / global_size
             micro = Rollout(batch.prompts[part], batch.prompt_ids[part], batch.prompt_mask[part],
                             batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
                             batch.texts[part], batch.truncated[part])
-            out = self.micro_batch_loss(
-                micro, advantages[part], self._token_slice(old, bounds, part), self._token_slice(ref, bounds, part),
-                num_items_in_batch=total_tokens if global_count else None,
-                config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
-            (out.loss if global_count else out.loss * share).backward()
+            with self.parallel.sync_gradients(self.loss_module, last=i == len(parts) - 1):
+                out = self.loss_module(
+                    micro, advantages[part], self._token_slice(old, bounds, part),
+                    self._token_slice(ref, bounds, part), num_items_in_batch=total_tokens if global_count else None,
+                    config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
+                (out.loss * world if global_count else out.loss * (share * world)).backward()
             entropy_sum += float(out.entropy.sum())  # 0 at masked tokens
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
             sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach()) * (1.0 if global_count else share)
+        # The metrics of the whole batch: every rank's share-weighted sums added up.
+        keys = sorted(sums)
+        totals = self.parallel.sum([sums[k] for k in keys] + [entropy_sum])
+        sums, entropy_sum = dict(zip(keys, totals[:-1])), totals[-1]
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
         self.optimizer.step()
@@ -237,28 +269,28 @@ class GRPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         index = torch.randint(len(dataset), (cfg.prompts_per_step,), generator=self.sampler).tolist()
-        rows = [dataset[i] for i in index]
+        rows = [dataset[i] for i in index[self.parallel.share(cfg.prompts_per_step, "TrainerConfig.prompts_per_step")]]
         batch = generate(self.model, self.tokenizer, [r["prompt"] for r in rows], cfg)
         columns = {k: [r[k] for r in rows for _ in range(cfg.num_generations)] for k in rows[0] if k != "prompt"}
-        rewards = score(self.reward_funcs, batch.prompts, batch.texts, columns, self.device)
-        adv = group_advantages(rewards, group_size=cfg.num_generations, scale_rewards=cfg.scale_rewards,
-                               reward_weights=cfg.reward_weights)
+        rewards = self.parallel.gather_rows(score(self.reward_funcs, batch.prompts, batch.texts, columns, self.device))
+        adv = self._advantages(rewards)
+        mine = self.parallel.share(rewards.shape[0], "the number of completions")
         old = self._logps(self.model, batch) if cfg.num_iterations > 1 else None
         ref = self._reference_logps(batch) if cfg.loss.beta != 0.0 else None
         metrics: Dict[str, float] = {}
         for _ in range(cfg.num_iterations):
-            metrics = self._optimize(batch, adv.advantages, old, ref)
+            metrics = self._optimize(batch, adv.advantages[mine], old, ref)
         weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
         total = torch.nansum(rewards * weights, dim=1)
         total = torch.where(torch.isnan(rewards).all(1), float("nan"), total)
-        tokens = int(batch.completion_mask.sum())
+        tokens, truncated = self.parallel.sum([batch.completion_mask.sum(), batch.truncated.sum()])
         elapsed = time.perf_counter() - t0
         self.step += 1
         scored = total[~torch.isnan(total)]
         record = {"step": self.step, "reward": float(torch.nanmean(total)),
                   "reward_std": float(scored.std()) if scored.numel() > 1 else 0.0,
                   "frac_reward_zero_std": float(adv.frac_zero_std), "lr": self.scheduler.get_last_lr()[0],
-                  "completion_length": tokens / len(batch.texts), "truncated": float(batch.truncated.float().mean()),
+                  "completion_length": tokens / rewards.shape[0], "truncated": truncated / rewards.shape[0],
                   "tokens_per_s": tokens * cfg.num_iterations / elapsed, "step_time_s": elapsed}
         for j, fn in enumerate(self.reward_funcs):
             col = rewards[:, j]
@@ -266,25 +298,43 @@ class GRPOTrainer:
         record.update(metrics)
         return record
 
+    def _advantages(self, rewards: torch.Tensor):
+        """Group advantages of the whole batch's rewards (every rank's, in rank order)."""
+        cfg = self.cfg
+        return group_advantages(rewards, group_size=cfg.num_generations, scale_rewards=cfg.scale_rewards,
+                                reward_weights=cfg.reward_weights)
+
     # ---------------------------------------------------------------- the loop
     def _save(self):
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
-                   "rng": checkpoint.rng_state(self.sampler), "config": self.cfg.to_dict(),
-                   "entropy_control": {"coef": self.entropy_coef, "last_entropy": self.last_entropy}}
-        return checkpoint.save(self.cfg.output_dir, self.step, payload)
+        """Rank 0 writes the checkpoint (the model and optimizer are the same on every rank) with
+        every rank's RNG states; the others wait until it is in place."""
+        rng = self.parallel.gather_objects(checkpoint.rng_state(self.sampler))
+        path = None
+        if self.parallel.is_main:
+            payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
+                       "rng": rng[0], "rng_per_rank": rng, "world_size": self.parallel.world,
+                       "config": self.cfg.to_dict(),
+                       "entropy_control": {"coef": self.entropy_coef, "last_entropy": self.last_entropy}}
+            path = checkpoint.save(self.cfg.output_dir, self.step, payload)
+        self.parallel.barrier()
+        return path
 
     def _resume(self) -> bool:
         state = checkpoint.load_latest(self.cfg.output_dir)
         if state is None:
             return False
+        written_by = state.get("world_size", 1)
+        if written_by != self.parallel.world:
+            raise ValueError(f"the checkpoint in {self.cfg.output_dir} was written by {written_by} process(es); resume "
+                             f"it with the same number (this run has {self.parallel.world})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         control = state.get("entropy_control", {"coef": self.entropy_coef, "last_entropy": self.last_entropy})
         self.entropy_coef, self.last_entropy = control["coef"], control["last_entropy"]
-        checkpoint.restore_rng(state["rng"], self.sampler)
+        checkpoint.restore_rng(state.get("rng_per_rank", [state["rng"]])[self.parallel.rank], self.sampler)
         return True
 
     def train(self, dataset, resume: bool = False) -> List[Dict]:
@@ -297,16 +347,19 @@ class GRPOTrainer:
         if len(dataset) == 0 or "prompt" not in dataset[0]:
             raise ValueError("dataset must be a non-empty sequence of dicts with a 'prompt' key")
         cfg = self.cfg
+        main = self.parallel.is_main
         os.makedirs(cfg.output_dir, exist_ok=True)
         if resume and not self._resume():
             raise FileNotFoundError(f"resume=True but {cfg.output_dir} holds no intact checkpoint")
         self.model.train()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="GRPO", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="GRPO", disable=not (cfg.progress and main),
+                   dynamic_ncols=True)
         # The log restarts from the checkpoint's history, so steps run after it before a crash
-        # are not logged twice.
-        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as log, cpu_threads(cfg.num_threads, self.model):
+        # are not logged twice. Only rank 0 writes it (every rank holds the same records).
+        log_path = os.path.join(cfg.output_dir, "metrics.jsonl") if main else os.devnull
+        with open(log_path, "w") as log, cpu_threads(cfg.num_threads, self.model):
             log.writelines(json.dumps(record) + "\n" for record in self.history)
             while self.step < cfg.max_steps and not self.reached_target:
                 record = self.train_step(dataset)
