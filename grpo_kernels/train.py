@@ -85,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --output-dir")
     p.add_argument("--backend", choices=BACKENDS, default=trainer_defaults.backend,
                    help="kernel backend of the loss and log-probs (default: %(default)s: the fastest built one)")
+    p.add_argument("--data-parallel", choices=["fsdp2", "ddp"], default=trainer_defaults.data_parallel,
+                   help="how several processes (torchrun) train together: FSDP2 shards parameters, gradients and "
+                        "optimizer states, DDP keeps a whole model per process (default: %(default)s)")
     p.add_argument("--threads", type=_threads, default=trainer_defaults.num_threads,
                    help="CPU threads: 'auto' (1 for models under 8M parameters, which the tiny model is; "
                         "torch's default above) or a count (default: %(default)s)")
@@ -118,7 +121,7 @@ def _train(args) -> int:
         max_new_tokens=args.max_new_tokens, learning_rate=args.lr, max_steps=args.steps,
         num_iterations=args.num_iterations, loss=GRPOLossConfig(loss_type=args.loss_type, beta=args.beta),
         seed=args.seed, output_dir=args.output_dir, save_steps=args.save_steps, backend=args.backend,
-        stop_at_reward=args.target_reward, num_threads=args.threads)
+        stop_at_reward=args.target_reward, num_threads=args.threads, data_parallel=args.data_parallel)
     dataset = toy.TASKS[args.task](seed=args.seed)
     trainer = GRPOTrainer(model, tokenizer, [toy.exact_answer_reward], cfg)
     start = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from distributed import run_ranks
 from grpo_kernels import GRPOLossConfig
 from grpo_kernels.trainer import GRPOTrainer, TrainerConfig, toy
-from grpo_kernels.trainer.rollout import Rollout, generate
+from grpo_kernels.trainer.rollout import Rollout
 
 PROMPTS, GENERATIONS = 4, 4
 
@@ -21,40 +21,50 @@ PROMPTS, GENERATIONS = 4, 4
 SPLIT_CASES = [("dapo", False), ("dapo", True), ("grpo", False), ("dr_grpo", True)]
 
 
-def split_update_worker(rank, world, accumulation):
+def split_update_worker(rank, world, accumulation, strategy):
     """For each case, one optimizer step on this rank's share of a fixed batch: the step's
     parameter change and metrics. SGD with lr 1, so the change is exactly −(the gradient):
     AdamW's first step would hide a wrongly scaled gradient."""
-    return [_split_update(loss_type, padding_free, accumulation) for loss_type, padding_free in SPLIT_CASES]
+    return [_split_update(loss_type, padding_free, accumulation, strategy) for loss_type, padding_free in SPLIT_CASES]
 
 
-def _split_update(loss_type, padding_free, accumulation):
+def _whole(p):
+    """A parameter's full value (FSDP2 holds a DTensor shard)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _split_update(loss_type, padding_free, accumulation, strategy):
     tokenizer = toy.char_tokenizer()
     model = toy.tiny_causal_lm(len(tokenizer), seed=0)
     cfg = TrainerConfig(prompts_per_step=PROMPTS, num_generations=GENERATIONS, max_new_tokens=3, max_grad_norm=None,
                         loss=GRPOLossConfig(loss_type=loss_type, max_completion_length=3), padding_free=padding_free,
-                        progress=False, gradient_accumulation_steps=accumulation, backend="torch")
+                        progress=False, gradient_accumulation_steps=accumulation, backend="torch",
+                        data_parallel=strategy)
     trainer = GRPOTrainer(model, tokenizer, [toy.exact_answer_reward], cfg)
     trainer.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
     torch.manual_seed(123)  # the same whole batch in every process; each rank keeps its share
     data = toy.next_char_dataset(size=PROMPTS, seed=1)
-    whole = generate(model, tokenizer, [r["prompt"] for r in data], cfg)
+    with torch.no_grad():
+        whole = trainer.policy("_sample", [r["prompt"] for r in data])
     rewards = torch.rand(PROMPTS * GENERATIONS, 1, generator=torch.Generator().manual_seed(5))
     advantages = trainer._advantages(rewards).advantages
     mine = trainer.parallel.share(PROMPTS * GENERATIONS, "completions")
     part = Rollout(whole.prompts[mine], whole.prompt_ids[mine], whole.prompt_mask[mine], whole.completion_ids[mine],
                    whole.completion_mask[mine], whole.sampling_logps[mine], whole.texts[mine], whole.truncated[mine])
-    before = [p.detach().clone() for p in model.parameters()]
+    before = [_whole(p).clone() for p in model.parameters()]
     metrics = trainer._optimize(part, advantages[mine], None, None)
-    change = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+    change = torch.cat([(_whole(p) - b).reshape(-1) for p, b in zip(model.parameters(), before)])
     return change.double().tolist(), metrics  # plain lists: tensors would outlive the process's shared memory
 
 
-def test_split_batch_gives_the_single_process_update():
-    """1 rank with 2 accumulation micro-batches against 2 ranks with one each."""
-    (single,) = run_ranks(1, split_update_worker, 2)
-    per_rank = run_ranks(2, split_update_worker, 1)
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_split_batch_gives_the_single_process_update(strategy):
+    """1 rank with 2 accumulation micro-batches against 2 ranks with one each (FSDP2 shards the
+    parameters, gradients and optimizer state; DDP keeps whole copies)."""
+    (single,) = run_ranks(1, split_update_worker, 2, strategy)
+    per_rank = run_ranks(2, split_update_worker, 1, strategy)
     for k, case in enumerate(SPLIT_CASES):
         one, one_metrics = torch.tensor(single[k][0]), single[k][1]
         assert float(one.abs().max()) > 0

@@ -31,6 +31,9 @@ class TrainerConfig:
     CPU: "auto" takes 1 for models under `threads.SINGLE_THREAD_MAX_PARAMS` parameters (their
     operations are too small to gain from threads, and on a busy machine the threads wait on
     each other), and leaves torch's setting otherwise. See `grpo_kernels.trainer.threads`.
+
+    `data_parallel` ("fsdp2" or "ddp") is how several processes (torchrun) train together; it
+    has no effect in one process. See `grpo_kernels.trainer.parallel`.
     """
 
     prompts_per_step: int = 16
@@ -66,6 +69,7 @@ class TrainerConfig:
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
     num_threads: object = "auto"
+    data_parallel: str = "fsdp2"
 
     def __post_init__(self):
         positive = ("prompts_per_step", "num_generations", "max_new_tokens", "max_steps", "num_iterations",
@@ -104,6 +108,8 @@ class TrainerConfig:
         if self.num_threads != "auto" and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
                                            or self.num_threads < 1):
             raise ValueError(f"TrainerConfig.num_threads must be 'auto' or a positive int, got {self.num_threads!r}")
+        if self.data_parallel not in ("fsdp2", "ddp"):
+            raise ValueError(f"TrainerConfig.data_parallel must be 'fsdp2' or 'ddp', got {self.data_parallel!r}")
         if self.loss.temperature != self.temperature:
             self.loss = self.loss.replace(temperature=self.temperature)
 

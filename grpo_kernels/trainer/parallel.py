@@ -1,4 +1,4 @@
-"""Data-parallel training over torch.distributed (gloo on CPU, NCCL on GPUs), with DDP.
+"""Data-parallel training over torch.distributed (gloo on CPU, NCCL on GPUs): FSDP2 or DDP.
 
 Each of the W processes (`torchrun --nproc_per_node=W`) holds a whole model and trains on its
 share of every step's prompts: W divides prompts_per_step, and a prompt's group of completions
@@ -8,11 +8,13 @@ stopping rule are those of the whole batch on every rank; the loss normalisers a
 so that DDP's averaged gradient is the gradient of the whole batch's loss: the update does not
 depend on how the batch is split.
 
-Why DDP rather than FSDP2: the fused-linear loss reads the lm_head weight directly and calls
-the model's backbone, never the modules' own forward on the logits, which is where FSDP2
-gathers a sharded parameter; the trainer's models (and the sampler, HF `generate`) need the
-whole weights on every rank anyway. A sharded (DTensor) lm_head passed to the loss is refused
-with an error rather than read as if its local rows were the whole weight.
+FSDP2 (the default, `fully_shard`) shards parameters, gradients and optimizer states: each
+decoder layer (the model's `_no_split_modules`) is a unit, and the root unit is a module whose
+forward runs every use of the policy (sampling, old/reference log-probs, the micro-batch's
+fused-linear loss), so FSDP2 gathers the embeddings, final norm and lm_head there and the loss
+reads the whole lm_head weight the way FSDP2 expects. Outside that forward the lm_head is a
+DTensor shard, which the loss refuses with an error rather than reading its local rows as the
+whole weight. DDP (`data_parallel="ddp"`) keeps a whole model per rank.
 """
 from __future__ import annotations
 
@@ -24,11 +26,17 @@ import torch
 import torch.distributed as dist
 
 
+STRATEGIES = ("fsdp2", "ddp")
+
+
 class DataParallel:
     """The process group the trainer runs in: world 1 (plain single-process training) unless
-    torch.distributed is initialised with more than one process."""
+    torch.distributed is initialised with more than one process. `strategy`: "fsdp2" or "ddp"."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, strategy: str = "fsdp2"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"data_parallel={strategy!r} is not one of {list(STRATEGIES)}")
+        self.strategy = strategy
         self.enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.enabled else 0
         self.world = dist.get_world_size() if self.enabled else 1
@@ -75,21 +83,64 @@ class DataParallel:
         if self.enabled:
             dist.barrier()
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """DDP around `module` (which broadcasts rank 0's parameters now), or the module itself."""
+    @property
+    def sharded(self) -> bool:
+        return self.enabled and self.strategy == "fsdp2"
+
+    def wrap(self, module: torch.nn.Module, units=()) -> torch.nn.Module:
+        """`module` made data-parallel: FSDP2 with each module whose class is named in `units` a
+        unit of its own and `module` the root (in place), or DDP around it; either starts from
+        rank 0's parameters. Unchanged in a single process."""
         if not self.enabled:
             return module
-        from torch.nn.parallel import DistributedDataParallel
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
 
-        device = next(module.parameters()).device
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+            device = next(module.parameters()).device
+            return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        from torch.distributed.fsdp import fully_shard
 
-    @staticmethod
-    def sync_gradients(module: torch.nn.Module, last: bool):
-        """No gradient all-reduce before the last micro-batch of a step (DDP's no_sync)."""
-        if last or not hasattr(module, "no_sync"):
-            return contextlib.nullcontext()
-        return module.no_sync()
+        for param in module.parameters():  # FSDP2 shards what each rank has: make it rank 0's
+            dist.broadcast(param.data, src=0)
+        for sub in list(module.modules()):
+            if type(sub).__name__ in units:
+                fully_shard(sub)
+        fully_shard(module)
+        return module
+
+    def sync_gradients(self, module: torch.nn.Module, last: bool):
+        """Reduce gradients only after the last micro-batch of a step (DDP's no_sync, FSDP2's
+        set_requires_gradient_sync)."""
+        if self.sharded:
+            module.set_requires_gradient_sync(last)
+        elif not last and hasattr(module, "no_sync"):
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def full_state(self, model: torch.nn.Module, optimizer) -> tuple:
+        """(model, optimizer) state dicts with whole tensors, in the single-process format for
+        the model (FSDP2: gathered to rank 0's CPU; every rank must call it)."""
+        if not self.sharded:
+            return model.state_dict(), optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+    def load_full_state(self, model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+        if not self.sharded:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def init_from_environment() -> bool:

@@ -39,16 +39,18 @@ def _lr_lambda(cfg: TrainerConfig):
     return factor
 
 
-class _MicroBatchLoss(torch.nn.Module):
-    """The policy's loss on one micro-batch as a module's forward, the call DDP synchronises."""
+class _PolicyCalls(torch.nn.Module):
+    """Every use of the policy (sampling, old/reference log-probs, the micro-batch loss) as one
+    module's forward, `policy(method, *args)`: the call in which FSDP2 gathers the parameters it
+    shards (and DDP prepares its gradient all-reduce)."""
 
     def __init__(self, trainer: "GRPOTrainer"):
         super().__init__()
         self.model = trainer.model
         self._trainer = [trainer]  # a list: not a submodule
 
-    def forward(self, *args, **kwargs):
-        return self._trainer[0].micro_batch_loss(*args, **kwargs)
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self._trainer[0], method)(*args, **kwargs)
 
 
 class GRPOTrainer:
@@ -61,8 +63,9 @@ class GRPOTrainer:
     the loss come from `fused_linear_*` on the hidden states.
 
     Under torchrun (torch.distributed initialised with W > 1 processes) it trains data-parallel
-    with DDP: each rank samples prompts_per_step / W prompts, and the update is that of the
-    whole batch (see trainer/parallel.py). Rank 0 writes the log and the checkpoints.
+    with FSDP2 (or DDP, `TrainerConfig.data_parallel`): each rank samples prompts_per_step / W
+    prompts, and the update is that of the whole batch (see trainer/parallel.py). Rank 0 writes
+    the log and the checkpoints.
     """
 
     def __init__(self, model, tokenizer, reward_funcs: Sequence[Callable], config: Optional[TrainerConfig] = None,
@@ -85,13 +88,14 @@ class GRPOTrainer:
         self.ref_model = ref_model
         if self.cfg.loss.beta != 0.0 and ref_model is None and not hasattr(model, "disable_adapter"):
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.parallel = DataParallel(self.device)
+        self.parallel = DataParallel(self.device, self.cfg.data_parallel)
         self.parallel.share(self.cfg.prompts_per_step, "TrainerConfig.prompts_per_step")
         # Ranks sample different completions; the prompt sampler is the same everywhere (each
         # rank takes its share of the same draw).
         torch.manual_seed(self.cfg.seed + self.parallel.rank)
         self.sampler = torch.Generator().manual_seed(self.cfg.seed)
-        self.loss_module = self.parallel.wrap(_MicroBatchLoss(self))
+        # Before the optimizer: FSDP2 replaces the parameters with their shards.
+        self.policy = self.parallel.wrap(_PolicyCalls(self), units=getattr(model, "_no_split_modules", None) or ())
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.learning_rate,
                                            betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay)
@@ -225,9 +229,9 @@ class GRPOTrainer:
             micro = Rollout(batch.prompts[part], batch.prompt_ids[part], batch.prompt_mask[part],
                             batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
                             batch.texts[part], batch.truncated[part])
-            with self.parallel.sync_gradients(self.loss_module, last=i == len(parts) - 1):
-                out = self.loss_module(
-                    micro, advantages[part], self._token_slice(old, bounds, part),
+            with self.parallel.sync_gradients(self.policy, last=i == len(parts) - 1):
+                out = self.policy(
+                    "micro_batch_loss", micro, advantages[part], self._token_slice(old, bounds, part),
                     self._token_slice(ref, bounds, part), num_items_in_batch=total_tokens if global_count else None,
                     config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
                 (out.loss * world if global_count else out.loss * (share * world)).backward()
@@ -244,7 +248,7 @@ class GRPOTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = float(norm)
+        sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         if self.cfg.use_adaptive_entropy:
             self._update_entropy_coef(entropy_sum / max(total_tokens, 1))  # token-weighted, as TRL
             sums["entropy_coef"] = self.entropy_coef
@@ -270,13 +274,15 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         index = torch.randint(len(dataset), (cfg.prompts_per_step,), generator=self.sampler).tolist()
         rows = [dataset[i] for i in index[self.parallel.share(cfg.prompts_per_step, "TrainerConfig.prompts_per_step")]]
-        batch = generate(self.model, self.tokenizer, [r["prompt"] for r in rows], cfg)
+        with torch.no_grad():
+            batch = self.policy("_sample", [r["prompt"] for r in rows])
         columns = {k: [r[k] for r in rows for _ in range(cfg.num_generations)] for k in rows[0] if k != "prompt"}
         rewards = self.parallel.gather_rows(score(self.reward_funcs, batch.prompts, batch.texts, columns, self.device))
         adv = self._advantages(rewards)
         mine = self.parallel.share(rewards.shape[0], "the number of completions")
-        old = self._logps(self.model, batch) if cfg.num_iterations > 1 else None
-        ref = self._reference_logps(batch) if cfg.loss.beta != 0.0 else None
+        with torch.no_grad():
+            old = self.policy("_logps", self.model, batch) if cfg.num_iterations > 1 else None
+            ref = self.policy("_reference_logps", batch) if cfg.loss.beta != 0.0 else None
         metrics: Dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             metrics = self._optimize(batch, adv.advantages[mine], old, ref)
@@ -298,6 +304,9 @@ class GRPOTrainer:
         record.update(metrics)
         return record
 
+    def _sample(self, prompts: List[str]) -> Rollout:
+        return generate(self.model, self.tokenizer, prompts, self.cfg)
+
     def _advantages(self, rewards: torch.Tensor):
         """Group advantages of the whole batch's rewards (every rank's, in rank order)."""
         cfg = self.cfg
@@ -309,12 +318,13 @@ class GRPOTrainer:
         """Rank 0 writes the checkpoint (the model and optimizer are the same on every rank) with
         every rank's RNG states; the others wait until it is in place."""
         rng = self.parallel.gather_objects(checkpoint.rng_state(self.sampler))
+        model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
         path = None
         if self.parallel.is_main:
-            payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            payload = {"model": model_state, "optimizer": optimizer_state,
                        "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
                        "rng": rng[0], "rng_per_rank": rng, "world_size": self.parallel.world,
-                       "config": self.cfg.to_dict(),
+                       "data_parallel": self.parallel.strategy, "config": self.cfg.to_dict(),
                        "entropy_control": {"coef": self.entropy_coef, "last_entropy": self.last_entropy}}
             path = checkpoint.save(self.cfg.output_dir, self.step, payload)
         self.parallel.barrier()
@@ -328,8 +338,11 @@ class GRPOTrainer:
         if written_by != self.parallel.world:
             raise ValueError(f"the checkpoint in {self.cfg.output_dir} was written by {written_by} process(es); resume "
                              f"it with the same number (this run has {self.parallel.world})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        strategy = state.get("data_parallel", self.parallel.strategy)
+        if written_by > 1 and strategy != self.parallel.strategy:
+            raise ValueError(f"the checkpoint in {self.cfg.output_dir} was written with data_parallel={strategy!r}; "
+                             f"resume it with the same (this run has {self.parallel.strategy!r})")
+        self.parallel.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         control = state.get("entropy_control", {"coef": self.entropy_coef, "last_entropy": self.last_entropy})
