@@ -1,12 +1,12 @@
 """Data-parallel training over torch.distributed (gloo on CPU, NCCL on GPUs): FSDP2 or DDP.
 
-Each of the W processes (`torchrun --nproc_per_node=W`) holds a whole model and trains on its
-share of every step's prompts: W divides prompts_per_step, and a prompt's group of completions
-stays on one rank. Rewards are all-gathered (B·F floats), so advantages, reward metrics and the
-stopping rule are those of the whole batch on every rank; the loss normalisers are global
-(token counts summed over ranks, as TRL's num_items_in_batch), and each rank's loss is scaled
-so that DDP's averaged gradient is the gradient of the whole batch's loss: the update does not
-depend on how the batch is split.
+Each of the W processes (`torchrun --nproc_per_node=W`) trains on its share of every step's
+prompts: W divides prompts_per_step, and a prompt's group of completions stays on one rank.
+Rewards are all-gathered (B·F floats), so advantages, reward metrics and the stopping rule are
+those of the whole batch on every rank; the loss normalisers are global (token counts summed
+over ranks, as TRL's num_items_in_batch), and each rank's loss is scaled by W so that the
+ranks' averaged gradient (DDP's all-reduce, FSDP2's reduce-scatter) is the gradient of the
+whole batch's loss: the update does not depend on how the batch is split.
 
 FSDP2 (the default, `fully_shard`) shards parameters, gradients and optimizer states: each
 decoder layer (the model's `_no_split_modules`) is a unit, and the root unit is a module whose
@@ -24,7 +24,6 @@ from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
-
 
 STRATEGIES = ("fsdp2", "ddp")
 

@@ -209,8 +209,8 @@ class GRPOTrainer:
 
         Micro-batch losses are scaled so that their sum over micro-batches and ranks is the loss
         of the whole (global) batch: token-mean losses divide by the global token count, the
-        others are weighted by their share of the global batch's sequences. DDP averages the
-        ranks' gradients, so each rank's loss is multiplied by W.
+        others are weighted by their share of the global batch's sequences. DDP and FSDP2 average
+        the ranks' gradients, so each rank's loss is multiplied by W.
         """
         cfg = self.cfg.loss.replace(entropy_coef=self._applied_entropy_coef())
         world = self.parallel.world
