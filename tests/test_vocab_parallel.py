@@ -297,3 +297,27 @@ def auto_chunk_worker(rank, world, validate):
 def test_auto_chunks_line_up_on_uneven_slices(validate):
     for rank, diff in enumerate(run_ranks(3, auto_chunk_worker, validate, timeout=60)):
         assert diff < 1e-12, f"rank {rank}: loss differs by {diff}"
+
+
+def compiled_worker(rank, world):
+    """grpo_loss on a vocabulary slice inside torch.compile: the eager loss and gradient."""
+    import torch.distributed as dist
+
+    case = make_case("trl_defaults_kl", b=2, t=4, v=40, seed=4)
+    group = dist.group.WORLD
+    start, size = slices(40, world, even=True)[rank]
+
+    def step(x):
+        return gk.grpo_loss(x, case.ids, case.advantages, process_group=group, validate=False, **case.kwargs()).loss
+
+    eager_x, compiled_x = (_leaf(case.logits[..., start:start + size]) for _ in range(2))
+    eager = step(eager_x)
+    eager.backward()
+    compiled = torch.compile(step, backend="aot_eager")(compiled_x)
+    compiled.backward()
+    return float((compiled - eager).abs()), float((compiled_x.grad - eager_x.grad).abs().max())
+
+
+def test_vocab_parallel_loss_under_torch_compile():
+    for rank, (loss_diff, grad_diff) in enumerate(run_ranks(2, compiled_worker, timeout=120)):
+        assert loss_diff < 1e-6 and grad_diff < 1e-6, f"rank {rank}: {loss_diff}, {grad_diff}"
