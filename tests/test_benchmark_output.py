@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import output  # noqa: E402
@@ -67,7 +68,6 @@ def test_a_run_reports_skipped_contenders_and_leaves_the_committed_set_alone(tmp
 def test_vocab_parallel_benchmark_runs_on_two_processes(tmp_path):
     """The communication benchmark under torchrun, tiny: its table and the bytes it counts."""
     import subprocess
-    import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "benchmarks.vocab_parallel", "--tokens", "64", "--vocab", "512", "--hidden", "16", "--repeats", "1",
@@ -80,3 +80,19 @@ def test_vocab_parallel_benchmark_runs_on_two_processes(tmp_path):
     assert "| ours, logits slice | 1,056 |" in table
     assert "| ours, fused-linear (lm_head rows) | 5,152 |" in table
     assert "| all-gather the logits | 65,536 |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
+@pytest.mark.parametrize("step", ["build-test", "bench", "tune"])
+def test_gpu_check_stops_early_and_clearly_without_a_gpu(tmp_path, step):
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")
+    done = subprocess.run(["bash", script, step, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs a CUDA GPU" in done.stdout and "nothing was run" in done.stdout
+    assert "torch:" in (tmp_path / "machine.txt").read_text()
+    assert not (tmp_path / "build.log").exists()  # nothing was installed
+    usage = subprocess.run(["bash", script, "nonsense", str(tmp_path)], capture_output=True, text=True)
+    assert usage.returncode == 64 and "build-test OUT" in usage.stderr
