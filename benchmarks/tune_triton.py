@@ -16,15 +16,7 @@ import itertools
 import torch
 
 from . import output
-from .measure import device_name, time_ms
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device-to-device copy (read + written)."""
-    src = torch.randn(1 << 28, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, repeats=20)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+from .measure import device_name, roofline, time_ms
 
 
 def main(argv=None) -> int:
@@ -52,7 +44,7 @@ def main(argv=None) -> int:
     want_logp, want_ent, want_lse = torch_backend.logprobs_forward(logits, ids, tau)
     want_grad = torch_backend.logprobs_backward(logits, ids, want_lse, want_ent, g_logp, g_ent, tau,
                                                 torch.empty_like(logits)).float()
-    bandwidth = copy_bandwidth(device)
+    bandwidth = roofline(device)["copy_GBps"] * 1e9  # bytes read + written per second
     nbytes = n * v * logits.element_size()
     rows = []
     original_cap, original_warps = kernels.MAX_BLOCK_V, kernels._num_warps

@@ -115,7 +115,7 @@ def vocab_shard(process_group, vocab_start, local_size: int, rows: int, width: i
     mine = torch.tensor([vocab_start, local_size, rows, width], dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=process_group)
-    layout = [dict(zip(_LAYOUT_FIELDS, entry.tolist())) for entry in table]
+    layout = [dict(zip(_LAYOUT_FIELDS, entry)) for entry in torch.stack(table).tolist()]  # one host read
     _check_layout(layout, what)
     sizes = [entry["V_local"] for entry in layout]
     return VocabShard(process_group, vocab_start, local_size, sum(sizes), max(sizes))
