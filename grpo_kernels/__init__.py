@@ -6,7 +6,8 @@ Public API:
     GRPOLossOutput, AdvantageOutput, BackendUnavailableError, available_backends.
 """
 from .config import GRPOLossConfig
-from .functional import group_advantages, grpo_loss, grpo_loss_from_logprobs, selective_logprobs
+from .advantages import group_advantages
+from .losses import grpo_loss, grpo_loss_from_logprobs, selective_logprobs
 from .fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from .modules import FusedLinearGRPOLoss, GRPOLoss
 from .ops.dispatch import BACKENDS, BackendUnavailableError, why_unavailable

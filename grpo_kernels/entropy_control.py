@@ -8,3 +8,11 @@ def next_entropy_coef(coef: float, entropy: float, *, target: float, delta: floa
     if entropy <= target:
         return min(coef + delta, high)
     return max(coef - delta, low)
+
+
+def applied_entropy_coef(coef: float, last_entropy: float, *, adaptive: bool, target: float) -> float:
+    """The bonus coefficient a step applies: TRL's adaptive controller turns the bonus off while the
+    entropy measured at the end of the previous optimizer step is above the target."""
+    if adaptive and last_entropy > target:
+        return 0.0
+    return coef

@@ -25,7 +25,7 @@ import torch
 
 from .config import resolve_config
 from .config import config_from_json, config_json
-from .functional import (
+from .inputs import (
     Tokens, advantages_per_token, check_ids_and_mask, check_num_items, check_objective_inputs, flat, loss_output,
     masked_logprobs, token_layout, token_mask, weights_per_sequence,
 )

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .config import GRPOLossConfig
-from .functional import grpo_loss
+from .losses import grpo_loss
 from .fused_linear import fused_linear_grpo_loss
 from .outputs import GRPOLossOutput
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..config import GRPOLossConfig
-from ..functional import grpo_loss_from_logprobs
+from ..losses import grpo_loss_from_logprobs
 from ..fused_linear import fused_linear_selective_logprobs
 
 try:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..entropy_control import next_entropy_coef
-from ..functional import group_advantages
+from ..advantages import group_advantages
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from ..transform import with_model_logit_options
 from . import checkpoint
