@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints with every RNG state, so a resumed run continues bit for bit.
+"""Crash-safe checkpoint files: a payload dict written and read back (trainer_state.py: the trainer's).
 
 A checkpoint is written to a temporary directory, flushed to disk, and renamed into place, so
 a process killed mid-write (even by SIGKILL) never leaves a half checkpoint under a final name.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -22,21 +21,6 @@ import torch
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-
-
-def rng_state(sampler: torch.Generator) -> Dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": sampler.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Dict, sampler: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    sampler.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _sha256(path: str) -> str:

@@ -1,7 +1,7 @@
 """Sampling completions with HF `generate`, recording the sampler's own log-probs and masks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List
 
 import torch
@@ -25,6 +25,10 @@ class Rollout:
     sampling_logps: torch.Tensor
     texts: List[str]
     truncated: torch.Tensor
+
+    def select(self, part: slice) -> "Rollout":
+        """The completions `part` (a slice of the B rows), every field sliced alike."""
+        return Rollout(*(getattr(self, f.name)[part] for f in fields(self)))
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""GRPOTrainer: rollout → reward → advantages → fused-linear loss → optimizer step, on the public API."""
+"""GRPOTrainer: rollout → reward → advantages → fused-linear loss → optimizer step, on the public API.
+
+The loop only; batching.py lays out batches and micro-batches, entropy.py holds the adaptive
+entropy coefficient, optim.py the optimizer and its schedule, trainer_state.py what a
+checkpoint holds (checkpoint.py writes it crash-safely).
+"""
 from __future__ import annotations
 
 import copy
@@ -11,12 +16,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..entropy_control import next_entropy_coef
-from ..advantages import group_advantages
+from ..advantages import group_advantages, reward_total
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from ..transform import with_model_logit_options
-from . import checkpoint
+from . import batching, checkpoint, trainer_state
 from .config import TrainerConfig
+from .entropy import AdaptiveEntropy
+from .optim import optimizer_and_schedule
 from .parallel import DataParallel
 from .rewards import reward_name, score
 from .rollout import Rollout, generate
@@ -24,19 +30,6 @@ from .threads import cpu_threads
 
 # stop_at_reward compares the mean reward of this many latest steps.
 RECENT_WINDOW = 5
-
-
-def _lr_lambda(cfg: TrainerConfig):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return factor
 
 
 class _PolicyCalls(torch.nn.Module):
@@ -79,8 +72,7 @@ class GRPOTrainer:
         self.model, self.tokenizer, self.reward_funcs = model, tokenizer, list(reward_funcs)
         # The model's own logit transform (Gemma's softcap, Cohere's scale) is part of its log-probs.
         self.cfg.loss = with_model_logit_options(self.cfg.loss, model.config)
-        self.entropy_coef = self.cfg.loss.entropy_coef
-        self.last_entropy = math.inf  # TRL's controller starts with the bonus gated off
+        self.entropy = AdaptiveEntropy(self.cfg)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -96,78 +88,27 @@ class GRPOTrainer:
         self.sampler = torch.Generator().manual_seed(self.cfg.seed)
         # Before the optimizer: FSDP2 replaces the parameters with their shards.
         self.policy = self.parallel.wrap(_PolicyCalls(self), units=getattr(model, "_no_split_modules", None) or ())
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.learning_rate,
-                                           betas=tuple(self.cfg.adam_betas), weight_decay=self.cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.cfg))
+        self.optimizer, self.scheduler = optimizer_and_schedule(
+            [p for p in model.parameters() if p.requires_grad], self.cfg)
         self.step = 0
         self.history: List[Dict] = []
 
     # ---------------------------------------------------------------- log-probs and loss
-    def _packing(self, model) -> bool:
-        """Padding-free batches: on by default with flash-attn on CUDA, selectable everywhere."""
-        choice = self.cfg.padding_free
-        if choice != "auto":
-            return bool(choice)
-        import importlib.util
-
-        return self.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-
-    def _token_states(self, model, batch: Rollout) -> Dict:
-        """Last hidden states that predict the completion tokens, with the loss's layout arguments.
-
-        Padded: hidden (B, T, H) from the padded batch. Packed (padding-free): every sequence's
-        real prompt and completion tokens concatenated into one row, positions restarting per
-        sequence, so transformers attends within sequences only (flash-attn's varlen kernel, or
-        a block-diagonal mask for SDPA); hidden (N, H) for the N completion tokens, with cu_seqlens.
-        """
-        backbone = getattr(model, model.base_model_prefix)
-        p = batch.prompt_ids.shape[1]
-        if not self._packing(model):
-            input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-            attention = torch.cat([batch.prompt_mask, batch.completion_mask.long()], dim=1)
-            # As generate() does: positions count only real tokens, so left padding shifts nothing.
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            hidden = backbone(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                              use_cache=False).last_hidden_state
-            return dict(hidden=hidden[:, p - 1:p - 1 + batch.completion_ids.shape[1]], ids=batch.completion_ids,
-                        mask=batch.completion_mask, cu_seqlens=None, pack=lambda x: x)
-        pieces, positions, targets, lengths = [], [], [], []
-        offset = 0
-        for i in range(batch.completion_ids.shape[0]):
-            prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
-            completion = batch.completion_ids[i][batch.completion_mask[i]]
-            seq = torch.cat([prompt, completion])
-            pieces.append(seq)
-            positions.append(torch.arange(seq.numel(), device=seq.device))
-            targets.append(offset + prompt.numel() - 1 + torch.arange(completion.numel(), device=seq.device))
-            lengths.append(completion.numel())
-            offset += seq.numel()
-        # No attention mask and no cache: transformers then reads the sequence boundaries from the
-        # restarting position ids (a KV cache would switch that detection off).
-        hidden = backbone(input_ids=torch.cat(pieces)[None], position_ids=torch.cat(positions)[None],
-                          use_cache=False).last_hidden_state
-        cu = torch.tensor([0] + lengths, device=self.device).cumsum(0).to(torch.int32)
-        mask = batch.completion_mask
-        return dict(hidden=hidden[0, torch.cat(targets)], ids=batch.completion_ids[mask], mask=None, cu_seqlens=cu,
-                    pack=lambda x: x[mask])
-
-    def _lm_head(self, model):
-        head = model.get_output_embeddings()
-        return head.weight, getattr(head, "bias", None)
+    def _token_states(self, model, batch: Rollout) -> batching.TokenStates:
+        """The hidden states predicting the batch's completion tokens, padded or packed as configured."""
+        return batching.token_states(model, batch, batching.use_packing(self.cfg.padding_free, self.device))
 
     @torch.no_grad()
     def _logps(self, model, batch: Rollout) -> torch.Tensor:
         """Log-probs of the completion tokens in the loss's own layout: (B, T) padded (0 where
         masked), or (N,) packed when padding-free. They go back into the loss as they are."""
-        weight, bias = self._lm_head(model)
+        weight, bias = _lm_head(model)
         states = self._token_states(model, batch)
         loss_cfg = self.cfg.loss
-        logp = fused_linear_selective_logprobs(states["hidden"], weight, states["ids"], bias=bias,
+        return fused_linear_selective_logprobs(states.hidden, weight, states.ids, bias=bias,
                                                temperature=loss_cfg.temperature, logit_scale=loss_cfg.logit_scale,
                                                final_logit_softcapping=loss_cfg.final_logit_softcapping,
-                                               mask=states["mask"], backend=self.cfg.backend)
-        return logp
+                                               mask=states.mask, backend=self.cfg.backend)
 
     def _reference_logps(self, batch: Rollout) -> torch.Tensor:
         if self.ref_model is not None:
@@ -181,28 +122,16 @@ class GRPOTrainer:
         old and ref: log-probs as `_logps` gives them in this layout ((B, T) or packed (N,)).
         """
         cfg = config or self.cfg.loss
-        weight, bias = self._lm_head(self.model)
+        weight, bias = _lm_head(self.model)
         states = self._token_states(self.model, micro)
         use_sampling = cfg.is_correction is not None or cfg.off_policy_mask_threshold is not None
         return fused_linear_grpo_loss(
-            states["hidden"], weight, states["ids"], advantages, bias=bias, mask=states["mask"],
+            states.hidden, weight, states.ids, advantages, bias=bias, mask=states.mask,
             old_logps=old, ref_logps=ref,
             # The rollout's own (B, T) sampling log-probs, gathered once into the packed order.
-            sampling_logps=states["pack"](micro.sampling_logps) if use_sampling else None,
-            num_items_in_batch=num_items_in_batch, cu_seqlens=states["cu_seqlens"], config=cfg,
+            sampling_logps=states.layout(micro.sampling_logps) if use_sampling else None,
+            num_items_in_batch=num_items_in_batch, cu_seqlens=states.cu_seqlens, config=cfg,
             backend=self.cfg.backend)
-
-    @staticmethod
-    def _token_slice(x, bounds, part: slice):
-        """The micro-batch `part`'s tokens of a per-token tensor: rows of (B, T), or the packed
-        (N,) span of those sequences, `bounds` being the sequences' packed offsets."""
-        if x is None or x.dim() == 2:
-            return None if x is None else x[part]
-        return x[bounds[part.start]:bounds[part.stop]]
-
-    def _micro_batches(self, size: int):
-        step = size // self.cfg.gradient_accumulation_steps
-        return [slice(i, i + step) for i in range(0, size, step)]
 
     def _optimize(self, batch: Rollout, advantages, old, ref) -> Dict[str, float]:
         """One optimizer step over the batch, in gradient-accumulation micro-batches.
@@ -214,25 +143,18 @@ class GRPOTrainer:
         """
         cfg = self.cfg.loss.replace(entropy_coef=self._applied_entropy_coef())
         world = self.parallel.world
-        # Packed offsets of the sequences, read once per step: the token count, and the spans of
-        # packed old/ref log-probs per micro-batch.
-        bounds = [0] + batch.completion_mask.sum(1).cumsum(0).tolist()
-        size = batch.completion_ids.shape[0]
-        global_size = size * world
-        total_tokens = int(self.parallel.sum([bounds[-1]])[0])
+        micros, tokens = batching.micro_batches(batch, old, ref, self.cfg.gradient_accumulation_steps)
+        global_size = batch.completion_ids.shape[0] * world
+        total_tokens = int(self.parallel.sum([tokens])[0])
         global_count = cfg.uses_num_items_in_batch
         sums: Dict[str, float] = {}
         entropy_sum = 0.0
-        parts = self._micro_batches(size)
-        for i, part in enumerate(parts):
-            share = (part.stop - part.start) / global_size
-            micro = Rollout(batch.prompts[part], batch.prompt_ids[part], batch.prompt_mask[part],
-                            batch.completion_ids[part], batch.completion_mask[part], batch.sampling_logps[part],
-                            batch.texts[part], batch.truncated[part])
-            with self.parallel.sync_gradients(self.policy, last=i == len(parts) - 1):
+        for i, micro in enumerate(micros):
+            share = (micro.rows.stop - micro.rows.start) / global_size
+            with self.parallel.sync_gradients(self.policy, last=i == len(micros) - 1):
                 out = self.policy(
-                    "micro_batch_loss", micro, advantages[part], self._token_slice(old, bounds, part),
-                    self._token_slice(ref, bounds, part), num_items_in_batch=total_tokens if global_count else None,
+                    "micro_batch_loss", micro.batch, advantages[micro.rows], micro.old, micro.ref,
+                    num_items_in_batch=total_tokens if global_count else None,
                     config=cfg.replace(entropy_coef=cfg.entropy_coef * share) if global_count else cfg)
                 (out.loss * world if global_count else out.loss * (share * world)).backward()
             entropy_sum += float(out.entropy.sum())  # 0 at masked tokens
@@ -250,23 +172,13 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         if self.cfg.use_adaptive_entropy:
-            self._update_entropy_coef(entropy_sum / max(total_tokens, 1))  # token-weighted, as TRL
-            sums["entropy_coef"] = self.entropy_coef
+            self.entropy.update(entropy_sum / max(total_tokens, 1))  # token-weighted, as TRL
+            sums["entropy_coef"] = self.entropy.coef
         return sums
 
     def _applied_entropy_coef(self) -> float:
-        """The bonus coefficient of this step: gated on the last entropy under adaptive control."""
-        if self.cfg.use_adaptive_entropy and self.last_entropy > self.cfg.entropy_target:
-            return 0.0
-        return self.entropy_coef
-
-    def _update_entropy_coef(self, entropy: float) -> None:
-        """TRL's rule: one delta step towards more bonus when entropy is at or below the target."""
-        cfg = self.cfg
-        self.entropy_coef = next_entropy_coef(self.entropy_coef, entropy, target=cfg.entropy_target,
-                                              delta=cfg.entropy_coef_delta, low=cfg.entropy_coef_min,
-                                              high=cfg.entropy_coef_max)
-        self.last_entropy = entropy
+        """The bonus coefficient of this step (gated on the last entropy under adaptive control)."""
+        return self.entropy.applied()
 
     # ---------------------------------------------------------------- one step
     def train_step(self, dataset) -> Dict[str, float]:
@@ -287,8 +199,7 @@ class GRPOTrainer:
         for _ in range(cfg.num_iterations):
             metrics = self._optimize(batch, adv.advantages[mine], old, ref)
         weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), device=self.device)
-        total = torch.nansum(rewards * weights, dim=1)
-        total = torch.where(torch.isnan(rewards).all(1), float("nan"), total)
+        total = reward_total(rewards, weights)
         tokens, truncated = self.parallel.sum([batch.completion_mask.sum(), batch.truncated.sum()])
         elapsed = time.perf_counter() - t0
         self.step += 1
@@ -314,19 +225,10 @@ class GRPOTrainer:
                                 reward_weights=cfg.reward_weights)
 
     # ---------------------------------------------------------------- the loop
-    def _save(self):
-        """Rank 0 writes the checkpoint (the model and optimizer are the same on every rank) with
-        every rank's RNG states; the others wait until it is in place."""
-        rng = self.parallel.gather_objects(checkpoint.rng_state(self.sampler))
-        model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer)
-        path = None
-        if self.parallel.is_main:
-            payload = {"model": model_state, "optimizer": optimizer_state,
-                       "scheduler": self.scheduler.state_dict(), "step": self.step, "history": self.history,
-                       "rng": rng[0], "rng_per_rank": rng, "world_size": self.parallel.world,
-                       "data_parallel": self.parallel.strategy, "config": self.cfg.to_dict(),
-                       "entropy_control": {"coef": self.entropy_coef, "last_entropy": self.last_entropy}}
-            path = checkpoint.save(self.cfg.output_dir, self.step, payload)
+    def _save(self) -> Optional[str]:
+        """Rank 0 writes the checkpoint (every rank gathers its payload); the others wait until it is in place."""
+        payload = trainer_state.payload(self)
+        path = checkpoint.save(self.cfg.output_dir, self.step, payload) if payload is not None else None
         self.parallel.barrier()
         return path
 
@@ -334,20 +236,7 @@ class GRPOTrainer:
         state = checkpoint.load_latest(self.cfg.output_dir)
         if state is None:
             return False
-        written_by = state.get("world_size", 1)
-        if written_by != self.parallel.world:
-            raise ValueError(f"the checkpoint in {self.cfg.output_dir} was written by {written_by} process(es); resume "
-                             f"it with the same number (this run has {self.parallel.world})")
-        strategy = state.get("data_parallel", self.parallel.strategy)
-        if written_by > 1 and strategy != self.parallel.strategy:
-            raise ValueError(f"the checkpoint in {self.cfg.output_dir} was written with data_parallel={strategy!r}; "
-                             f"resume it with the same (this run has {self.parallel.strategy!r})")
-        self.parallel.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]
-        control = state.get("entropy_control", {"coef": self.entropy_coef, "last_entropy": self.last_entropy})
-        self.entropy_coef, self.last_entropy = control["coef"], control["last_entropy"]
-        checkpoint.restore_rng(state.get("rng_per_rank", [state["rng"]])[self.parallel.rank], self.sampler)
+        trainer_state.restore(self, state)
         return True
 
     def train(self, dataset, resume: bool = False) -> List[Dict]:
@@ -407,3 +296,9 @@ class GRPOTrainer:
 def _recent_mean(history: List[Dict], window: int = RECENT_WINDOW) -> float:
     recent = [h["reward"] for h in history[-window:]]
     return sum(recent) / len(recent) if len(recent) == window else -math.inf
+
+
+def _lm_head(model):
+    """(weight (V, H), bias (V,) or None) of the model's output embedding."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
