@@ -13,6 +13,6 @@ def next_entropy_coef(coef: float, entropy: float, *, target: float, delta: floa
 def applied_entropy_coef(coef: float, last_entropy: float, *, adaptive: bool, target: float) -> float:
     """The bonus coefficient a step applies: TRL's adaptive controller turns the bonus off while the
     entropy measured at the end of the previous optimizer step is above the target."""
-    if adaptive and last_entropy > target:
+    if adaptive and not last_entropy <= target:  # as TRL's `coef if last <= target else 0`: NaN turns it off
         return 0.0
     return coef

@@ -17,12 +17,13 @@ from typing import Callable
 import torch
 
 from ..config import GRPOLossConfig
-from ..entropy_control import next_entropy_coef
+from ..entropy_control import applied_entropy_coef, next_entropy_coef
 from ..fused_linear import fused_linear_grpo_loss
 from ..transform import model_logit_options
 
 try:
     from trl import GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("grpo_kernels.integrations.trl needs trl: pip install 'grpo_kernels[trl]'") from exc
 
@@ -94,9 +95,8 @@ def _fused_compute_loss(self, model, inputs):
     global_count = num_items is not None
     # The entropy coefficient applied this step: TRL's adaptive controller gates it on the entropy
     # measured at the end of the previous optimizer step.
-    coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
-    if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
-        coef = 0.0
+    coef = applied_entropy_coef(self.entropy_coef if self._entropy_bonus_enabled else 0.0, self._last_world_entropy,
+                                adaptive=self.use_adaptive_entropy, target=self.args.entropy_target)
     if global_count:  # TRL scales only the bonus by the accumulation steps
         coef = coef / accumulation
     cfg = cfg.replace(entropy_coef=float(coef))
@@ -142,46 +142,78 @@ def _entropy_controller(self, mode, out, mask, cfg, global_count):
 
 
 def _log_trl_metrics(self, mode, out, inputs, mask, old, cfg):
-    """The metrics TRL's _compute_loss logs, under TRL's names, reduced across processes as TRL does."""
-    metrics = self._metrics[mode]
-    count = mask.sum().float()
+    """The metrics TRL's _compute_loss logs, under TRL's names, reduced across processes as TRL does.
 
-    def global_mean(value):
-        totals = self.accelerator.reduce(torch.stack([value.float() * count, count]), reduction="sum")
+    TRL's `global_masked_mean` is a masked token mean, as the kernels' metrics are, except of a
+    (B, 1) tensor: a ratio and advantages both one per sequence (importance_sampling_level=
+    "sequence" with (B,) advantages) or one-token completions, which it averages over the rows,
+    masked or not. So a metric is the kernels' where TRL's is a token mean of the same values, and
+    TRL's own computation otherwise (and for the per-sequence clip fractions no kernel reports).
+    kl and entropy are always the kernels': TRL's row mean of one-token completions, which
+    counts masked tokens, differs only where a completion's one token is masked.
+    """
+    metrics = self._metrics[mode]
+    m = mask.float()
+    count = m.sum()
+
+    def reduce_mean(local_sum, local_count):  # sum over processes / count over processes
+        totals = self.accelerator.reduce(torch.stack([local_sum.float(), local_count.float()]), reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
+    def kernel_mean(name, rows=None):  # the kernels' mean over this call's tokens (or `rows` rows)
+        local_count = count if rows is None else count.new_tensor(float(rows))
+        return reduce_mean(out.metrics[name] * local_count, local_count)
+
+    def trl_mean(x):  # TRL's global_masked_mean
+        if x.shape[1] == 1:
+            return reduce_mean(x.sum(), x.new_tensor(float(x.shape[0])))
+        return reduce_mean((x * m).sum(), count)
+
     if cfg.beta != 0.0:
-        metrics["kl"].append(global_mean(out.metrics["kl"]))
-    metrics["entropy"].append(global_mean(out.metrics["entropy"]))
+        metrics["kl"].append(kernel_mean("kl"))
+    metrics["entropy"].append(kernel_mean("entropy"))
     adv = inputs["advantages"]
     adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
-    logp = out.logps
-    log_ratio = torch.zeros_like(logp) if old is None else torch.where(mask.bool(), logp - old, 0.0)
-    if cfg.importance_sampling_level == "token":
-        ratio = torch.exp(log_ratio)
-    else:
-        ratio = torch.exp(log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
-    m = mask.float()
+    # TRL's clip indicators are (B, 1), one per sequence, when its ratio and the advantages both are.
+    per_row = adv.shape[1] == 1 and (cfg.importance_sampling_level == "sequence" or mask.shape[1] == 1)
     if cfg.pg_loss == "clip":
+        ratio = _trl_ratio(out.logps, old, mask, cfg.importance_sampling_level)
+        if cfg.delta is not None:
+            ratio = ratio.clamp(max=cfg.delta)  # TRL caps its ratio at delta before it counts clipping
         low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
         high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
-        for name in ("low", "high", "region"):
-            metrics[f"clip_ratio/{name}_mean"].append(global_mean(out.metrics[f"clip_ratio/{name}"]))
-        seq_mean = lambda x: (x * m).sum(-1) / m.sum(-1)  # noqa: E731
-        metrics["clip_ratio/low_min"].append(torch.nan_to_num(self.accelerator.gather(seq_mean(low)), nan=float("inf"))
-                                              .min().item())
-        metrics["clip_ratio/high_max"].append(torch.nan_to_num(self.accelerator.gather(seq_mean(high)),
-                                                               nan=float("-inf")).max().item())
+        # The kernels count ρ > 1 + ε_high, TRL min(ρ, δ) > 1 + ε_high: the same unless δ ≤ 1 + ε_high.
+        from_kernels = not per_row and (cfg.delta is None or cfg.delta > 1 + cfg.eps_high)
+        for name, clipped in (("low", low), ("high", high), ("region", torch.maximum(low, high))):
+            metrics[f"clip_ratio/{name}_mean"].append(
+                kernel_mean(f"clip_ratio/{name}") if from_kernels else trl_mean(clipped))
+
+        def seq_mean(x):  # TRL's masked_seq_mean: NaN for a (B, T) row without tokens
+            return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_mean(high))).item())
     elif cfg.pg_loss == "cispo":
-        metrics["cispo_clip_ratio"].append(global_mean(out.metrics["cispo_clip_ratio"]))
-    elif cfg.pg_loss == "vespo":
-        phi = out.metrics["vespo/phi_seq_mean"]
-        if adv.shape[1] == 1:  # one weight per sequence: TRL averages over sequences
-            totals = self.accelerator.reduce(torch.stack([phi * adv.shape[0], phi.new_tensor(float(adv.shape[0]))]),
-                                             reduction="sum")
-            metrics["vespo/phi_seq_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        if per_row:
+            ratio = _trl_ratio(out.logps, old, mask, cfg.importance_sampling_level)
+            metrics["cispo_clip_ratio"].append(trl_mean(((ratio > cfg.eps_high) & (adv > 0)).float()))
         else:
-            metrics["vespo/phi_seq_mean"].append(global_mean(phi))
+            metrics["cispo_clip_ratio"].append(kernel_mean("cispo_clip_ratio"))
+    elif cfg.pg_loss == "vespo":
+        # The kernels average phi over sequences when the advantages are one per sequence, as TRL.
+        metrics["vespo/phi_seq_mean"].append(kernel_mean("vespo/phi_seq_mean",
+                                                         rows=adv.shape[0] if adv.shape[1] == 1 else None))
+
+
+def _trl_ratio(logps, old, mask, level):
+    """TRL's coef_1: the token ratio (B, T), or at importance_sampling_level="sequence" the
+    sequence ratio (B, 1); 1 without old log-probs (TRL's are then the current ones, detached)."""
+    if old is None:
+        return torch.ones_like(logps if level == "token" else logps[:, :1])
+    log_ratio = torch.where(mask.bool(), logps - old, 0.0)
+    if level == "token":
+        return torch.exp(log_ratio)
+    return torch.exp(log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1))
 
 
 def _loss_config(trainer) -> GRPOLossConfig:

@@ -1,13 +1,5 @@
-"""Drop-in use from verl: our fused objective as verl policy losses, our fused-linear log-probs
-as verl's `FusedLinearForPPO` / `linear_cross_entropy`.
-
-    from grpo_kernels.integrations import verl as gk_verl
-    gk_verl.register()          # policy_loss.loss_mode = "grpo_kernels_vanilla" | _gspo | _cispo | _sapo
-    gk_verl.patch_fused_linear()  # with actor_rollout_ref.model.use_fused_kernels=True
-
-Installing grpo_kernels also declares a `verl.plugins` entry point, so verl registers the losses
-in every worker process when it is imported (and patches the fused-linear path there when
-GRPO_KERNELS_VERL_FUSED_LINEAR=1).
+"""Our fused objective as verl's policy losses (registered as `grpo_kernels_<loss_mode>`) and its
+fused `kl_loss`.
 
 Each registered loss has verl's signature and returns the numbers of verl's loss of the same
 name, aggregation (`loss_agg_mode` with `config.global_batch_info`) and metrics included:
@@ -25,9 +17,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..config import GRPOLossConfig
-from ..losses import grpo_loss_from_logprobs
-from ..fused_linear import fused_linear_selective_logprobs
+from ...config import GRPOLossConfig
+from ...losses import grpo_loss_from_logprobs
 
 try:
     from verl.trainer.ppo import core_algos
@@ -131,35 +122,42 @@ def aggregation(loss_agg_mode: str, mask: torch.Tensor, global_batch_info: Optio
 
 
 @torch.no_grad()
-def policy_metrics(loss_mode: str, cfg: GRPOLossConfig, old_log_prob, log_prob, advantages, mask) -> Dict[str, float]:
-    """verl's actor/pg_clipfrac, actor/ppo_kl and actor/pg_clipfrac_lower, by verl's definitions."""
+def policy_metrics(loss_mode: str, cfg: GRPOLossConfig, kernel_metrics: Dict[str, torch.Tensor], old_log_prob,
+                   log_prob, advantages, mask) -> Dict[str, float]:
+    """verl's actor/pg_clipfrac, actor/ppo_kl and actor/pg_clipfrac_lower, by verl's definitions.
+
+    verl's are plain masked token means over the micro-batch (verl_F.masked_mean, whatever the
+    loss_agg_mode), as the kernels' metrics are. `kernel_metrics`: the loss call's `out.metrics`.
+      - pg_clipfrac of vanilla and gspo, −A·clip(ρ) > −A·ρ, is ρ < 1 − ε_low with A < 0 or
+        ρ > 1 + ε_high with A > 0 (ρ clamped as verl clamps it, which the config does too): the
+        kernels' `clip_ratio/region`, taken from there.
+    The kernels report no equivalent of the others, so they are computed here:
+      - ppo_kl: the mean of −(logπ − logπ_old), clamped to ±20 except for gspo (whose clamp acts
+        on the sequence log-ratio);
+      - pg_clipfrac_lower (vanilla): max(−A·ρ, −A·clip(ρ)) > −A·c with A < 0, which is ρ > c with
+        A < 0 since c > 1 ≥ 1 − ε_low;
+      - pg_clipfrac (cispo): the detached weight is clamped, ρ outside [1 − ε_low, 1 + ε_high]
+        whatever A's sign (the kernels' cispo_clip_ratio is TRL's: ρ > ε_high with A > 0).
+    """
     m = mask.bool()
-    lp, old, adv = log_prob.detach().float(), old_log_prob.float(), advantages.float()
-    count = m.sum() + 1e-8
+    count = m.sum() + 1e-8  # verl_F.masked_mean's normaliser
 
     def masked_mean(x):
-        return (x & m).sum() / count if x.dtype == torch.bool else torch.where(m, x, 0.0).sum() / count
+        return torch.where(m, x.float(), 0.0).sum() / count
 
-    delta = lp - old
-    zero = torch.zeros((), device=lp.device)
+    log_ratio = log_prob.detach().float() - old_log_prob.float()
+    if loss_mode != "gspo":
+        log_ratio = log_ratio.clamp(-TOKEN_LOG_RATIO_BOUND, TOKEN_LOG_RATIO_BOUND)
+    ratio = log_ratio.exp()
+    zero = torch.zeros((), device=ratio.device)
     clipfrac = lower = zero
-    if loss_mode == "gspo":
-        seq = (torch.where(m, delta, 0.0).sum(-1) / m.sum(-1).clamp(min=1)).clamp(max=GSPO_LOG_RATIO_MAX)
-        ratio = torch.exp(seq).unsqueeze(-1).expand_as(lp)
-        ppo_kl = -masked_mean(delta)
-    else:
-        delta = delta.clamp_(-TOKEN_LOG_RATIO_BOUND, TOKEN_LOG_RATIO_BOUND)
-        ppo_kl = -masked_mean(delta)
-        ratio = delta.exp_()
     if loss_mode in ("vanilla", "gspo"):
-        unclipped = -adv * ratio
-        clipped = -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
-        clipfrac = masked_mean(clipped > unclipped)
-        if loss_mode == "vanilla":
-            lower = masked_mean((torch.maximum(unclipped, clipped) > -adv * cfg.dual_clip) & (adv < 0))
+        clipfrac = kernel_metrics["clip_ratio/region"]
+    if loss_mode == "vanilla":
+        lower = masked_mean((ratio > cfg.dual_clip) & (advantages < 0))
     elif loss_mode == "cispo":
         clipfrac = masked_mean(ratio != ratio.clamp(cfg.cispo_weight_min, cfg.eps_high))
-    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": (-masked_mean(log_ratio)).item(),
             "actor/pg_clipfrac_lower": lower.item()}
 
 
@@ -182,7 +180,7 @@ def policy_loss_fn(loss_mode: str, backend: str = "auto"):
             num_items_in_batch=1 if ours == "token-mean" else None, config=cfg, backend=backend,
         )
         loss = out.loss * factor.to(out.loss.device)
-        return loss, policy_metrics(loss_mode, cfg, old_log_prob, log_prob, advantages, response_mask)
+        return loss, policy_metrics(loss_mode, cfg, out.metrics, old_log_prob, log_prob, advantages, response_mask)
 
     policy_loss.__name__ = f"{LOSS_NAME_PREFIX}{loss_mode}"
     policy_loss.__qualname__ = policy_loss.__name__
@@ -221,60 +219,3 @@ def register(backend: str = "auto", prefix: str = LOSS_NAME_PREFIX) -> Tuple[str
         core_algos.register_policy_loss(name)(policy_loss_fn(mode, backend))
         names.append(name)
     return tuple(names)
-
-
-# ----------------------------------------------------------------------------------------
-# Fused-linear log-probs for verl's actor (use_fused_kernels=True)
-# ----------------------------------------------------------------------------------------
-
-class FusedLinearForPPO(torch.nn.Module):
-    """Drop-in for verl's `FusedLinearForPPO`: (log_probs, entropy) of `input_ids` from the hidden
-    states and the lm_head weight, without materialising the logits.
-
-    forward(hidden_states (..., H), vocab_weights (V, H), input_ids (...), temperature) ->
-    fp32 (log_probs, entropy), each of input_ids' shape; differentiable w.r.t. hidden_states and
-    vocab_weights. verl's `chunk_size` and `impl_backend` are accepted and ignored: the chunk
-    size follows grpo_kernels' memory budget and `backend` picks our kernels.
-    """
-
-    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch", backend: str = "auto"):
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        return fused_linear_selective_logprobs(hidden_states, vocab_weights, input_ids.long(),
-                                               temperature=float(temperature), return_entropy=True,
-                                               backend=self.backend)
-
-
-def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduction: str = "none",
-                         dist_process_group=None, backend: str = "auto"):
-    """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`: flat fp32
-    (log_probs (N,), entropy (N,)) for hidden (..., H) and labels (...). Only reduction="none".
-
-    With `dist_process_group` (verl's vocabulary-parallel lm_head) `weight` is this rank's
-    (V / world, H) rows, ids [rank · V_local, (rank + 1) · V_local), labels global, as verl
-    shards it; every rank gets the full-vocabulary log-probs and entropy, d_weight of its rows,
-    and, as verl's kernel, its partial d_hidden (the caller's tensor-parallel region reduces it).
-    """
-    if reduction != "none":
-        raise ValueError(f"reduction={reduction!r} is not supported; grpo_kernels returns per-token values ('none')")
-    logp, entropy = fused_linear_selective_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                    labels.reshape(-1).long(), temperature=float(temperature),
-                                                    return_entropy=True, backend=backend,
-                                                    process_group=dist_process_group, reduce_hidden_grad=False)
-    return logp, entropy
-
-
-def patch_fused_linear(backend: str = "auto") -> None:
-    """Make verl's fused-kernel model forwards (use_fused_kernels=True, impl_backend "torch" or
-    "triton") use our fused-linear log-probs. verl imports both names inside the forward, so
-    replacing the module attributes is enough."""
-    import functools
-
-    import verl.utils.experimental.torch_functional as torch_functional
-    import verl.utils.kernel.linear_cross_entropy as lce
-
-    torch_functional.FusedLinearForPPO = functools.partial(FusedLinearForPPO, backend=backend)
-    lce.linear_cross_entropy = functools.partial(linear_cross_entropy, backend=backend)
-

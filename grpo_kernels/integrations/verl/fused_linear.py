@@ -1,0 +1,57 @@
+"""Fused-linear log-probs for verl's actor (use_fused_kernels=True): drop-ins for verl's
+`FusedLinearForPPO` and `linear_cross_entropy`, and `patch_fused_linear`, which installs them."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ...fused_linear import fused_linear_selective_logprobs
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """Drop-in for verl's `FusedLinearForPPO`: (log_probs, entropy) of `input_ids` from the hidden
+    states and the lm_head weight, without materialising the logits.
+
+    forward(hidden_states (..., H), vocab_weights (V, H), input_ids (...), temperature) ->
+    fp32 (log_probs, entropy), each of input_ids' shape; differentiable w.r.t. hidden_states and
+    vocab_weights. verl's `chunk_size` and `impl_backend` are accepted and ignored: the chunk
+    size follows grpo_kernels' memory budget and `backend` picks our kernels.
+    """
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch", backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        return fused_linear_selective_logprobs(hidden_states, vocab_weights, input_ids.long(),
+                                               temperature=float(temperature), return_entropy=True,
+                                               backend=self.backend)
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduction: str = "none",
+                         dist_process_group=None, backend: str = "auto"):
+    """Drop-in for `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`: flat fp32
+    (log_probs (N,), entropy (N,)) for hidden (..., H) and labels (...). Only reduction="none".
+
+    With `dist_process_group` (verl's vocabulary-parallel lm_head) `weight` is this rank's
+    (V / world, H) rows, ids [rank · V_local, (rank + 1) · V_local), labels global, as verl
+    shards it; every rank gets the full-vocabulary log-probs and entropy, d_weight of its rows,
+    and, as verl's kernel, its partial d_hidden (the caller's tensor-parallel region reduces it).
+    """
+    if reduction != "none":
+        raise ValueError(f"reduction={reduction!r} is not supported; grpo_kernels returns per-token values ('none')")
+    return fused_linear_selective_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(),
+                                           temperature=float(temperature), return_entropy=True, backend=backend,
+                                           process_group=dist_process_group, reduce_hidden_grad=False)
+
+
+def patch_fused_linear(backend: str = "auto") -> None:
+    """Make verl's fused-kernel model forwards (use_fused_kernels=True, impl_backend "torch" or
+    "triton") use our fused-linear log-probs. verl imports both names inside the forward, so
+    replacing the module attributes is enough."""
+    import verl.utils.experimental.torch_functional as torch_functional
+    import verl.utils.kernel.linear_cross_entropy as lce
+
+    torch_functional.FusedLinearForPPO = functools.partial(FusedLinearForPPO, backend=backend)
+    lce.linear_cross_entropy = functools.partial(linear_cross_entropy, backend=backend)
