@@ -4,8 +4,11 @@
 // so one build serves every torch version. Compiled twice by setup.py: as grpo_kernels._C (CPU)
 // and as grpo_kernels._C_cuda (CUDA).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 
@@ -27,67 +30,22 @@ gk::RowsView rows(uintptr_t logits, int dtype, int64_t stride_b, int64_t stride_
   return gk::RowsView{reinterpret_cast<const void*>(logits), dtype, stride_b, stride_t, T, N, V};
 }
 
-template <typename T>
-T get(const py::dict& d, const char* key) {
-  if (!d.contains(key)) throw std::invalid_argument(std::string("loss parameter missing: ") + key);
-  return d[key].cast<T>();
-}
-
-gk::ObjectiveArgs objective_args(const py::dict& ptrs, const py::dict& params, int64_t row_lo, int64_t row_hi,
+// The objective's arguments from the Python side's lists: the buffer addresses in
+// options.OBJECTIVE_BUFFERS order (0 for an absent optional buffer) and options.LossParams as its
+// integer and float halves. The struct layouts are generated (options.h), so nothing is named here.
+gk::ObjectiveArgs objective_args(const std::vector<uintptr_t>& buffers, const std::vector<int64_t>& ints,
+                                 const std::vector<double>& floats, int64_t row_lo, int64_t row_hi,
                                  bool adv_per_token, bool weights_per_seq) {
-  auto opt_f = [&](const char* k) { return ptrs[k].is_none() ? nullptr : ptr<const float>(ptrs[k].cast<uintptr_t>()); };
+  if (buffers.size() != gk::NUM_OBJECTIVE_BUFFERS || ints.size() != gk::NUM_LOSS_INT_FIELDS ||
+      floats.size() != gk::NUM_LOSS_FLOAT_FIELDS)
+    throw std::invalid_argument("objective: buffer or parameter count does not match options.h (rebuild)");
   gk::ObjectiveArgs a{};
-  a.logp = ptr<const float>(get<uintptr_t>(ptrs, "logp"));
-  a.entropy = ptr<const float>(get<uintptr_t>(ptrs, "entropy"));
-  a.mask = ptr<const uint8_t>(get<uintptr_t>(ptrs, "mask"));
-  a.cu_seqlens = ptr<const int64_t>(get<uintptr_t>(ptrs, "cu_seqlens"));
-  a.counts = ptr<const float>(get<uintptr_t>(ptrs, "counts"));
-  a.adv = ptr<const float>(get<uintptr_t>(ptrs, "advantages"));
-  a.old = opt_f("old");
-  a.ref = opt_f("ref");
-  a.sampling = opt_f("sampling");
-  a.token_weights = opt_f("token_weights");
-  a.keep_entropy = ptrs["keep_entropy"].is_none() ? nullptr : ptr<const uint8_t>(ptrs["keep_entropy"].cast<uintptr_t>());
-  a.norm = ptr<const float>(get<uintptr_t>(ptrs, "norm"));
-  a.ent_norm = ptr<const float>(get<uintptr_t>(ptrs, "ent_norm"));
-  a.per_token_loss = ptr<float>(get<uintptr_t>(ptrs, "per_token_loss"));
-  a.g_logp = ptr<float>(get<uintptr_t>(ptrs, "g_logp"));
-  a.g_entropy = ptr<float>(get<uintptr_t>(ptrs, "g_entropy"));
-  a.partials = ptr<float>(get<uintptr_t>(ptrs, "partials"));
+  static_cast<gk::ObjectiveBuffers&>(a) = gk::objective_buffers_from(buffers.data());
+  a.p = gk::loss_params_from(ints.data(), floats.data());
   a.row_lo = row_lo;
   a.row_hi = row_hi;
   a.adv_per_token = adv_per_token ? 1 : 0;
   a.weights_per_seq = weights_per_seq ? 1 : 0;
-  gk::LossParams& p = a.p;
-  p.pg = get<int>(params, "pg");
-  p.level = get<int>(params, "level");
-  p.kl = get<int>(params, "kl");
-  p.is_mode = get<int>(params, "is_mode");
-  p.agg = get<int>(params, "agg");
-  p.eps_low = get<float>(params, "eps_low");
-  p.eps_high = get<float>(params, "eps_high");
-  p.has_delta = get<int>(params, "has_delta");
-  p.delta = get<float>(params, "delta");
-  p.has_dual = get<int>(params, "has_dual");
-  p.dual_clip = get<float>(params, "dual_clip");
-  p.sapo_pos = get<float>(params, "sapo_pos");
-  p.sapo_neg = get<float>(params, "sapo_neg");
-  p.beta = get<float>(params, "beta");
-  p.has_kl_clamp = get<int>(params, "has_kl_clamp");
-  p.kl_clamp = get<float>(params, "kl_clamp");
-  p.bias_corr = get<int>(params, "bias_corr");
-  p.has_off_policy = get<int>(params, "has_off_policy");
-  p.off_thresh = get<float>(params, "off_thresh");
-  p.is_lo = get<float>(params, "is_lo");
-  p.is_hi = get<float>(params, "is_hi");
-  p.entropy_coef = get<float>(params, "entropy_coef");
-  p.log_ratio_lo = get<float>(params, "log_ratio_lo");
-  p.log_ratio_hi = get<float>(params, "log_ratio_hi");
-  p.cispo_lo = get<float>(params, "cispo_lo");
-  p.vespo_k_pos = get<float>(params, "vespo_k_pos");
-  p.vespo_lambda_pos = get<float>(params, "vespo_lambda_pos");
-  p.vespo_k_neg = get<float>(params, "vespo_k_neg");
-  p.vespo_lambda_neg = get<float>(params, "vespo_lambda_neg");
   return a;
 }
 
@@ -124,9 +82,11 @@ PYBIND11_MODULE(GK_MODULE_NAME, m) {
                                   reinterpret_cast<void*>(out), out_sb, out_st, gk::LogitTransform{scale, cap} GK_STREAM);
         });
   m.def("objective",
-        [](py::dict ptrs, py::dict params, int64_t row_lo, int64_t row_hi, int64_t seq_lo, int64_t seq_hi,
-           bool adv_per_token, bool weights_per_seq GK_STREAM_ARG) {
-          gk::ObjectiveArgs args = objective_args(ptrs, params, row_lo, row_hi, adv_per_token, weights_per_seq);
+        [](const std::vector<uintptr_t>& buffers, const std::vector<int64_t>& ints, const std::vector<double>& floats,
+           int64_t row_lo, int64_t row_hi, int64_t seq_lo, int64_t seq_hi, bool adv_per_token,
+           bool weights_per_seq GK_STREAM_ARG) {
+          gk::ObjectiveArgs args =
+              objective_args(buffers, ints, floats, row_lo, row_hi, adv_per_token, weights_per_seq);
           py::gil_scoped_release release;
           impl::objective(args, seq_lo, seq_hi GK_STREAM);
         });

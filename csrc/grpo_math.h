@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "options.h"
+
 #ifdef __CUDACC__
 #define GK_HD __host__ __device__ __forceinline__
 #else
@@ -130,27 +132,8 @@ GK_HD float transform_grad(float z_prime, const LogitTransform& f) {
 }
 
 // ------------------------------------------------------------------ the loss options
-enum PolicyLoss : int { PG_CLIP = 0, PG_CISPO = 1, PG_SAPO = 2, PG_VESPO = 3 };
-enum Level : int { LEVEL_TOKEN = 0, LEVEL_SEQUENCE = 1, LEVEL_SEQUENCE_TOKEN = 2 };
-enum KlKind : int { KL_NONE = 0, KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 };
-enum IsMode : int { IS_NONE = 0, IS_TOKEN_TRUNCATE = 1, IS_TOKEN_MASK = 2, IS_SEQ_TRUNCATE = 3, IS_SEQ_MASK = 4 };
-enum Agg : int { AGG_SEQ_MEAN_TOKEN_MEAN = 0, AGG_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_SEQ_SUM_NORM = 3 };
-
-struct LossParams {
-  int pg, level, kl, is_mode, agg;
-  float eps_low, eps_high;
-  int has_delta;
-  float delta;
-  int has_dual;
-  float dual_clip, sapo_pos, sapo_neg, beta;
-  int has_kl_clamp;
-  float kl_clamp;
-  int bias_corr, has_off_policy;
-  float off_thresh, is_lo, is_hi, entropy_coef;
-  float log_ratio_lo, log_ratio_hi;  // clamp of the log importance weight (±inf: none)
-  float cispo_lo;                    // lower bound of cispo's weight (−inf: none)
-  float vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg;
-};
+// The enums (PolicyLoss, Level, KlKind, IsMode, Agg, Slot), LossParams and ObjectiveBuffers come from
+// options.h, generated from grpo_kernels/options.py.
 
 struct PolicyTerm {
   float loss, d_rho, direct;  // ℓ_pg, ∂ℓ/∂ρ, ∂ℓ/∂logp through other paths (cispo)
@@ -222,8 +205,8 @@ GK_HD KlTerm kl_term(float logp, float ref, const LossParams& p) {
   } else {
     float d_x = 1.f;
     if (p.has_kl_clamp) {
-      d_x = (x >= -20.f && x <= 20.f) ? 1.f : 0.f;
-      x = fminf(fmaxf(x, -20.f), 20.f);
+      d_x = (x >= -kKlLogRatioClamp && x <= kKlLogRatioClamp) ? 1.f : 0.f;
+      x = fminf(fmaxf(x, -kKlLogRatioClamp), kKlLogRatioClamp);
     }
     out.value = k3_value(x);
     out.d_logp = -(out.value + x) * d_x;  // −(e^x − 1) = −(k3 + x), accurate at small x too
@@ -253,51 +236,26 @@ GK_HD float token_is_weight(float old, float sampling, const LossParams& p) {
   return is_clip(expf(nan_to_zero(old - sampling)), p.is_mode == IS_TOKEN_TRUNCATE, p.is_lo, p.is_hi);
 }
 
-// Per-sequence partial sums written by objective_sequence, in this order.
-enum Slot : int {
-  SLOT_LOSS = 0, SLOT_COUNT, SLOT_ENTROPY, SLOT_LOW, SLOT_HIGH, SLOT_REGION, SLOT_RATIO_SUM, SLOT_RATIO_MAX,
-  SLOT_KL, SLOT_IS, SLOT_CISPO_CLIP, SLOT_VESPO_PHI, NUM_SLOTS = 16
-};
-
 // Tokens are packed (N,): sequence b holds rows [cu_seqlens[b], cu_seqlens[b+1]) (padded (B, T)
 // is cu_seqlens = arange(B+1)·T). A pass covers rows [row_lo, row_hi) of sequences [seq_lo, seq_hi).
-struct ObjectiveArgs {
-  const float* logp;
-  const float* entropy;
-  const uint8_t* mask;
-  const int64_t* cu_seqlens;  // (B+1,)
-  const float* counts;        // (B,) unmasked tokens of each whole sequence (a pass may see part of one)
-  const float* adv;  // (B,) or (N,)
-  const float* old;  // nullptr: on policy
-  const float* ref;
-  const float* sampling;
-  const float* token_weights;   // the caller's is_weights, (N,) or (B,); nullptr: none
-  const uint8_t* keep_entropy;  // nullptr: no entropy mask
-  const float* norm;      // aggregation normaliser (1 element)
-  const float* ent_norm;  // entropy-bonus normaliser (1 element)
-  float* per_token_loss;
-  float* g_logp;
-  float* g_entropy;
-  float* partials;  // (B, NUM_SLOTS): a pass adds its sums (the ratio max: takes the max)
+struct ObjectiveArgs : ObjectiveBuffers {
   int64_t row_lo, row_hi;
-  int adv_per_token;
-  int weights_per_seq;  // token_weights holds one weight per sequence
+  int adv_per_token;    // advantages hold one value per token, (N,), not (B,)
+  int weights_per_seq;  // token_weights hold one weight per sequence
   LossParams p;
 };
-
-constexpr float kVespoLogWMin = -18.420680743952367f;  // log(1e-8), TRL's clamp of log w
 
 // VESPO's Gamma weight φ = exp(λ + k·log w − λ·w), (k, λ) by the advantage's sign; non-finite → 0.
 GK_HD float vespo_phi(float log_w, float adv, const LossParams& p) {
   const bool pos = adv >= 0.f;
   const float k = pos ? p.vespo_k_pos : p.vespo_k_neg;
   float lam = pos ? p.vespo_lambda_pos : p.vespo_lambda_neg;
-  lam = lam < 1e-4f ? 1e-4f : lam;
+  lam = lam < kVespoLambdaMin ? kVespoLambdaMin : lam;
   const float phi = expf(lam + k * log_w - lam * expf(log_w));
   return (phi == phi && phi < INFINITY) ? phi : 0.f;
 }
 
-GK_HD float clamp_vespo_log(float x) { return fminf(fmaxf(x, kVespoLogWMin), 20.f); }
+GK_HD float clamp_vespo_log(float x) { return fminf(fmaxf(x, kVespoLogWMin), kVespoLogWMax); }
 
 // The objective of the rows of sequence b in [row_lo, row_hi): per-token loss, dL/dlogp, dL/dH,
 // and partial sums added to partials[b]. Pass 1: sequence sums; pass 2: tokens; pass 3 (GSPO):
@@ -311,7 +269,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   const float norm = *a.norm;
   const bool vespo = p.pg == PG_VESPO;
   const bool is_token = p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK;
-  const bool is_seq_mode = p.is_mode == IS_SEQ_TRUNCATE || p.is_mode == IS_SEQ_MASK;
+  const bool is_seq_mode = p.is_mode == IS_SEQUENCE_TRUNCATE || p.is_mode == IS_SEQUENCE_MASK;
   double n_tok = 0.0, sum_delta = 0.0, sum_off = 0.0, sum_isd = 0.0, vespo_log = 0.0;
   for (int64_t i = lo; i < hi; ++i) {
     if (!a.mask[i]) continue;
@@ -325,7 +283,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     }
     if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[i]);
     if (vespo) {
-      vespo_log += fminf(fmaxf(logp - old, -20.f), 20.f);
+      vespo_log += fminf(fmaxf(logp - old, -kVespoTokenLogRatio), kVespoTokenLogRatio);
       if (is_token) vespo_log += clamp_vespo_log(logf(token_is_weight(old, a.sampling[i], p)));
       if (a.token_weights && !a.weights_per_seq) vespo_log += clamp_vespo_log(logf(a.token_weights[i]));
     }
@@ -336,7 +294,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   const float seq_inside = log_ratio_inside(w_seq, p);
   const float off_kl = static_cast<float>(sum_off / n_b);
   float is_seq = expf(static_cast<float>(sum_isd));
-  if (is_seq_mode) is_seq = is_clip(is_seq, p.is_mode == IS_SEQ_TRUNCATE, p.is_lo, p.is_hi);
+  if (is_seq_mode) is_seq = is_clip(is_seq, p.is_mode == IS_SEQUENCE_TRUNCATE, p.is_lo, p.is_hi);
   const float seq_weight = a.token_weights && a.weights_per_seq ? a.token_weights[b] : 1.f;
   float vespo_log_w = 0.f;
   if (vespo) {
@@ -346,7 +304,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
   }
   const float agg_w = p.agg == AGG_SEQ_MEAN_TOKEN_MEAN ? 1.f / (n_b * norm) : 1.f / norm;
   const float ent_w = p.entropy_coef != 0.f ? p.entropy_coef / *a.ent_norm : 0.f;
-  const float adv_seq = a.adv_per_token ? 0.f : a.adv[b];
+  const float adv_seq = a.adv_per_token ? 0.f : a.advantages[b];
 
   double acc_loss = 0.0, acc_ent = 0.0, acc_low = 0.0, acc_high = 0.0, acc_region = 0.0, acc_rho = 0.0, acc_kl = 0.0,
          acc_is = 0.0, acc_drho = 0.0, acc_cispo = 0.0, acc_phi = 0.0;
@@ -360,7 +318,7 @@ GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
     }
     float logp = a.logp[i], ent = a.entropy[i];
     float old = a.old ? a.old[i] : logp;
-    float adv = a.adv_per_token ? a.adv[i] : adv_seq;
+    float adv = a.adv_per_token ? a.advantages[i] : adv_seq;
     float rho, d_rho_direct;
     if (p.level == LEVEL_TOKEN) {
       rho = expf(clamp_log_ratio(logp - old, p));

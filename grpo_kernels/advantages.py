@@ -11,7 +11,7 @@ import torch
 
 from .ops import resolve_backend
 from .ops.advantages import group_advantages as advantages_op
-from .ops.dispatch import backend_module
+from .ops.advantages import zscore_within_groups
 from .outputs import AdvantageOutput
 from .validation import FLOAT_DTYPES, INT_DTYPES, DeferredChecks, require_device, require_shape, require_tensor
 
@@ -58,7 +58,7 @@ def group_advantages(
     r = rewards.float() if rewards.dtype != torch.float64 else rewards
     w = weights.to(r.dtype)
     if reward_aggregation == "normalize_then_sum":
-        r = backend_module("torch").zscore_within_groups(r, group_index, num_groups, eps, group_size)
+        r = zscore_within_groups(r, group_index, num_groups, eps, group_size, name)
         scale = "gdpo"
     else:
         scale = scale_rewards

@@ -7,13 +7,11 @@ not deep inside a kernel.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .ops.dispatch import trace_as_constant
+from .options import Agg, IsMode, KlKind, Level, LossParams, PolicyLoss
 from .transform import LogitTransform
 
 LOSS_TYPE_PRESETS = {
@@ -27,11 +25,11 @@ LOSS_TYPE_PRESETS = {
     "luspo": ("clip", "seq-mean-token-sum"),
     "vespo": ("vespo", "token-mean"),
 }
-POLICY_LOSSES = ("clip", "cispo", "sapo", "vespo")
-LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+POLICY_LOSSES = PolicyLoss.names()
+LOSS_AGG_MODES = Agg.names()
+IMPORTANCE_SAMPLING_LEVELS = Level.names()
 KL_ESTIMATOR_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
-IS_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+IS_CORRECTION_MODES = IsMode.names()[1:]
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -228,6 +226,32 @@ class GRPOLossConfig:
         """bnpo normalises by the local token count, as TRL does; other token-mean users take the global count."""
         return self.agg_mode == "token-mean" and not (self.loss_type == "bnpo" and self.loss_agg_mode is None)
 
+    @property
+    def params(self) -> LossParams:
+        """The config as the plain scalars every layer below the public API takes (options.LossParams)."""
+        inf, transform = math.inf, self.logit_transform.kernel
+        bound = lambda x, default: default if x is None else float(x)  # noqa: E731
+        return LossParams(
+            pg=int(PolicyLoss.parse(self.pg_loss)), level=int(Level.parse(self.importance_sampling_level)),
+            kl=int(KlKind.parse(self.kl_kind) if self.beta != 0.0 else KlKind.NONE),
+            is_mode=int(IsMode.parse(self.is_correction)), agg=int(Agg.parse(self.agg_mode)),
+            has_delta=int(self.delta is not None), has_dual=int(self.dual_clip is not None),
+            has_kl_clamp=int(self.kl_clamp is not None), bias_corr=int(self.use_bias_correction_kl),
+            has_off_policy=int(self.off_policy_mask_threshold is not None),
+            has_entropy_mask=int(self.top_entropy_quantile < 1.0), uses_num_items=int(self.uses_num_items_in_batch),
+            couples_tokens=int(self.couples_tokens), max_completion_length=self.max_completion_length or 0,
+            eps_low=self.eps_low, eps_high=self.eps_high, delta=bound(self.delta, inf),
+            dual_clip=bound(self.dual_clip, inf), sapo_pos=float(self.sapo_temperature_pos),
+            sapo_neg=float(self.sapo_temperature_neg), beta=float(self.beta), kl_clamp=bound(self.kl_clamp, inf),
+            off_thresh=bound(self.off_policy_mask_threshold, inf), is_lo=bound(self.is_clip_min, -inf),
+            is_hi=bound(self.is_clip_max, inf), entropy_coef=float(self.entropy_coef),
+            log_ratio_lo=bound(self.log_ratio_min, -inf), log_ratio_hi=bound(self.log_ratio_max, inf),
+            cispo_lo=bound(self.cispo_weight_min, -inf), vespo_k_pos=float(self.vespo_k_pos),
+            vespo_lambda_pos=float(self.vespo_lambda_pos), vespo_k_neg=float(self.vespo_k_neg),
+            vespo_lambda_neg=float(self.vespo_lambda_neg), top_entropy_quantile=float(self.top_entropy_quantile),
+            transform_scale=transform.scale, transform_cap=transform.cap,
+        )
+
     def replace(self, **overrides) -> "GRPOLossConfig":
         """A validated copy with some fields changed; unknown names raise TypeError naming them."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -237,63 +261,13 @@ class GRPOLossConfig:
         return dataclasses.replace(self, **overrides) if overrides else self
 
 
-def _resolve(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
-    if config is None:
-        config = GRPOLossConfig()
-    elif not isinstance(config, GRPOLossConfig):
-        raise TypeError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
-    return config.replace(**overrides)
-
-
-_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GRPOLossConfig))
-# Configs by their JSON text, newest last. The custom ops take a config as its text; the text
-# leads back to the object without parsing (torch.compile follows a dict lookup, not json.loads).
-_CONFIGS: dict = {}
-_CONFIGS_KEPT = 256
-
-
-def _remember(cfg: GRPOLossConfig) -> str:
-    # asdict + dumps cost ~75 µs a call: once per object and set of values (a field may be reassigned).
-    values = tuple(getattr(cfg, f) for f in _FIELD_NAMES)
-    cached = cfg.__dict__.get("_json_cache")
-    if cached is not None and cached[0] == values:
-        text = cached[1]
-    else:
-        text = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-        cfg.__dict__["_json_cache"] = (values, text)  # not a field: asdict, replace and == ignore it
-    if _CONFIGS.get(text) is cfg:
-        return text
-    _CONFIGS.pop(text, None)
-    _CONFIGS[text] = cfg
-    while len(_CONFIGS) > _CONFIGS_KEPT:
-        _CONFIGS.pop(next(iter(_CONFIGS)))
-    return text
-
-
-@trace_as_constant
-def config_json(cfg: GRPOLossConfig) -> str:
-    """The config as JSON text, the form the custom ops take."""
-    return _remember(cfg)
-
-
-@trace_as_constant
-def _resolved_json(config: Optional[GRPOLossConfig], overrides: dict) -> str:
-    return _remember(_resolve(config, overrides))
-
-
-def config_from_json(text: str) -> GRPOLossConfig:
-    cfg = _CONFIGS.get(text)
-    return cfg if cfg is not None else _parse_config(text)
-
-
-@functools.lru_cache(maxsize=64)
-def _parse_config(text: str) -> GRPOLossConfig:
-    return GRPOLossConfig(**json.loads(text))
-
-
 def resolve_config(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
     """`config` (default GRPOLossConfig()) with keyword overrides of its fields, validated.
 
-    Under torch.compile the config is built once at trace time, by Python, not traced: a config
-    built by traced code would reach the custom ops without its overrides."""
-    return config_from_json(_resolved_json(config, overrides))
+    Plain Python: under torch.compile it runs at trace time, and the values it yields reach the
+    custom ops as constants of the graph (overrides included)."""
+    if config is None:
+        return GRPOLossConfig(**overrides)
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config

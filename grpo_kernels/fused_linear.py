@@ -19,23 +19,23 @@ the loss, log-probs, entropy, per-token loss and metrics leave as the Function's
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from .config import resolve_config
-from .config import config_from_json, config_json
 from .inputs import (
     Tokens, advantages_per_token, check_ids_and_mask, check_num_items, check_objective_inputs, flat, loss_output,
     masked_logprobs, token_layout, token_mask, weights_per_sequence,
 )
 from .ops import objective_inputs as io
 from .ops.dispatch import resolve_backend, stats_dtype
-from .ops.logprobs import logits_grad_inplace, safe_ids
+from .ops.logprobs import logits_grad, safe_ids
 from .ops.normalizers import batch_totals
-from .ops.objective import objective_pass_op
+from .ops.objective import objective_pass
 from .outputs import GRPOLossOutput
-from .transform import LogitTransform
+from .options import LossParams
+from .transform import KernelTransform, LogitTransform
 from .validation import (
     FLOAT_DTYPES, LOGITS_FROM_HIDDEN, DeferredChecks, check_ids, check_logp_finite, require_device, require_tensor,
 )
@@ -47,13 +47,13 @@ from .vocab_parallel import VocabShard, gradient_ids, rows_stats, vocab_shard
 AUTO_CHUNK_BYTES = {"cuda": 256 * 1024 * 1024, "cpu": 128 * 1024 * 1024}
 
 
-def _check_linear_inputs(hidden, weight, bias, cu_seqlens):
+def _check_linear_inputs(hidden, weight, bias, packed: Optional[bool]):
+    """packed: hidden must be (N, H) (True), (B, T, H) (False), or any (..., H) (None)."""
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, kind="a float tensor of last hidden states")
     require_tensor("weight", weight, dtypes=FLOAT_DTYPES, kind="the float (V, H) lm_head weight")
     _refuse_sharded_parameter(weight)
-    expected = 2 if cu_seqlens is not None else 3
-    if hidden.dim() != expected:
-        layout = "packed (N, H) with cu_seqlens" if cu_seqlens is not None else "padded (B, T, H)"
+    if packed is not None and hidden.dim() != (2 if packed else 3):
+        layout = "packed (N, H) with cu_seqlens" if packed else "padded (B, T, H)"
         raise ValueError(f"hidden must be {layout}, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
@@ -185,20 +185,49 @@ def accumulate_input_grads(dlogits: torch.Tensor, h: torch.Tensor, weight: torch
         d_bias.add_(dlogits.sum(0, dtype=d_bias.dtype))
 
 
+class LossBatch(NamedTuple):
+    """The per-token inputs of one fused-linear loss call, flat: ids, mask (N,); advantages and
+    is_weights (B,) or (N,); old, ref, sampling (N,) or None; num_items a number or None;
+    cu_seqlens (B+1,)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old: Optional[torch.Tensor]
+    ref: Optional[torch.Tensor]
+    sampling: Optional[torch.Tensor]
+    is_weights: Optional[torch.Tensor]
+    num_items: object
+    cu_seqlens: torch.Tensor
+
+
+class LinearPlan(NamedTuple):
+    """Everything but the tensors that steers one fused-linear loss call."""
+
+    params: LossParams
+    backend: str
+    rows: int  # rows of logits per chunk
+    accumulate_fp32: bool
+    packed: bool
+    token_shape: tuple
+    adv_per_token: bool
+    weights_per_seq: bool
+    shard: Optional[VocabShard]  # this rank's slice of a vocabulary-parallel lm_head (vocab_parallel.py)
+    reduce_hidden_grad: bool
+
+
 class _FusedLinearGRPO(torch.autograd.Function):
     """Forward computes the loss, its outputs and every input gradient, chunk by chunk; backward
     scales the gradients by the upstream one. Each token's objective is evaluated once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, mask, advantages, old, ref, sampling, is_weights, num_items,
-                cu_seqlens, token_shape, config: str, backend: str, rows: int, accumulate_fp32: bool, packed: bool,
-                adv_per_token: bool, weights_per_seq: bool, shard: Optional[VocabShard], reduce_hidden_grad: bool):
-        # Plain arguments only (the config as its JSON text, the layout as a tensor and a shape):
-        # torch.compile traces this forward and must see every value that steers it. `shard`: this
-        # rank's slice of a vocabulary-parallel lm_head (vocab_parallel.py), or None.
-        cfg = config_from_json(config)
-        tokens = Tokens(token_shape, cu_seqlens, cu_seqlens.numel() - 1)
-        tau = cfg.logit_transform
+    def forward(ctx, hidden, weight, bias, plan: "LinearPlan", *tensors):
+        # The per-token tensors come as positional tensors (LossBatch order) so that torch.compile
+        # sees each one; everything else that steers the call is in `plan`, plain values.
+        ids, mask, advantages, old, ref, sampling, is_weights, num_items, cu_seqlens = tensors
+        params, backend, rows, shard = plan.params, plan.backend, plan.rows, plan.shard
+        tokens = Tokens(plan.token_shape, cu_seqlens, cu_seqlens.numel() - 1)
+        tau = KernelTransform(params.transform_scale, params.transform_cap)
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         n, bsz = tokens.num_tokens, tokens.num_sequences
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -208,17 +237,17 @@ class _FusedLinearGRPO(torch.autograd.Function):
         logp_all = torch.zeros(n, dtype=stats_dtype(hidden), device=hidden.device)
         ent_all, lse_all = torch.zeros_like(logp_all), torch.zeros_like(logp_all)
 
-        if cfg.top_entropy_quantile < 1.0:  # the quantile is batch-wide: one forward pass first
+        if params.has_entropy_mask:  # the quantile is batch-wide: one forward pass first
             for s0, s1 in row_blocks(0, n, rows):
                 _, ent_all[s0:s1], _ = rows_stats(logits_of(s0, s1), ids[s0:s1], tau, backend, shard)
-        totals = batch_totals(ent_all, mask, tokens.cu_seqlens, cfg, num_items)
-        prep = io.prepare(logp_all, ent_all, mask, advantages, tokens.cu_seqlens, cfg, old_logp=old, ref_logp=ref,
-                          sampling_logp=sampling, is_weights=is_weights, totals=totals, adv_per_token=adv_per_token,
-                          weights_per_seq=weights_per_seq)
+        totals = batch_totals(ent_all, mask, tokens.cu_seqlens, params, num_items)
+        prep = io.prepare(logp_all, ent_all, mask, advantages, tokens.cu_seqlens, params, old_logp=old, ref_logp=ref,
+                          sampling_logp=sampling, is_weights=is_weights, totals=totals,
+                          adv_per_token=plan.adv_per_token, weights_per_seq=plan.weights_per_seq)
         logp_all, ent_all = prep.logp, prep.entropy  # the same buffers (already flat and contiguous)
 
         d_hidden = torch.empty_like(h_rows) if need_h else None
-        d_weight = (torch.zeros(weight.shape, dtype=grad_accumulator_dtype(weight, accumulate_fp32),
+        d_weight = (torch.zeros(weight.shape, dtype=grad_accumulator_dtype(weight, plan.accumulate_fp32),
                                 device=weight.device) if need_w else None)
         d_bias = (torch.zeros(weight.shape[0], dtype=grad_accumulator_dtype(weight, True), device=weight.device)
                   if need_b else None)
@@ -230,14 +259,14 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         def backward_rows(logits, s0, s1):
             # Without an entropy bonus dL/dH is 0: the cheaper backward without the entropy term.
-            g_ent = prep.g_entropy[s0:s1] if cfg.entropy_coef != 0.0 else None
-            dlogits = logits_grad_inplace(logits, gradient_ids(ids[s0:s1], shard), lse_all[s0:s1], ent_all[s0:s1],
-                                          prep.g_logp[s0:s1], g_ent, tau, backend)
+            g_ent = prep.g_entropy[s0:s1] if params.entropy_coef != 0.0 else None
+            dlogits = logits_grad(logits, gradient_ids(ids[s0:s1], shard), lse_all[s0:s1], ent_all[s0:s1],
+                                  prep.g_logp[s0:s1], g_ent, tau, backend, inplace=True)
             accumulate_input_grads(dlogits, h_rows[s0:s1], weight, None if d_hidden is None else d_hidden[s0:s1],
                                    d_weight, d_bias)
 
-        if cfg.couples_tokens:
-            chunks = _whole_sequence_chunks(tokens, rows, packed)
+        if params.couples_tokens:
+            chunks = _whole_sequence_chunks(tokens, rows, plan.packed)
         else:
             # A token's gradient needs only its own log-prob, its sequence's token count and the
             # batch-wide normalisers: row blocks whatever the sequences (each pass covering every
@@ -247,7 +276,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
             blocks = row_blocks(r0, r1, rows)
             if len(blocks) == 1:  # the chunk's logits fit the budget: kept between the passes (6·N·H·V)
                 logits = forward_rows(r0, r1)
-                objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
+                objective_pass(prep, params, backend, (r0, r1), (b0, b1))
                 if need_grad:
                     backward_rows(logits, r0, r1)
                 continue
@@ -256,12 +285,12 @@ class _FusedLinearGRPO(torch.autograd.Function):
             # block's logits for the backward (8·H·V FLOPs per token instead of 6; memory bounded).
             for s0, s1 in blocks:
                 forward_rows(s0, s1)
-            objective_pass_op(prep, cfg, backend, (r0, r1), (b0, b1))
+            objective_pass(prep, params, backend, (r0, r1), (b0, b1))
             if need_grad:
                 for s0, s1 in blocks:
                     backward_rows(logits_of(s0, s1), s0, s1)
 
-        if shard is not None and reduce_hidden_grad and d_hidden is not None:
+        if shard is not None and plan.reduce_hidden_grad and d_hidden is not None:
             shard.all_reduce(d_hidden)  # each slice's dlogits @ W_k is a partial sum over the vocabulary
         loss, vector = io.finish(prep)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -278,7 +307,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
                 g = g.mul_(grad_loss.to(g.dtype)).to(dtype)
             grads.append(g)
         d_hidden = None if grads[0] is None else grads[0].view(ctx.input_shape)
-        return (d_hidden, grads[1], grads[2]) + (None,) * 19
+        return (d_hidden, grads[1], grads[2], None) + (None,) * len(LossBatch._fields)
 
 
 def fused_linear_grpo_loss(
@@ -330,8 +359,9 @@ def fused_linear_grpo_loss(
     ("auto" sizes the chunks for the widest slice on every rank).
     """
     cfg = resolve_config(config, overrides)
+    params = cfg.params
     checks = DeferredChecks(validate)
-    _check_linear_inputs(hidden, weight, bias, cu_seqlens)
+    _check_linear_inputs(hidden, weight, bias, cu_seqlens is not None)
     token_shape = tuple(hidden.shape[:-1])
     tokens = token_layout(token_shape, hidden.device, cu_seqlens, checks, "hidden")
     mask = check_ids_and_mask(ids, mask, token_shape, hidden.device, checks, "hidden")
@@ -343,14 +373,15 @@ def fused_linear_grpo_loss(
     shard = _sharded_vocab(hidden, weight, process_group, vocab_start, validate)
     check_ids(ids, vocab if shard is None else shard.total, mask, checks)
     flat_mask = token_mask(mask, tokens, hidden.device)
-    loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(
-        hidden, weight, bias, _kernel_ids(ids, vocab, shard), flat_mask, flat(advantages), flat(old_logps),
-        flat(ref_logps), flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens.cu_seqlens, token_shape,
-        config_json(cfg), name, _chunk_rows(chunk_size, vocab, hidden, shard), accumulate_weight_grad_fp32,
-        cu_seqlens is not None, advantages_per_token(advantages, tokens),
-        is_weights is not None and weights_per_sequence(is_weights, tokens), shard, bool(reduce_hidden_grad))
+    plan = LinearPlan(params, name, _chunk_rows(chunk_size, vocab, hidden, shard), bool(accumulate_weight_grad_fp32),
+                      cu_seqlens is not None, token_shape, advantages_per_token(advantages, tokens),
+                      is_weights is not None and weights_per_sequence(is_weights, tokens), shard,
+                      bool(reduce_hidden_grad))
+    batch = LossBatch(_kernel_ids(ids, vocab, shard), flat_mask, flat(advantages), flat(old_logps), flat(ref_logps),
+                      flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens.cu_seqlens)
+    loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(hidden, weight, bias, plan, *batch)
     check_logp_finite(logp, entropy, flat_mask, checks, LOGITS_FROM_HIDDEN)
-    out = loss_output(loss, logp, entropy, per_token_loss, io.metrics_from_vector(vector, cfg), flat_mask,
+    out = loss_output(loss, logp, entropy, per_token_loss, io.metrics_from_vector(vector, params), flat_mask,
                       token_shape, checks)
     checks.raise_first()
     return out
@@ -394,8 +425,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         g_ent = None if g_ent is None else g_ent.to(lse.dtype).contiguous()
         logits_of = _LogitsBuffer(min(ctx.rows, max(ids.numel(), 1)), weight, bias, h_rows)
         for r0, r1 in row_blocks(0, ids.numel(), ctx.rows):
-            dlogits = logits_grad_inplace(logits_of(r0, r1), ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
-                                          None if g_ent is None else g_ent[r0:r1], ctx.transform, ctx.backend)
+            dlogits = logits_grad(logits_of(r0, r1), ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
+                                  None if g_ent is None else g_ent[r0:r1], ctx.transform, ctx.backend, inplace=True)
             accumulate_input_grads(dlogits, h_rows[r0:r1], weight, None if d_hidden is None else d_hidden[r0:r1],
                                    d_weight, d_bias)
         if ctx.shard is not None and ctx.reduce_hidden_grad and d_hidden is not None:
@@ -435,8 +466,8 @@ def fused_linear_selective_logprobs(
     `fused_linear_grpo_loss` (weight holds this rank's (V_local, H) rows).
     """
     checks = DeferredChecks(validate)
-    _check_linear_inputs(hidden, weight, bias, None if hidden.dim() == 3 else torch.zeros(2))
-    transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
+    _check_linear_inputs(hidden, weight, bias, None)
+    transform = LogitTransform(temperature, logit_scale, final_logit_softcapping).kernel
     mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device, checks, "hidden")
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     shard = _sharded_vocab(hidden, weight, process_group, vocab_start, validate)

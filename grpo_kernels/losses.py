@@ -23,14 +23,16 @@ from .ops import logprobs_with_entropy, resolve_backend
 from .ops.dispatch import stats_dtype
 from .ops.objective import fused_objective
 from .outputs import GRPOLossOutput
-from .transform import LogitTransform
+from .options import LossParams
+from .transform import KernelTransform, LogitTransform
 from .vocab_parallel import VocabShard, vocab_parallel_logprobs, vocab_shard
 from .validation import FLOAT_DTYPES, DeferredChecks, check_finite, check_ids, check_logp_finite, require_device, \
     require_shape, require_tensor
 
 
 def objective_from_logprobs(
-    logp_rows, entropy_rows, tokens: Tokens, mask, advantages, cfg, backend: str, checks: DeferredChecks, *,
+    logp_rows, entropy_rows, tokens: Tokens, mask, advantages, params: LossParams, backend: str,
+    checks: DeferredChecks, *,
     old_logps=None, ref_logps=None, sampling_logps=None, is_weights=None, num_items_in_batch=None,
 ) -> GRPOLossOutput:
     """Apply the per-token objective to flat (N,) logp/entropy (differentiable) in the backend's
@@ -38,9 +40,9 @@ def objective_from_logprobs(
     flat_mask = token_mask(mask, tokens, logp_rows.device)
     # Without an entropy bonus the loss does not depend on H: detached, the log-prob backward then
     # takes its cheaper path without the entropy term (the entropy mask is detached anyway).
-    entropy_in = entropy_rows if cfg.entropy_coef != 0.0 else entropy_rows.detach()
+    entropy_in = entropy_rows if params.entropy_coef != 0.0 else entropy_rows.detach()
     loss, per_token_loss, metrics = fused_objective(
-        flat(logp_rows), flat(entropy_in), flat_mask, flat(advantages), tokens.cu_seqlens, cfg,
+        flat(logp_rows), flat(entropy_in), flat_mask, flat(advantages), tokens.cu_seqlens, params,
         backend, adv_per_token=advantages_per_token(advantages, tokens),
         weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens),
         old_logp=flat(old_logps), ref_logp=flat(ref_logps), sampling_logp=flat(sampling_logps),
@@ -120,7 +122,7 @@ def selective_logprobs(
         token_layout(tuple(logits.shape[:-1]), logits.device, cu_seqlens, checks)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (..., V), got shape {tuple(logits.shape)}")
-    transform = LogitTransform(temperature, logit_scale, final_logit_softcapping)
+    transform = LogitTransform(temperature, logit_scale, final_logit_softcapping).kernel
     mask = check_ids_and_mask(ids, mask, tuple(logits.shape[:-1]), logits.device, checks)
     name = resolve_backend(backend, logits.device, logits.dtype)
     shard = logits_shard(logits, process_group, vocab_start, validate)
@@ -177,10 +179,12 @@ def grpo_loss(
     name = resolve_backend(backend, logits.device, logits.dtype)
     shard = logits_shard(logits, process_group, vocab_start, validate)
     check_ids(ids, logits.shape[-1] if shard is None else shard.total, mask, checks)
-    logp, entropy, _ = _logprobs(logits, ids, cfg.logit_transform, name, inplace_backward, True, shard)
+    params = cfg.params
+    transform = KernelTransform(params.transform_scale, params.transform_cap)
+    logp, entropy, _ = _logprobs(logits, ids, transform, name, inplace_backward, True, shard)
     check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1), checks)
     out = objective_from_logprobs(
-        logp, entropy, tokens, mask, advantages, cfg, name, checks, old_logps=old_logps, ref_logps=ref_logps,
+        logp, entropy, tokens, mask, advantages, params, name, checks, old_logps=old_logps, ref_logps=ref_logps,
         sampling_logps=sampling_logps, is_weights=is_weights, num_items_in_batch=num_items_in_batch,
     )
     checks.raise_first()
@@ -236,7 +240,7 @@ def grpo_loss_from_logprobs(
         check_finite("entropy", entropy, mask, checks)
     name = resolve_backend(backend, logps.device, logps.dtype)
     out = objective_from_logprobs(
-        logps.to(dtype).reshape(-1), entropy.to(dtype).reshape(-1), tokens, mask, advantages, cfg, name, checks,
+        logps.to(dtype).reshape(-1), entropy.to(dtype).reshape(-1), tokens, mask, advantages, cfg.params, name, checks,
         old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps, is_weights=is_weights,
         num_items_in_batch=check_num_items(num_items_in_batch),
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -26,8 +26,34 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+class KernelTransform(NamedTuple):
+    """The transform as every kernel takes it: z' = scale·z (cap = 0) or cap·tanh(scale·z)."""
+
+    scale: float = 1.0
+    cap: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.cap == 0.0 and self.scale == 1.0
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """z' from logits z (any float dtype, computed in z's dtype), −inf kept."""
+        if self.cap == 0.0:
+            return z if self.scale == 1.0 else z * self.scale
+        return torch.where(torch.isneginf(z), z, torch.tanh(z * self.scale) * self.cap)
+
+    def derivative(self, z_prime: torch.Tensor) -> torch.Tensor:
+        """dz'/dz as a function of z' (0 where z' = −inf)."""
+        if self.cap == 0.0:
+            return torch.full_like(z_prime, self.scale)
+        t = z_prime / self.cap
+        return torch.where(torch.isneginf(z_prime), 0.0, (1.0 - t * t) * (self.cap * self.scale))
+
+
 @dataclass(frozen=True)
 class LogitTransform:
+    """The user's (temperature, logit_scale, final_logit_softcapping), validated."""
+
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: Optional[float] = None
@@ -39,31 +65,12 @@ class LogitTransform:
             _positive("final_logit_softcapping", self.softcap)
 
     @property
-    def kernel_params(self) -> Tuple[float, float]:
+    def kernel(self) -> KernelTransform:
         """(scale, cap) as every kernel takes them; cap = 0 means no softcap."""
         if self.softcap is None:
-            return float(self.logit_scale) / float(self.temperature), 0.0
-        return float(self.logit_scale) / float(self.softcap), float(self.softcap) / float(self.temperature)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.softcap is None and self.logit_scale == 1.0 and self.temperature == 1.0
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """z' from logits z (any float dtype, computed in z's dtype), −inf kept."""
-        scale, cap = self.kernel_params
-        if cap == 0.0:
-            return z if scale == 1.0 else z * scale
-        return torch.where(torch.isneginf(z), z, torch.tanh(z * scale) * cap)
-
-    def derivative(self, z_prime: torch.Tensor) -> torch.Tensor:
-        """dz'/dz as a function of z' (0 where z' = −inf)."""
-        scale, cap = self.kernel_params
-        if cap == 0.0:
-            return torch.full_like(z_prime, scale)
-        t = z_prime / cap
-        return torch.where(torch.isneginf(z_prime), 0.0, (1.0 - t * t) * (cap * scale))
-
+            return KernelTransform(float(self.logit_scale) / float(self.temperature), 0.0)
+        return KernelTransform(float(self.logit_scale) / float(self.softcap),
+                               float(self.softcap) / float(self.temperature))
 
 
 def model_logit_options(model_config) -> dict:

@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .ops.logprobs import logits_grad, logprobs_rows, transform_floats
-from .transform import LogitTransform
+from .ops.logprobs import logits_grad, logprobs_rows
+from .transform import KernelTransform
 
 # The per-rank layout entries compared before any per-row collective: a disagreement raises on
 # every rank (they all see the same gathered table) instead of hanging in a mismatched all-reduce.
@@ -148,14 +148,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     writes the gradient of this rank's slice only (no communication)."""
 
     @staticmethod
-    def forward(ctx, logits, ids, shard: VocabShard, transform: LogitTransform, backend: str, inplace: bool,
+    def forward(ctx, logits, ids, shard: VocabShard, transform: KernelTransform, backend: str, inplace: bool,
                 with_entropy: bool):
         read_ids, grad_ids, owned = shard.split_ids(ids)
         local = logprobs_rows(logits, read_ids, transform, backend, with_entropy)
         logp, entropy, lse = shard.combine(*local, owned, with_entropy)
         ctx.save_for_backward(logits, grad_ids, lse, entropy)
-        ctx.floats, ctx.backend, ctx.inplace, ctx.with_entropy = transform_floats(transform), backend, inplace, \
-            with_entropy
+        ctx.transform, ctx.backend, ctx.inplace, ctx.with_entropy = transform, backend, inplace, with_entropy
         ctx.mark_non_differentiable(lse)
         return logp, entropy, lse
 
@@ -163,11 +162,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
         logits, grad_ids, lse, entropy = ctx.saved_tensors
         grad = logits_grad(logits, grad_ids, lse, entropy, grad_logp, grad_entropy if ctx.with_entropy else None,
-                           ctx.floats, ctx.backend, ctx.inplace)
+                           ctx.transform, ctx.backend, ctx.inplace)
         return grad, None, None, None, None, None, None
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard, transform: LogitTransform,
+def vocab_parallel_logprobs(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard, transform: KernelTransform,
                             backend: str, inplace_backward: bool = False, with_entropy: bool = True):
     """logits (N, V_local) or (B, T, V_local) of this rank's slice, global ids (N,) -> (logp,
     entropy, lse), each (N,) over the full vocabulary, identical on every rank; differentiable
@@ -176,7 +175,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, ids: torch.Tensor, shard: Voca
                                         bool(with_entropy))
 
 
-def rows_stats(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTransform, backend: str,
+def rows_stats(logits: torch.Tensor, ids: torch.Tensor, transform: KernelTransform, backend: str,
                shard: Optional[VocabShard], with_entropy: bool = True):
     """(logp, entropy, lse) of (rows, V or V_local) logits outside autograd (the fused-linear path):
     the local kernel alone, or with the vocabulary-parallel combine."""

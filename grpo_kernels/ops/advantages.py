@@ -30,3 +30,15 @@ def group_advantages(total: Tensor, group_index: Tensor, num_groups: int, scale_
     (advantages (N,), group mean (G,), group std (G,), constant-group flags (G,) bool)."""
     return _group_advantages(total, group_index, int(num_groups), scale_rewards, float(eps), int(group_size or 0),
                              backend)
+
+
+def zscore_within_groups(rewards: Tensor, group_index: Tensor, num_groups: int, eps: float, group_size,
+                         backend: str) -> Tensor:
+    """GDPO's first step on (N, F) rewards: each reward function (column) z-scored within its groups
+    by the backend's own group_advantages op ("group" mode), constant groups 0, NaN kept NaN."""
+    columns = []
+    for f in range(rewards.shape[1]):
+        col = rewards[:, f]
+        z = group_advantages(col, group_index, num_groups, "group", eps, group_size, backend)[0]
+        columns.append(torch.where(torch.isnan(col), col, z))
+    return torch.stack(columns, dim=1)

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .contract import missing_ops
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 
@@ -42,10 +44,20 @@ _MODULES = {"torch": "grpo_kernels.ops.torch_backend", "triton": "grpo_kernels.o
 _DEVICE = {"torch": None, "triton": "cuda", "cpp": "cpu", "cuda": "cuda"}
 
 
+_LOADED: dict = {}  # name -> module, imported and checked against the contract once
+
+
 def _module_for(name: str):
-    if name not in _MODULES:
-        raise BackendUnavailableError(f"backend={name!r} is not one of {sorted(_MODULES)}")
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        if name not in _MODULES:
+            raise BackendUnavailableError(f"backend={name!r} is not one of {sorted(_MODULES)}")
+        module = importlib.import_module(_MODULES[name])
+        missing = missing_ops(module)
+        if missing:
+            raise BackendUnavailableError(f"backend {name!r} lacks the contract's ops {missing} (ops/contract.py)")
+        _LOADED[name] = module
+    return module
 
 
 def why_unavailable(name: str, device: torch.device):
@@ -104,4 +116,5 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = Non
 
 
 def backend_module(name: str):
-    return _module_for(name)
+    """The backend's module (ops/contract.py lists what it provides); imported once."""
+    return _LOADED.get(name) or _module_for(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import AdvantageMode, LossParams
 from . import objective_inputs as io
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -40,7 +41,7 @@ class NativeKernels:
         logp = torch.empty(n, dtype=torch.float32, device=x.device)
         entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
         ids = ids.reshape(-1).long().contiguous()
-        self.module.logprobs_forward(*view, ids.data_ptr(), *transform.kernel_params, bool(with_entropy),
+        self.module.logprobs_forward(*view, ids.data_ptr(), *transform, bool(with_entropy),
                                      logp.data_ptr(),
                                      entropy.data_ptr(), lse.data_ptr(), *self._stream(x))
         return logp, entropy, lse
@@ -55,23 +56,16 @@ class NativeKernels:
         lse, entropy = _f32(lse), _f32(entropy)
         self.module.logprobs_backward(*view, ids.data_ptr(), lse.data_ptr(), entropy.data_ptr(), g.data_ptr(),
                                       0 if gh is None else gh.data_ptr(), work.data_ptr(), work.stride(0),
-                                      work.stride(1), *transform.kernel_params, *self._stream(x))
+                                      work.stride(1), *transform, *self._stream(x))
         if work is not target:
             target.copy_(work)
         return out
 
-    def objective_pass(self, prep: io.PreparedObjective, cfg, rows, seqs):
+    def objective_pass(self, prep: io.PreparedObjective, params: LossParams, rows, seqs):
         """Fill prep's outputs for rows [rows) of sequences [seqs) (see objective_inputs)."""
-        addr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        ptrs = dict(logp=addr(prep.logp), entropy=addr(prep.entropy), mask=addr(prep.mask),
-                    cu_seqlens=addr(prep.cu_seqlens), counts=addr(prep.counts),
-                    advantages=addr(prep.advantages), old=addr(prep.old), ref=addr(prep.ref),
-                    sampling=addr(prep.sampling), token_weights=addr(prep.token_weights),
-                    keep_entropy=addr(prep.keep_entropy), norm=addr(prep.norm),
-                    ent_norm=addr(prep.ent_norm), per_token_loss=addr(prep.per_token_loss),
-                    g_logp=addr(prep.g_logp), g_entropy=addr(prep.g_entropy), partials=addr(prep.partials))
-        self.module.objective(ptrs, io.params(cfg), *rows, *seqs, prep.adv_per_token, prep.weights_per_seq,
-                              *self._stream(prep.logp))
+        buffers = [0 if t is None else t.data_ptr() for t in prep.buffers()]
+        self.module.objective(buffers, params.ints, params.floats, *rows, *seqs, prep.adv_per_token,
+                              prep.weights_per_seq, *self._stream(prep.logp))
 
     def group_advantages(self, total, group_index, num_groups, scale_rewards, eps, group_size=None):
         total = total.float().contiguous()
@@ -85,5 +79,5 @@ class NativeKernels:
         self.module.group_advantages(total.data_ptr(), order.data_ptr(), offsets.data_ptr(), group_index.data_ptr(),
                                      adv.data_ptr(), mean.data_ptr(), std.data_ptr(), count.data_ptr(),
                                      constant.data_ptr(), n, num_groups, float(eps),
-                                     io.ADVANTAGE_MODES[scale_rewards], *self._stream(total))
+                                     AdvantageMode.parse(scale_rewards), *self._stream(total))
         return adv, mean, std, constant.bool()

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..options import Agg, LossParams
+
 # q·(n − 1) within this of an integer is that integer: the same boundary token in fp32 and fp64.
 QUANTILE_SNAP = 1e-9
 
@@ -62,24 +64,23 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     return torch.where(frac == 0, v_lo, v_lo + frac * (v_hi - v_lo))
 
 
-def batch_totals(entropy: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, config,
+def batch_totals(entropy: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, params: LossParams,
                  num_items_in_batch=None) -> ObjectiveTotals:
     """ObjectiveTotals of a batch: entropy and mask (N,), cu_seqlens (B+1,). No host read."""
     bsz = cu_seqlens.numel() - 1
     device = mask.device
-    mode = config.agg_mode
-    if mode == "token-mean":
+    if params.agg == Agg.TOKEN_MEAN:
         count = mask.sum()
-        if num_items_in_batch is not None and config.uses_num_items_in_batch:
+        if num_items_in_batch is not None and params.uses_num_items:
             count = torch.as_tensor(num_items_in_batch, device=device)
         normalizer = count.to(torch.float64).clamp(min=1)
-    elif mode == "seq-mean-token-sum-norm":
-        normalizer = torch.tensor(float(bsz * config.max_completion_length), dtype=torch.float64, device=device)
+    elif params.agg == Agg.SEQ_MEAN_TOKEN_SUM_NORM:
+        normalizer = torch.tensor(float(bsz * params.max_completion_length), dtype=torch.float64, device=device)
     else:
         normalizer = torch.tensor(float(bsz), dtype=torch.float64, device=device)
     keep, effective = None, mask
-    if config.top_entropy_quantile < 1.0:
-        threshold = masked_quantile(entropy, mask, 1.0 - config.top_entropy_quantile)
+    if params.has_entropy_mask:
+        threshold = masked_quantile(entropy, mask, 1.0 - params.top_entropy_quantile)
         keep = (entropy >= threshold) & mask
         effective = keep
     return ObjectiveTotals(normalizer, keep, effective.sum().to(torch.float64).clamp(min=1),

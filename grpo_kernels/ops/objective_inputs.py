@@ -1,8 +1,8 @@
-"""Inputs and outputs of the objective op of every backend (torch, Triton, C++, CUDA), the option
-codes the kernels share (they match csrc/grpo_math.h and csrc/advantages_math.h), and the one
-place that decides which metrics a config reports and under which names.
+"""Inputs and outputs of the objective op of every backend (torch, Triton, C++, CUDA), and the one
+place that decides which metrics a loss reports and under which names. The option codes, slots
+and the buffer order are declared in grpo_kernels/options.py.
 
-`prepare` turns the packed (N,) tensors, cu_seqlens and the config into contiguous buffers,
+`prepare` turns the packed (N,) tensors, cu_seqlens and the parameters into contiguous buffers,
 the batch-wide normalisers and zeroed outputs; a backend's `objective_pass` fills the outputs
 of a range of rows; `finish` turns the per-sequence partial sums into the loss and metrics.
 """
@@ -13,47 +13,42 @@ from typing import Optional
 
 import torch
 
+from ..options import METRICS, NUM_SLOTS, OBJECTIVE_BUFFER_NAMES, IsMode, KlKind, LossParams, PolicyLoss, Slot
 from .normalizers import ObjectiveTotals, batch_totals
 
-PG = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
-LEVEL = {"token": 0, "sequence": 1, "sequence_token": 2}
-KL = {"k1": 1, "k2": 2, "k3": 3}
-IS = {None: 0, "token_truncate": 1, "token_mask": 2, "sequence_truncate": 3, "sequence_mask": 4}
-AGG = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
-ADVANTAGE_MODES = {"group": 0, "batch": 1, "none": 2, "rloo": 3, "reinforce++": 4, "gdpo": 5}
-SLOTS = ("loss", "count", "entropy", "low", "high", "region", "ratio_sum", "ratio_max", "kl", "is", "cispo_clip",
-         "vespo_phi")
-NUM_SLOTS = 16
-# Every metric any backend reports, in a fixed order (the fused op returns them as one vector).
-METRIC_ORDER = ("entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "ratio/mean", "ratio/max",
-                "kl", "is_ratio/mean", "cispo_clip_ratio", "vespo/phi_seq_mean")
+# The metric vector is the partial sums from Slot.ENTROPY on, each divided by its denominator.
+assert tuple(Slot(Slot.ENTROPY + i).public for i in range(len(METRICS))) == (
+    "entropy", "clip_low", "clip_high", "clip_region", "ratio_sum", "ratio_max", "kl", "is_ratio", "cispo_clip",
+    "vespo_phi"), "METRICS follow the slots from ENTROPY on"
+_RATIO_MAX, _VESPO_PHI = METRICS.index("ratio/max"), METRICS.index("vespo/phi_seq_mean")
 
 
-def metric_names(cfg):
-    """The metrics a call with this config reports (docs/math.md, "Metrics")."""
-    names = list(METRIC_ORDER[:6])
-    if cfg.beta != 0.0:
-        names.append("kl")
-    if cfg.is_correction is not None:
-        names.append("is_ratio/mean")
-    if cfg.pg_loss == "cispo":
-        names.append("cispo_clip_ratio")
-    if cfg.pg_loss == "vespo":
-        names.append("vespo/phi_seq_mean")
+def metric_names(params: LossParams) -> tuple:
+    """The metrics a call with these parameters reports (docs/math.md, "Metrics")."""
+    names = METRICS[:6]
+    if params.kl != KlKind.NONE:
+        names += ("kl",)
+    if params.is_mode != IsMode.NONE:
+        names += ("is_ratio/mean",)
+    if params.pg == PolicyLoss.CISPO:
+        names += ("cispo_clip_ratio",)
+    elif params.pg == PolicyLoss.VESPO:
+        names += ("vespo/phi_seq_mean",)
     return names
 
 
 @dataclass
 class PreparedObjective:
     """The objective's inputs as every kernel reads them: the packed (N,) token layout, sequences
-    given by cu_seqlens (padded (B, T) is cu_seqlens = arange(B+1)·T), and the output buffers."""
+    given by cu_seqlens (padded (B, T) is cu_seqlens = arange(B+1)·T), and the output buffers.
+    Field order = options.OBJECTIVE_BUFFERS (the C++ ObjectiveBuffers struct)."""
 
     logp: torch.Tensor  # (N,) in the statistics' dtype
     entropy: torch.Tensor
     mask: torch.Tensor  # (N,) uint8
-    advantages: torch.Tensor  # (B,) one per sequence, or (N,) one per token
     cu_seqlens: torch.Tensor  # (B+1,) int64, clamped to [0, N]
     counts: torch.Tensor  # (B,) unmasked tokens of each whole sequence
+    advantages: torch.Tensor  # (B,) one per sequence, or (N,) one per token
     old: Optional[torch.Tensor]
     ref: Optional[torch.Tensor]
     sampling: Optional[torch.Tensor]
@@ -64,7 +59,7 @@ class PreparedObjective:
     per_token_loss: torch.Tensor  # (N,) outputs, written row range by row range
     g_logp: torch.Tensor
     g_entropy: torch.Tensor
-    partials: torch.Tensor  # (B, NUM_SLOTS), zeroed; each pass adds its rows' sums (slot 7: max)
+    partials: torch.Tensor  # (B, NUM_SLOTS), zeroed; each pass adds its rows' sums (RATIO_MAX: max)
 
     adv_per_token: bool  # advantages hold one value per token
     weights_per_seq: bool  # token_weights hold one weight per sequence
@@ -73,30 +68,22 @@ class PreparedObjective:
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    def buffers(self) -> list:
+        """The buffers in options.OBJECTIVE_BUFFERS order (None for an absent optional one)."""
+        return [self.logp, self.entropy, self.mask, self.cu_seqlens, self.counts, self.advantages, self.old, self.ref,
+                self.sampling, self.token_weights, self.keep_entropy, self.norm, self.ent_norm, self.per_token_loss,
+                self.g_logp, self.g_entropy, self.partials]
 
-def params(cfg) -> dict:
-    """The config as the flat scalar parameters the kernels take."""
-    inf = float("inf")
-    bound = lambda x, default: default if x is None else float(x)  # noqa: E731
-    return dict(
-        pg=PG[cfg.pg_loss], level=LEVEL[cfg.importance_sampling_level],
-        kl=KL[cfg.kl_kind] if cfg.beta != 0.0 else 0, is_mode=IS[cfg.is_correction], agg=AGG[cfg.agg_mode],
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, has_delta=int(cfg.delta is not None),
-        delta=float(cfg.delta or 0.0), has_dual=int(cfg.dual_clip is not None), dual_clip=float(cfg.dual_clip or 0.0),
-        sapo_pos=float(cfg.sapo_temperature_pos), sapo_neg=float(cfg.sapo_temperature_neg), beta=float(cfg.beta),
-        has_kl_clamp=int(cfg.kl_clamp is not None), kl_clamp=float(cfg.kl_clamp or 0.0),
-        bias_corr=int(bool(cfg.use_bias_correction_kl)), has_off_policy=int(cfg.off_policy_mask_threshold is not None),
-        off_thresh=float(cfg.off_policy_mask_threshold or 0.0),
-        is_lo=bound(cfg.is_clip_min, -inf), is_hi=bound(cfg.is_clip_max, inf), entropy_coef=float(cfg.entropy_coef),
-        log_ratio_lo=bound(cfg.log_ratio_min, -inf), log_ratio_hi=bound(cfg.log_ratio_max, inf),
-        cispo_lo=bound(cfg.cispo_weight_min, -inf), vespo_k_pos=float(cfg.vespo_k_pos),
-        vespo_lambda_pos=float(cfg.vespo_lambda_pos), vespo_k_neg=float(cfg.vespo_k_neg),
-        vespo_lambda_neg=float(cfg.vespo_lambda_neg),
-    )
+    @classmethod
+    def from_buffers(cls, buffers, adv_per_token: bool, weights_per_seq: bool) -> "PreparedObjective":
+        return cls(*buffers, adv_per_token=adv_per_token, weights_per_seq=weights_per_seq)
 
 
-def prepare(logp, entropy, mask, advantages, cu_seqlens, cfg, *, old_logp=None, ref_logp=None, sampling_logp=None,
-            is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None,
+assert tuple(PreparedObjective.__dataclass_fields__)[:len(OBJECTIVE_BUFFER_NAMES)] == OBJECTIVE_BUFFER_NAMES
+
+
+def prepare(logp, entropy, mask, advantages, cu_seqlens, params: LossParams, *, old_logp=None, ref_logp=None,
+            sampling_logp=None, is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None,
             adv_per_token: bool = False, weights_per_seq: bool = False) -> PreparedObjective:
     """Flat (N,) inputs -> PreparedObjective; nothing is read on the host.
 
@@ -105,50 +92,41 @@ def prepare(logp, entropy, mask, advantages, cu_seqlens, cfg, *, old_logp=None, 
     torch backend's validation path); everything else computes in fp32.
     """
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    cast = lambda x: None if x is None else x.reshape(-1).to(dtype).contiguous()  # noqa: E731
+
+    def cast(x):
+        return None if x is None else x.reshape(-1).to(dtype).contiguous()
+
     logp, entropy, mask = cast(logp), cast(entropy), mask.reshape(-1)
     n = logp.numel()
     cu = cu_seqlens.long().clamp(0, n).contiguous()  # in bounds even before the deferred checks raise
     if totals is None:
-        totals = batch_totals(entropy, mask, cu, cfg, num_items_in_batch)
+        totals = batch_totals(entropy, mask, cu, params, num_items_in_batch)
     keep = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
     return PreparedObjective(
-        logp=logp, entropy=entropy, mask=mask.to(torch.uint8).contiguous(), advantages=cast(advantages),
-        cu_seqlens=cu, counts=totals.counts.to(dtype).contiguous(),
-        old=cast(old_logp), ref=cast(ref_logp), sampling=cast(sampling_logp), token_weights=cast(is_weights),
-        keep_entropy=keep, norm=totals.normalizer.to(dtype).reshape(1),
-        ent_norm=totals.entropy_normalizer.to(dtype).reshape(1),
-        per_token_loss=torch.zeros_like(logp), g_logp=torch.zeros_like(logp), g_entropy=torch.zeros_like(logp),
-        partials=torch.zeros(cu.numel() - 1, NUM_SLOTS, dtype=dtype, device=logp.device),
+        logp, entropy, mask.to(torch.uint8).contiguous(), cu, totals.counts.to(dtype).contiguous(), cast(advantages),
+        cast(old_logp), cast(ref_logp), cast(sampling_logp), cast(is_weights), keep,
+        totals.normalizer.to(dtype).reshape(1), totals.entropy_normalizer.to(dtype).reshape(1),
+        torch.zeros_like(logp), torch.zeros_like(logp), torch.zeros_like(logp),
+        torch.zeros(cu.numel() - 1, NUM_SLOTS, dtype=dtype, device=logp.device),
         adv_per_token=adv_per_token, weights_per_seq=weights_per_seq and is_weights is not None,
     )
 
 
 def finish(prep: PreparedObjective):
-    """(loss 0-d, metric vector in METRIC_ORDER) from the per-sequence partial sums."""
+    """(loss 0-d, metric vector in options.METRICS order) from the per-sequence partial sums."""
     partials = prep.partials
     totals = partials.sum(0)  # a fixed-order sum over sequences: deterministic
-    denom = totals[1].clamp(min=1)
-    # TRL's vespo/phi_seq_mean is a mean over sequences when phi is one per sequence.
-    phi_denom = denom if prep.adv_per_token else max(partials.shape[0], 1)
-    values = {
-        "entropy": totals[2] / denom,
-        "clip_ratio/low": totals[3] / denom,
-        "clip_ratio/high": totals[4] / denom,
-        "clip_ratio/region": totals[5] / denom,
-        "ratio/mean": totals[6] / denom,
-        "ratio/max": partials[:, 7].amax() if partials.shape[0] else totals[7],
-        "kl": totals[8] / denom,
-        "is_ratio/mean": totals[9] / denom,
-        "cispo_clip_ratio": totals[10] / denom,
-        "vespo/phi_seq_mean": totals[11] / phi_denom,
-    }
-    return totals[0], torch.stack([values[name] for name in METRIC_ORDER])
+    vector = totals[Slot.ENTROPY:] / totals[Slot.COUNT].clamp(min=1)
+    if partials.shape[0]:
+        vector[_RATIO_MAX] = partials[:, Slot.RATIO_MAX].amax()
+    if not prep.adv_per_token:  # TRL's vespo/phi_seq_mean: a mean over sequences when φ is one per sequence
+        vector[_VESPO_PHI] = totals[Slot.VESPO_PHI] / max(partials.shape[0], 1)
+    return totals[Slot.LOSS], vector
 
 
-def metrics_from_vector(vector: torch.Tensor, cfg) -> dict:
-    """The metric vector of `finish` as the dict a call with this config reports."""
-    return {name: vector[METRIC_ORDER.index(name)] for name in metric_names(cfg)}
+def metrics_from_vector(vector: torch.Tensor, params: LossParams) -> dict:
+    """The metric vector of `finish` as the dict a call with these parameters reports."""
+    return {name: vector[METRICS.index(name)] for name in metric_names(params)}
 
 
 def group_layout(group_index, num_groups, group_size, n, device):

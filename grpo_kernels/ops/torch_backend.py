@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..transform import LogitTransform
+from ..transform import KernelTransform
 from .dispatch import stats_dtype
 from .torch_objective import objective_pass  # noqa: F401 - the backend's objective op
 
@@ -49,7 +49,7 @@ def _chunks(logits: torch.Tensor, step: int):
             yield offset + c0, offset + c1, rows[c0:c1]
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTransform, with_entropy: bool = True):
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelTransform, with_entropy: bool = True):
     """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32 (fp64 for fp64 logits).
 
     `transform` maps logits to z' (temperature, logit scale, softcap). Without `with_entropy`
@@ -92,7 +92,7 @@ def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
         entropy[r0:r1] = torch.where(total > 0, h, torch.zeros_like(h))  # no finite logit: H = 0
 
 
-def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: LogitTransform, out):
+def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: KernelTransform, out):
     """Write dL/dlogits into `out` (which may be `logits` itself, for the in-place variant).
     An id outside [0, V) means the row's target is not in these logits (vocabulary-parallel).
 
@@ -108,10 +108,9 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transf
 
 def _chain(grad, z, transform):
     """grad w.r.t. z' -> grad w.r.t. z, in place where it can be."""
-    scale, cap = transform.kernel_params
-    if cap != 0.0:
+    if transform.cap != 0.0:
         return grad.mul_(transform.derivative(z))
-    return grad if scale == 1.0 else grad.mul_(scale)
+    return grad if transform.scale == 1.0 else grad.mul_(transform.scale)
 
 
 def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows):
@@ -168,18 +167,6 @@ def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_s
         adv = (adv - c_mean) / (c_std + eps)
     adv = torch.where(constant[group_index] | torch.isnan(adv), torch.zeros_like(adv), adv)
     return adv, mean, std, constant
-
-
-def zscore_within_groups(rewards, group_index, num_groups, eps, group_size=None):
-    """GDPO step: z-score each reward function (column) within its group; constant groups give 0."""
-    cols = []
-    for f in range(rewards.shape[1]):
-        col = rewards[:, f]
-        grid = col.view(num_groups, group_size) if group_size else _group_grid(col, group_index, num_groups)
-        mean, std, _, constant = _nan_row_stats(grid)
-        z = (col - mean[group_index]) / (std[group_index] + eps)
-        cols.append(torch.where(constant[group_index] & ~torch.isnan(col), torch.zeros_like(z), z))
-    return torch.stack(cols, dim=1)
 
 
 def _group_grid(values, group_index, num_groups):

@@ -1,28 +1,30 @@
 """`backend="torch"`'s objective op: the per-token GRPO objective of docs/math.md on packed (N,)
 tokens, in PyTorch, for any device and dtype (fp64 in, fp64 out).
 
-Sequences are found through cu_seqlens: each row's sequence index comes from a searchsorted,
-sequence sums from index_add, so nothing is read on the host and nothing is padded. The
-gradients w.r.t. logp and entropy come from autograd over this pass's rows; the outputs are
-the ones the Triton and C++ kernels write (objective_inputs.PreparedObjective), so one `finish`
-serves every backend. reference.py, written on padded tensors, is the independent oracle.
+The torch branch of the per-token math, written like csrc/grpo_math.h's `objective_sequence`
+(same names, same derivative rules: torch.minimum's half-and-half split at ties, clamp's
+inclusive bounds) but vectorised over the pass's rows: each row's sequence comes from a
+searchsorted on cu_seqlens, sequence sums from index_add in fp64, so nothing is read on the host
+and nothing is padded. The gradients w.r.t. logp and entropy are written out explicitly, as the
+kernels do; reference.py, written on padded tensors with autograd, is the independent oracle.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
+from ..options import (
+    KL_LOG_RATIO_CLAMP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_TOKEN_LOG_RATIO, Agg, IsMode,
+    KlKind, Level, LossParams, PolicyLoss, Slot,
+)
 from . import objective_inputs as io
 
-# TRL's clamp of VESPO's log weights: [log 1e-8, 20].
-VESPO_LOG_MIN, VESPO_LOG_MAX = math.log(1e-8), 20.0
 # Taylor coefficients 1/k!, k = 2..18, of e^x − x − 1: full fp64 precision for |x| < 1.
 K3_TAYLOR = [1.0 / math.factorial(k) for k in range(2, 19)]
 
 
-def _k3(x: torch.Tensor) -> torch.Tensor:
+def k3_value(x: torch.Tensor) -> torch.Tensor:
     """e^x − x − 1 without cancellation: Horner's rule on the series below |x| = 1, expm1(x) − x above."""
     near = x.abs() < 1
     t = torch.where(near, x, 0)
@@ -32,208 +34,236 @@ def _k3(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near, acc * t * t, torch.expm1(x) - x)
 
 
-def _kl(logp, ref, cfg):
-    """The k1/k2/k3 estimate of KL(π‖π_ref) per token, x = ref − logp, optionally clamped."""
+def kl_term(logp, ref, p: LossParams):
+    """The k1/k2/k3 estimate of KL(π‖π_ref) per token (x = ref − logp) and its derivative w.r.t. logp."""
     x = ref - logp
-    if cfg.kl_kind == "k1":
-        value = -x
-    elif cfg.kl_kind == "k2":
-        value = 0.5 * x * x
+    if p.kl == KlKind.K1:
+        value, d_logp = -x, torch.ones_like(x)
+    elif p.kl == KlKind.K2:
+        value, d_logp = 0.5 * x * x, -x
     else:
-        value = _k3(x.clamp(-20.0, 20.0) if cfg.kl_clamp is not None else x)
-    return value if cfg.kl_clamp is None else value.clamp(-cfg.kl_clamp, cfg.kl_clamp)
+        d_x = 1.0
+        if p.has_kl_clamp:
+            d_x = inside(x, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+            x = x.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+        value = k3_value(x)
+        d_logp = -(value + x) * d_x  # −(e^x − 1), accurate at small x too
+    if p.has_kl_clamp:
+        d_logp = d_logp * inside(value, -p.kl_clamp, p.kl_clamp)
+        value = value.clamp(-p.kl_clamp, p.kl_clamp)
+    return value, d_logp
 
 
-def _is_clip(w, cfg):
-    """A rollout IS weight truncated to [is_clip_min, is_clip_max] (*_truncate) or zeroed outside it."""
-    lo = -math.inf if cfg.is_clip_min is None else cfg.is_clip_min
-    hi = math.inf if cfg.is_clip_max is None else cfg.is_clip_max
-    if cfg.is_correction.endswith("truncate"):
-        return w.clamp(lo, hi)
-    return torch.where((w < lo) | (w > hi), 0, w)
+def inside(x, lo: float, hi: float):
+    """1 where lo <= x <= hi (clamp's derivative: the bounds are inclusive), else 0, in x's dtype."""
+    return ((x >= lo) & (x <= hi)).to(x.dtype)
 
 
-def _vespo_log(w):
-    return torch.log(w).clamp(VESPO_LOG_MIN, VESPO_LOG_MAX)
+def nan_to_zero(x):
+    return torch.where(torch.isnan(x), 0, x)
 
 
-class _Pass:
-    """The rows [lo, hi) of one objective pass, with their sequence indices."""
+def is_clip(w, p: LossParams, truncate: bool):
+    """A rollout IS weight truncated to [is_lo, is_hi] (*_truncate) or zeroed outside it (*_mask)."""
+    if truncate:
+        return w.clamp(p.is_lo, p.is_hi)
+    return torch.where((w < p.is_lo) | (w > p.is_hi), 0, w)
+
+
+def by_sign(positive, if_positive: float, otherwise: float, like: torch.Tensor):
+    """One of two parameters per token, in `like`'s dtype (fp64 parameters stay fp64)."""
+    return torch.where(positive, torch.full_like(like, if_positive), otherwise)
+
+
+def clamp_vespo_log(x):
+    return x.clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
+
+
+def vespo_phi(log_w, adv, p: LossParams):
+    """VESPO's Gamma weight exp(λ + k·log w − λ·w), (k, λ) by the advantage's sign; non-finite → 0."""
+    k = by_sign(adv >= 0, p.vespo_k_pos, p.vespo_k_neg, adv)
+    lam = by_sign(adv >= 0, p.vespo_lambda_pos, p.vespo_lambda_neg, adv).clamp(min=VESPO_LAMBDA_MIN)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.where(torch.isfinite(phi), phi, 0)
+
+
+def policy_term(rho, adv, logp, p: LossParams):
+    """ℓ_pg of the clip, CISPO and SAPO losses with ∂ℓ/∂ρ and the direct ∂ℓ/∂logp (CISPO's)."""
+    zero = torch.zeros_like(rho)
+    if p.pg == PolicyLoss.CLIP:
+        lo, hi = 1.0 - p.eps_low, 1.0 + p.eps_high
+        rho_d, d_rho_d = rho, 1.0
+        if p.has_delta:
+            rho_d, d_rho_d = rho.clamp(max=p.delta), (rho <= p.delta).to(rho.dtype)
+        a, b = rho_d * adv, rho.clamp(lo, hi) * adv
+        da, db = adv * d_rho_d, adv * inside(rho, lo, hi)
+        loss = -torch.minimum(a, b)
+        d_rho = -torch.where(a < b, da, torch.where(b < a, db, 0.5 * (da + db)))
+        if p.has_dual:
+            cap = -p.dual_clip * adv
+            d_capped = torch.where(loss < cap, d_rho, torch.where(loss > cap, 0, 0.5 * d_rho))
+            negative = adv < 0
+            loss = torch.where(negative, torch.minimum(loss, cap), loss)
+            d_rho = torch.where(negative, d_capped, d_rho)
+        return loss, d_rho, zero
+    if p.pg == PolicyLoss.CISPO:
+        weight = rho.clamp(p.cispo_lo, p.eps_high)
+        return -weight * adv * logp, zero, -weight * adv
+    s = by_sign(adv > 0, p.sapo_pos, p.sapo_neg, rho)
+    sig = torch.sigmoid(s * (rho - 1))
+    return -sig * 4 / s * adv, -4 * adv * sig * (1 - sig), zero
+
+
+class _Rows:
+    """The rows [lo, hi) of one objective pass: their sequence indices, mask, and sums by sequence."""
 
     def __init__(self, prep: io.PreparedObjective, lo: int, hi: int):
-        self.prep, self.lo, self.hi = prep, lo, hi
+        self.lo, self.hi, self.num_sequences = lo, hi, prep.num_sequences
         rows = torch.arange(lo, hi, device=prep.logp.device)
-        self.seq = torch.searchsorted(prep.cu_seqlens[1:], rows, right=True).clamp(max=max(prep.num_sequences - 1, 0))
+        self.seq = torch.searchsorted(prep.cu_seqlens[1:], rows, right=True).clamp(max=max(self.num_sequences - 1, 0))
         self.mask = prep.mask[lo:hi].bool()
 
-    def rows(self, x):
+    def of(self, x):
         return None if x is None else x[self.lo:self.hi]
-
-    def per_sequence_sum(self, x, wide: bool = False):
-        """(B, ...) sums of the rows' values by sequence (0 where masked is the caller's job), accumulated
-        in fp64 as the kernels do: an fp32 running sum over a 32k-token sequence loses ~1e-4.
-        wide=True returns the fp64 sums, so that gathering them back per token also accumulates
-        the gradient in fp64."""
-        out = torch.zeros((self.prep.num_sequences,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
-        out = out.index_add(0, self.seq, x.to(torch.float64))
-        return out if wide else out.to(x.dtype)
 
     def masked(self, x):
         return torch.where(self.mask, x, 0)
 
-
-def _policy_loss(rho, adv, logp_m, cfg):
-    """The per-token policy term of the clip, CISPO and SAPO losses."""
-    if cfg.pg_loss == "clip":
-        capped = rho if cfg.delta is None else rho.clamp(max=cfg.delta)
-        loss = -torch.minimum(capped * adv, rho.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
-        if cfg.dual_clip is not None:
-            loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
-        return loss
-    if cfg.pg_loss == "cispo":
-        return -rho.clamp(min=cfg.cispo_weight_min, max=cfg.eps_high).detach() * adv * logp_m
-    temp = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))
-    return -torch.sigmoid(temp * (rho - 1)) * 4 / temp * adv
+    def per_sequence_sum(self, x) -> torch.Tensor:
+        """(B, ...) fp64 sums of the rows' values by sequence (masking is the caller's job): an fp32
+        running sum over a 32k-token sequence would lose ~1e-4, as in the kernels."""
+        out = torch.zeros((self.num_sequences,) + tuple(x.shape[1:]), dtype=torch.float64, device=x.device)
+        return out.index_add_(0, self.seq, x.to(torch.float64))
 
 
-@contextlib.contextmanager
-def _autograd_on():
-    """Autograd recording, also inside a custom op's implementation, where the dispatcher has put
-    the autograd keys in the thread's exclude set (the op's own backward is registered apart).
-    The gradients taken here stay inside the op: they are its outputs g_logp and g_entropy."""
-    include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
-    with torch._C._ForceDispatchKeyGuard(include, exclude.remove(torch._C.DispatchKey.AutogradCPU)):
-        with torch.enable_grad():
-            yield
-
-
-def objective_pass(prep: io.PreparedObjective, cfg, rows, seqs):
+def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
     """Fill prep's outputs for rows [rows) of sequences [seqs) (see objective_inputs)."""
     (lo, hi), (seq_lo, seq_hi) = rows, seqs
     hi = min(hi, prep.logp.numel())
-    with _autograd_on():
-        _objective_rows(prep, cfg, _Pass(prep, lo, max(lo, hi)), seq_lo, seq_hi)
+    _objective_rows(prep, params, _Rows(prep, lo, max(lo, hi)), seq_lo, seq_hi)
 
 
-def _objective_rows(prep, cfg, p: _Pass, seq_lo, seq_hi):
-    seq, m = p.seq, p.mask
-    logp = p.rows(prep.logp).detach().requires_grad_(True)
-    ent = p.rows(prep.entropy).detach().requires_grad_(True)
+def _objective_rows(prep: io.PreparedObjective, p: LossParams, r: _Rows, seq_lo: int, seq_hi: int):
+    seq, m = r.seq, r.mask
+    logp, ent = r.of(prep.logp), r.of(prep.entropy)
+    dtype = logp.dtype
+    old = logp if prep.old is None else r.of(prep.old)
     n_b = prep.counts.clamp(min=1)
-    adv = p.rows(prep.advantages) if prep.adv_per_token else prep.advantages[seq]
-    logp_m = p.masked(logp)
-    old = logp.detach() if prep.old is None else p.rows(prep.old)
-    log_ratio = p.masked(logp - old)
+    adv = r.of(prep.advantages) if prep.adv_per_token else prep.advantages[seq]
+    log_ratio = r.masked(logp - old)
 
-    def clamp_log(w):
-        return w.clamp(min=cfg.log_ratio_min, max=cfg.log_ratio_max) if (
-            cfg.log_ratio_min is not None or cfg.log_ratio_max is not None) else w
+    # Pass 1: sequence sums (fp64), as objective_sequence's first loop.
+    def sequence_mean(x):
+        return (r.per_sequence_sum(x) / n_b.double()).to(dtype)
 
-    level = cfg.importance_sampling_level
-    if level == "token":
-        rho = torch.exp(clamp_log(log_ratio))
-    elif level == "sequence":
-        rho = torch.exp(clamp_log(p.per_sequence_sum(log_ratio, wide=True) / n_b))[seq].to(logp.dtype)
-    else:  # sequence_token: the value of the sequence ratio, a gradient per token
-        w_b = (p.per_sequence_sum(log_ratio) / n_b).detach()
-        rho = torch.exp(clamp_log(logp_m - logp_m.detach() + w_b[seq]))
-    rho_value = rho.detach()
+    if p.level == Level.TOKEN:
+        rho = torch.exp(log_ratio.clamp(p.log_ratio_lo, p.log_ratio_hi))
+        d_rho_direct = rho * inside(log_ratio, p.log_ratio_lo, p.log_ratio_hi)
+    else:  # sequence: the gradient goes through the sequence mean (pass 3); sequence_token: per token
+        w_seq = sequence_mean(log_ratio)
+        rho_seq = torch.exp(w_seq.clamp(p.log_ratio_lo, p.log_ratio_hi))
+        seq_inside = inside(w_seq, p.log_ratio_lo, p.log_ratio_hi)
+        rho = rho_seq[seq]
+        d_rho_direct = rho * seq_inside[seq] if p.level == Level.SEQUENCE_TOKEN else torch.zeros_like(rho)
 
-    sampling = p.rows(prep.sampling)
-    is_weight = is_log_per_seq = None
-    if cfg.is_correction is not None:
-        log_is = p.masked(torch.nan_to_num(old - sampling, nan=0.0)).detach()
-        if cfg.is_correction.startswith("sequence"):
-            per_seq = _is_clip(torch.exp(p.per_sequence_sum(log_is)), cfg)
-            is_weight, is_log_per_seq = per_seq[seq], _vespo_log(per_seq)
-        else:
-            is_weight = _is_clip(torch.exp(log_is), cfg)
-    given = given_log_per_seq = None
+    sampling = r.of(prep.sampling)
+    is_w, is_seq = None, None
+    if p.is_mode in (IsMode.TOKEN_TRUNCATE, IsMode.TOKEN_MASK):
+        is_w = is_clip(torch.exp(r.masked(nan_to_zero(old - sampling))), p, p.is_mode == IsMode.TOKEN_TRUNCATE)
+    elif p.is_mode != IsMode.NONE:
+        is_seq = is_clip(torch.exp(r.per_sequence_sum(r.masked(nan_to_zero(old - sampling))).to(dtype)), p,
+                         p.is_mode == IsMode.SEQUENCE_TRUNCATE)
+        is_w = is_seq[seq]
+    given = None
     if prep.token_weights is not None:
-        if prep.weights_per_seq:
-            given, given_log_per_seq = prep.token_weights[seq], _vespo_log(prep.token_weights)
+        given = prep.token_weights[seq] if prep.weights_per_seq else r.masked(r.of(prep.token_weights))
+
+    phi = phi_seq = None
+    if p.pg == PolicyLoss.VESPO:  # the rollout IS ratios fold into the sequence weight w
+        log_w = r.per_sequence_sum(r.masked(log_ratio.clamp(-VESPO_TOKEN_LOG_RATIO, VESPO_TOKEN_LOG_RATIO)))
+        if is_seq is not None:
+            log_w = log_w + clamp_vespo_log(torch.log(is_seq))
+        elif is_w is not None:
+            log_w = log_w + r.per_sequence_sum(r.masked(clamp_vespo_log(torch.log(is_w))))
+        if given is not None and prep.weights_per_seq:
+            log_w = log_w + clamp_vespo_log(torch.log(prep.token_weights))
+        elif given is not None:
+            log_w = log_w + r.per_sequence_sum(r.masked(clamp_vespo_log(torch.log(given))))
+        log_w = clamp_vespo_log(log_w.to(dtype))
+        if prep.adv_per_token:
+            phi = vespo_phi(log_w[seq], adv, p)
         else:
-            given = p.masked(p.rows(prep.token_weights))
-
-    phi = None
-    if cfg.pg_loss == "vespo":  # the rollout IS ratios fold into the sequence weight w
-        with torch.no_grad():
-            log_w = p.per_sequence_sum(p.masked(log_ratio.clamp(-20.0, 20.0)))
-            for token_ratio, seq_log in ((is_weight, is_log_per_seq), (given, given_log_per_seq)):
-                if seq_log is not None:
-                    log_w = log_w + seq_log
-                elif token_ratio is not None:
-                    log_w = log_w + p.per_sequence_sum(p.masked(_vespo_log(token_ratio)))
-            log_w = log_w.clamp(VESPO_LOG_MIN, VESPO_LOG_MAX)
-            sign_adv = adv if prep.adv_per_token else prep.advantages
-            log_w_adv = log_w[seq] if prep.adv_per_token else log_w
-            nonneg = sign_adv >= 0
-            k = torch.where(nonneg, sign_adv.new_tensor(cfg.vespo_k_pos), sign_adv.new_tensor(cfg.vespo_k_neg))
-            lam = torch.where(nonneg, sign_adv.new_tensor(cfg.vespo_lambda_pos),
-                              sign_adv.new_tensor(cfg.vespo_lambda_neg)).clamp(min=1e-4)
-            phi = torch.nan_to_num(torch.exp(lam + k * log_w_adv - lam * torch.exp(log_w_adv)),
-                                   nan=0.0, posinf=0.0, neginf=0.0)
-        loss_pg = -(phi if prep.adv_per_token else phi[seq]) * adv * logp_m
+            phi_seq = vespo_phi(log_w, prep.advantages, p)
+            phi = phi_seq[seq]
+        pg, d_pg_rho, d_pg_direct = -phi * adv * logp, torch.zeros_like(rho), -phi * adv
     else:
-        loss_pg = _policy_loss(rho, adv, logp_m, cfg)
+        pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, p)
 
-    if cfg.off_policy_mask_threshold is not None:
+    mult = torch.ones_like(rho)
+    if p.has_off_policy:
         behaviour = old if sampling is None else sampling
-        seq_kl = p.per_sequence_sum(p.masked(torch.nan_to_num(behaviour - logp.detach(), nan=0.0))) / n_b
-        loss_pg = loss_pg * ((adv >= 0) | (seq_kl[seq] <= cfg.off_policy_mask_threshold)).to(logp.dtype)
-    keep = None if prep.keep_entropy is None else p.rows(prep.keep_entropy).bool()
-    if keep is not None:
-        loss_pg = loss_pg * keep.to(logp.dtype)
-    if cfg.pg_loss != "vespo":
-        for weight in (is_weight, given):
+        off_kl = sequence_mean(r.masked(nan_to_zero(behaviour - logp)))
+        mult = torch.where((adv < 0) & (off_kl[seq] > p.off_thresh), 0, mult)
+    keep = m.to(dtype)
+    if prep.keep_entropy is not None:
+        keep = keep * r.of(prep.keep_entropy).to(dtype)
+        mult = mult * keep
+    if p.pg != PolicyLoss.VESPO:
+        for weight in (is_w, given):
             if weight is not None:
-                loss_pg = loss_pg * weight
+                mult = mult * weight
+    loss = pg * mult
+    g = mult * (d_pg_rho * d_rho_direct + d_pg_direct)
+    d_seq_rho = mult * d_pg_rho  # ∂ℓ/∂ρ_b, for pass 3
+    kl = None
+    if p.kl != KlKind.NONE:
+        k_value, d_k = kl_term(logp, r.of(prep.ref), p)
+        if p.bias_corr:  # β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
+            kl = k_value * rho
+            g = g + p.beta * (d_k * rho + k_value * d_rho_direct)
+            d_seq_rho = d_seq_rho + p.beta * k_value
+        else:
+            kl = k_value
+            g = g + p.beta * d_k
+        loss = loss + p.beta * kl
 
-    per_token, kl = loss_pg, None
-    if cfg.beta != 0.0:
-        kl = _kl(logp_m, p.masked(p.rows(prep.ref)), cfg)
-        if cfg.use_bias_correction_kl:
-            kl = kl * rho  # with ρ's gradient, as TRL
-        per_token = per_token + cfg.beta * kl
-    per_token = p.masked(per_token)
-    scale = 1 / prep.norm[0]
-    if cfg.agg_mode == "seq-mean-token-mean":
-        scale = scale / n_b[seq]
-    contribution = per_token * scale
-    if cfg.entropy_coef != 0.0:
-        effective = m if keep is None else keep
-        contribution = contribution - torch.where(effective, ent, 0) * (cfg.entropy_coef / prep.ent_norm[0])
-    g_logp, g_ent = torch.autograd.grad(contribution.sum(), (logp, ent), allow_unused=True)
-    prep.per_token_loss[p.lo:p.hi] = per_token.detach()
-    prep.g_logp[p.lo:p.hi] = 0.0 if g_logp is None else g_logp
-    prep.g_entropy[p.lo:p.hi] = 0.0 if g_ent is None else g_ent
-
-    with torch.no_grad():
-        _add_partials(prep, cfg, p, contribution.detach(), ent.detach(), rho_value, adv, kl, is_weight, phi,
-                      seq_lo, seq_hi)
+    agg_w = 1 / prep.norm[0]
+    if p.agg == Agg.SEQ_MEAN_TOKEN_MEAN:
+        agg_w = agg_w / n_b[seq]
+    ent_w = p.entropy_coef / prep.ent_norm[0] if p.entropy_coef != 0.0 else 0.0
+    loss = r.masked(loss)
+    g_logp = r.masked(g * agg_w)
+    if p.level == Level.SEQUENCE:  # pass 3: dρ_b/dlogp_s = ρ_b·m_s/n_b, shared by the sequence's tokens
+        acc_drho = r.per_sequence_sum(r.masked(agg_w * d_seq_rho)).to(dtype)
+        g_logp = g_logp + r.masked((acc_drho * rho_seq * seq_inside / n_b)[seq])
+    prep.per_token_loss[r.lo:r.hi] = loss
+    prep.g_logp[r.lo:r.hi] = g_logp
+    prep.g_entropy[r.lo:r.hi] = -ent_w * keep
+    contribution = loss * agg_w - ent_w * keep * ent
+    _add_partials(prep, p, r, contribution, ent, rho, adv, kl, is_w, phi, phi_seq, seq_lo, seq_hi)
 
 
-def _add_partials(prep, cfg, p: _Pass, contribution, ent, rho_value, adv, kl, is_weight, phi, seq_lo, seq_hi):
+def _add_partials(prep, p: LossParams, r: _Rows, contribution, ent, rho, adv, kl, is_w, phi, phi_seq, seq_lo,
+                  seq_hi):
     """Per-sequence sums of the pass's rows into prep.partials, slot by slot as the kernels write them."""
-    m = p.mask
-    low = (rho_value < 1 - cfg.eps_low) & (adv < 0)
-    high = (rho_value > 1 + cfg.eps_high) & (adv > 0)
-    ones = torch.ones_like(rho_value)
-    zero_rows = torch.zeros_like(rho_value)
-    # Every slot's per-token values in one (n, 12) matrix, summed by sequence in one index_add.
-    per_token = torch.stack([
-        contribution, ones, ent, low.to(ent.dtype), high.to(ent.dtype), (low | high).to(ent.dtype), rho_value,
-        zero_rows, zero_rows if kl is None else kl.detach(), ones if is_weight is None else is_weight,
-        ((rho_value > cfg.eps_high) & (adv > 0)).to(ent.dtype),
-        phi if phi is not None and prep.adv_per_token else zero_rows,
-    ], dim=1)
-    per_token = torch.where(m.unsqueeze(1), per_token, 0)
-    sums = p.per_sequence_sum(per_token, wide=True).to(prep.partials.dtype)
-    if phi is not None and not prep.adv_per_token:  # one φ per sequence, each sequence whole in one pass
-        owned = torch.zeros_like(phi, dtype=torch.bool)
+    dtype = ent.dtype
+    low = (rho < 1 - p.eps_low) & (adv < 0)
+    high = (rho > 1 + p.eps_high) & (adv > 0)
+    ones, zeros = torch.ones_like(rho), torch.zeros_like(rho)
+    columns = {
+        Slot.LOSS: contribution, Slot.COUNT: ones, Slot.ENTROPY: ent, Slot.LOW: low.to(dtype),
+        Slot.HIGH: high.to(dtype), Slot.REGION: (low | high).to(dtype), Slot.RATIO_SUM: rho, Slot.RATIO_MAX: zeros,
+        Slot.KL: zeros if kl is None else kl, Slot.IS: ones if is_w is None else is_w,
+        Slot.CISPO_CLIP: ((rho > p.eps_high) & (adv > 0)).to(dtype),
+        Slot.VESPO_PHI: phi if phi is not None and prep.adv_per_token else zeros,
+    }
+    per_token = torch.where(r.mask.unsqueeze(1), torch.stack([columns[slot] for slot in Slot], dim=1), 0)
+    sums = r.per_sequence_sum(per_token).to(prep.partials.dtype)
+    if phi_seq is not None:  # one φ per sequence, each sequence whole in one pass
+        owned = torch.zeros_like(phi_seq, dtype=torch.bool)
         owned[seq_lo:seq_hi] = True
-        sums[:, 11] = torch.where(owned, phi, 0)
-    prep.partials[:, :per_token.shape[1]] += sums
-    zero = torch.zeros(prep.num_sequences, dtype=ent.dtype, device=ent.device)
-    peak = zero.scatter_reduce(0, p.seq, p.masked(rho_value), "amax", include_self=True)
-    prep.partials[:, 7] = torch.maximum(prep.partials[:, 7], peak)
+        sums[:, Slot.VESPO_PHI] = torch.where(owned, phi_seq, 0)
+    prep.partials += sums
+    peak = torch.zeros(r.num_sequences, dtype=dtype, device=rho.device).scatter_reduce(
+        0, r.seq, r.masked(rho), "amax", include_self=True)
+    prep.partials[:, Slot.RATIO_MAX] = torch.maximum(prep.partials[:, Slot.RATIO_MAX], peak)

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..objective_inputs import ADVANTAGE_MODES, group_layout
+from ...options import AdvantageMode
+from ..objective_inputs import group_layout
+from .options import ADV_BATCH, ADV_GDPO, ADV_GROUP, ADV_REINFORCE_PP, ADV_RLOO
 
 
 @triton.jit
@@ -86,9 +88,9 @@ def _group_advantages_kernel(
         tl.store(constant_ptr + g, constant.to(tl.int8))
     b_mean = tl.zeros((), tl.float32)
     b_std = tl.zeros((), tl.float32)
-    if MODE == 1 or MODE == 5:
+    if MODE == ADV_BATCH or MODE == ADV_GDPO:
         b_mean, b_std = _batch_stats(total_ptr, group_ptr, mean_ptr, N, False, BLOCK)
-    if MODE == 4:
+    if MODE == ADV_REINFORCE_PP:
         b_mean, b_std = _batch_stats(total_ptr, group_ptr, mean_ptr, N, True, BLOCK)
     lanes = tl.arange(0, BLOCK)
     for i in range(0, N, BLOCK):
@@ -97,16 +99,16 @@ def _group_advantages_kernel(
         grp = tl.load(group_ptr + idx, mask=ok, other=0)
         v = tl.load(total_ptr + idx, mask=ok, other=float("nan"))
         centred = v - tl.load(mean_ptr + grp, mask=ok, other=0.0)
-        if MODE == 0:
+        if MODE == ADV_GROUP:
             adv = centred / (tl.load(std_ptr + grp, mask=ok, other=0.0) + eps)
-        elif MODE == 1:
+        elif MODE == ADV_BATCH:
             adv = centred / (b_std + eps)
-        elif MODE == 3:
+        elif MODE == ADV_RLOO:
             c = tl.load(count_ptr + grp, mask=ok, other=2.0)
             adv = centred * c / tl.maximum(c - 1.0, 1.0)
-        elif MODE == 4:
+        elif MODE == ADV_REINFORCE_PP:
             adv = (centred - b_mean) / (b_std + eps)
-        elif MODE == 5:
+        elif MODE == ADV_GDPO:
             adv = (v - b_mean) / (b_std + eps)
         else:
             adv = centred
@@ -129,6 +131,6 @@ def group_advantages(total, group_index, num_groups, scale_rewards, eps, group_s
     constant = torch.empty(num_groups, dtype=torch.int8, device=total.device)
     _group_advantages_kernel[(1,)](
         total, order, offsets, group_index.contiguous(), adv, mean, std, count, constant,
-        n, num_groups, float(eps), MODE=ADVANTAGE_MODES[scale_rewards], BLOCK=128,
+        n, num_groups, float(eps), MODE=int(AdvantageMode.parse(scale_rewards)), BLOCK=128,
     )
     return adv, mean, std, constant.bool()

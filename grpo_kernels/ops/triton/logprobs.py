@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...transform import LogitTransform
+from ...transform import KernelTransform
 
 MAX_BLOCK_V = 4096
 
@@ -86,7 +86,10 @@ def _logprobs_fwd_kernel(
     target = tl.load(ids_ptr + row).to(tl.int64)
     z_target = _transform(tl.load(base + target).to(tl.float32), scale, cap, HAS_CAP)
     tl.store(logp_ptr + row, z_target - lse)
-    tl.store(entropy_ptr + row, tl.log(s) - tl.where(s > 0, t / s, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.log(s) - tl.where(s > 0, t / s, 0.0))
+    else:  # the contract (ops/contract.py): zeros when the entropy is not computed
+        tl.store(entropy_ptr + row, 0.0)
     tl.store(lse_ptr + row, lse)
 
 
@@ -131,10 +134,10 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 2 else x
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTransform, with_entropy: bool = True):
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelTransform, with_entropy: bool = True):
     """logits (B, T, V) or (N, V) with unit vocabulary stride, ids (N,) -> logp, entropy, lse, each (N,) fp32.
 
-    Without `with_entropy` the entropy sum is skipped (its output is then meaningless).
+    Without `with_entropy` the entropy sum is skipped and its output is zeros.
     """
     logits = _as_3d(logits)
     _, t, vocab = logits.shape
@@ -145,7 +148,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTr
     if n == 0:
         return logp, entropy, lse
     block = _block_v(vocab)
-    scale, cap = transform.kernel_params
+    scale, cap = transform
     _logprobs_fwd_kernel[(n,)](
         logits, ids, logp, entropy, lse, logits.stride(0), logits.stride(1), t, vocab, scale, cap,
         WITH_ENTROPY=with_entropy, HAS_CAP=cap != 0.0, BLOCK_V=block, num_warps=_num_warps(block),
@@ -153,7 +156,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: LogitTr
     return logp, entropy, lse
 
 
-def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: LogitTransform, out):
+def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: KernelTransform, out):
     """Write dL/dlogits into `out` (logits' shape; may be `logits` itself for the in-place variant)."""
     logits, out3 = _as_3d(logits), _as_3d(out)
     _, t, vocab = logits.shape
@@ -162,7 +165,7 @@ def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transf
         return out
     block = _block_v(vocab)
     has_grad_entropy = grad_entropy is not None
-    scale, cap = transform.kernel_params
+    scale, cap = transform
     _logprobs_bwd_kernel[(n,)](
         logits, ids, lse, entropy, grad_logp, grad_entropy if has_grad_entropy else grad_logp, out3,
         logits.stride(0), logits.stride(1), out3.stride(0), out3.stride(1), t, vocab, scale, cap,
