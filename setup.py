@@ -106,8 +106,10 @@ def _extensions():
         print("*** grpo_kernels: pybind11 missing, installing without native kernels", file=sys.stderr)
         return []
     cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # A change to a shared header (grpo_math.h, the generated options.h, ...) rebuilds the extension.
+    headers = sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("csrc/cuda/*.cuh"))
     exts = [Pybind11Extension("grpo_kernels._C", cpu_sources, include_dirs=["csrc"], extra_compile_args=_cxx_flags(),
-                              extra_link_args=["-fopenmp"], cxx_std=17)]
+                              extra_link_args=["-fopenmp"], cxx_std=17, depends=headers)]
     nvcc = _nvcc()
     if nvcc:
         try:
@@ -120,7 +122,7 @@ def _extensions():
         ext = Pybind11Extension(
             "grpo_kernels._C_cuda", ["csrc/bindings.cpp"], include_dirs=["csrc", os.path.join(cuda_home, "include")],
             define_macros=[("GK_WITH_CUDA", "1"), ("GK_MODULE_NAME", "_C_cuda")], extra_compile_args=["-O3"],
-            library_dirs=lib_dirs, libraries=["cudart_static", "rt", "dl", "pthread"], cxx_std=17)
+            library_dirs=lib_dirs, libraries=["cudart_static", "rt", "dl", "pthread"], cxx_std=17, depends=headers)
         ext.cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         exts.append(ext)
     return exts

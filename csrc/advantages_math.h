@@ -1,5 +1,6 @@
-// Group-relative advantages, shared by the CPU build and a single CUDA thread block.
-// mode: 0 group, 1 batch, 2 none, 3 rloo, 4 reinforce++, 5 gdpo (batch z-score, no centring).
+// Group-relative advantages: the single C++ source of their formulas, used by the CPU build
+// (csrc/cpu/advantages.cpp) and by one CUDA thread block (csrc/cuda/advantages.cu).
+// mode: an AdvantageMode of options.h (ADV_GDPO: the batch z-score of normalize_then_sum, no centring).
 // Rows are visited through `order` (a stable sort by group) and `offsets` (group boundaries).
 #pragma once
 
@@ -7,11 +8,18 @@
 
 namespace gk {
 
+// Mean of `count` values from their sum (0 for none).
+GK_HD float mean_of(float sum, float count) { return sum / fmaxf(count, 1.f); }
+
+// Bessel-corrected std from the sum of squared deviations sq of `count` values (0 below 2).
+GK_HD float bessel_std(float sq, float count) { return count > 1.f ? sqrtf(sq / fmaxf(count - 1.f, 1.f)) : 0.f; }
+
 struct SegmentStats {
   float count, mean, std;
   bool constant;
 };
 
+// Statistics of one group, rows order[start..end), NaN totals skipped.
 GK_HD SegmentStats segment_stats(const float* total, const int64_t* order, int64_t start, int64_t end) {
   float count = 0.f, acc = 0.f, lo = INFINITY, hi = -INFINITY;
   for (int64_t i = start; i < end; ++i) {
@@ -22,43 +30,55 @@ GK_HD SegmentStats segment_stats(const float* total, const int64_t* order, int64
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
   }
-  float mean = acc / fmaxf(count, 1.f), sq = 0.f;
+  float mean = mean_of(acc, count), sq = 0.f;
   for (int64_t i = start; i < end; ++i) {
     float v = total[order[i]];
     if (v == v) sq += (v - mean) * (v - mean);
   }
-  float std = count > 1.f ? sqrtf(sq / fmaxf(count - 1.f, 1.f)) : 0.f;
-  return {count, mean, std, count < 2.f || lo == hi};
+  return {count, mean, bessel_std(sq, count), count < 2.f || lo == hi};
 }
 
-// Mean and Bessel std over all rows of total, or of total minus its group's mean.
-GK_HD void batch_stats(const float* total, const int64_t* group, const float* mean, int64_t n, bool centred,
-                       float* out_mean, float* out_std) {
+// Mean and Bessel std over all rows, for the modes that scale by batch statistics (1, 4, 5;
+// 0, 0 for the others): of the totals, or for reinforce++ (4) of the totals minus their group's
+// mean. NaN values are skipped. The caller visits rows first, first + step, ... and sum(x) adds x
+// over all callers: (0, 1, the identity) on the CPU, (threadIdx.x, blockDim.x, a block sum) for
+// the threads of a CUDA block, so the loops are written once. mode is the same for all callers,
+// so they all return early or all reach sum.
+template <typename Sum>
+GK_HD void batch_stats(const float* total, const int64_t* group, const float* mean, int64_t n, int mode,
+                       int64_t first, int64_t step, Sum sum, float* out_mean, float* out_std) {
+  *out_mean = 0.f;
+  *out_std = 0.f;
+  if (mode != ADV_BATCH && mode != ADV_REINFORCE_PP && mode != ADV_GDPO) return;
+  const bool centred = mode == ADV_REINFORCE_PP;
+  auto value = [&](int64_t i) { return total[i] - (centred ? mean[group[i]] : 0.f); };
   float count = 0.f, acc = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    float v = total[i] - (centred ? mean[group[i]] : 0.f);
+  for (int64_t i = first; i < n; i += step) {
+    const float v = value(i);
     if (v != v) continue;
     count += 1.f;
     acc += v;
   }
-  float m = acc / fmaxf(count, 1.f), sq = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    float v = total[i] - (centred ? mean[group[i]] : 0.f);
+  count = sum(count);
+  const float m = mean_of(sum(acc), count);
+  float sq = 0.f;
+  for (int64_t i = first; i < n; i += step) {
+    const float v = value(i);
     if (v == v) sq += (v - m) * (v - m);
   }
   *out_mean = m;
-  *out_std = count > 1.f ? sqrtf(sq / fmaxf(count - 1.f, 1.f)) : 0.f;
+  *out_std = bessel_std(sum(sq), count);
 }
 
 GK_HD float advantage_of(float v, float g_mean, float g_std, float g_count, bool constant, float b_mean,
                          float b_std, float eps, int mode) {
   float centred = v - g_mean, adv;
   switch (mode) {
-    case 0: adv = centred / (g_std + eps); break;
-    case 1: adv = centred / (b_std + eps); break;
-    case 3: adv = centred * g_count / fmaxf(g_count - 1.f, 1.f); break;
-    case 4: adv = (centred - b_mean) / (b_std + eps); break;
-    case 5: adv = (v - b_mean) / (b_std + eps); break;
+    case ADV_GROUP: adv = centred / (g_std + eps); break;
+    case ADV_BATCH: adv = centred / (b_std + eps); break;
+    case ADV_RLOO: adv = centred * g_count / fmaxf(g_count - 1.f, 1.f); break;
+    case ADV_REINFORCE_PP: adv = (centred - b_mean) / (b_std + eps); break;
+    case ADV_GDPO: adv = (v - b_mean) / (b_std + eps); break;
     default: adv = centred;
   }
   return (constant || adv != adv) ? 0.f : adv;

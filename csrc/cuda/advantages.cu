@@ -1,5 +1,6 @@
 // CUDA group advantages in one launch of one block: groups in parallel over threads, batch
-// statistics with block reductions (fixed order, deterministic), then one pass over rows.
+// statistics with block reductions (fixed order, deterministic), then one pass over rows. The
+// formulas, and the loops of the batch statistics, are advantages_math.h's.
 #include "../advantages_math.h"
 #include "../kernels.h"
 #include "common.cuh"
@@ -9,29 +10,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 512;
-
-__device__ void batch_stats_block(const float* total, const int64_t* group, const float* mean, int64_t n,
-                                  bool centred, float* out_mean, float* out_std) {
-  float count = 0.f, acc = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = total[i] - (centred ? mean[group[i]] : 0.f);
-    if (v == v) {
-      count += 1.f;
-      acc += v;
-    }
-  }
-  count = block_sum(count);
-  acc = block_sum(acc);
-  const float m = acc / fmaxf(count, 1.f);
-  float sq = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    float v = total[i] - (centred ? mean[group[i]] : 0.f);
-    if (v == v) sq += (v - m) * (v - m);
-  }
-  sq = block_sum(sq);
-  *out_mean = m;
-  *out_std = count > 1.f ? sqrtf(sq / fmaxf(count - 1.f, 1.f)) : 0.f;
-}
 
 __global__ void __launch_bounds__(kThreads) advantages_kernel(const float* total, const int64_t* order,
                                                               const int64_t* offsets, const int64_t* group,
@@ -46,8 +24,9 @@ __global__ void __launch_bounds__(kThreads) advantages_kernel(const float* total
     constant[g] = s.constant ? 1 : 0;
   }
   __syncthreads();
-  float b_mean = 0.f, b_std = 0.f;
-  if (mode == 1 || mode == 4 || mode == 5) batch_stats_block(total, group, mean, n, mode == 4, &b_mean, &b_std);
+  float b_mean, b_std;  // each thread takes every blockDim.x-th row, block_sum combines them
+  batch_stats(total, group, mean, n, mode, threadIdx.x, blockDim.x, [](float x) { return block_sum(x); }, &b_mean,
+              &b_std);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     int64_t g = group[i];
     adv[i] = advantage_of(total[i], mean[g], std[g], count[g], constant[g] != 0, b_mean, b_std, eps, mode);

@@ -1,9 +1,10 @@
-// Helpers shared by the CUDA kernels: launch checks, vector loads and block reductions.
+// Helpers shared by the CUDA kernels: launch checks and block reductions.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -20,69 +21,39 @@ inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_
 
 constexpr int kWarp = 32;
 
-// Online softmax state of a set of values z: m = max z, s = Σ exp(z − m), t = Σ exp(z − m)·(z − m).
-// t is kept relative to the max so that the entropy log s − t/s has no cancellation for large z.
-struct Online {
-  float m, s, t;
-};
-
-__device__ __forceinline__ Online online_merge(Online a, Online b) {
-  float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f, 0.f};
-  float ca = a.m == -INFINITY ? 0.f : expf(a.m - m);
-  float cb = b.m == -INFINITY ? 0.f : expf(b.m - m);
-  float ta = a.s > 0.f ? ca * (a.t + a.s * (a.m - m)) : 0.f;
-  float tb = b.s > 0.f ? cb * (b.t + b.s * (b.m - m)) : 0.f;
-  return {m, a.s * ca + b.s * cb, ta + tb};
+// __shfl_xor_sync of a value made of 32-bit words (a float, or a struct of floats such as
+// logprob_math.h's RowStats<float>), word by word; the copies stay in registers.
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int offset) {
+  static_assert(sizeof(T) % sizeof(uint32_t) == 0, "shfl_xor moves 32-bit words");
+  constexpr int kWords = sizeof(T) / sizeof(uint32_t);
+  uint32_t w[kWords];
+  memcpy(w, &v, sizeof(T));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = __shfl_xor_sync(0xffffffffu, w[i], offset);
+  memcpy(&v, w, sizeof(T));
+  return v;
 }
 
-__device__ __forceinline__ void online_add(Online& o, float z) {
-  if (z == -INFINITY) return;
-  if (z > o.m) {
-    float c = o.m == -INFINITY ? 0.f : expf(o.m - z);
-    o.t = o.s > 0.f ? c * (o.t + o.s * (o.m - z)) : 0.f;  // the new element adds e·(z − m) = 0
-    o.s = o.s * c + 1.f;
-    o.m = z;
-  } else {
-    float d = z - o.m;
-    float e = expf(d);
-    o.s += e;
-    o.t += e * d;
-  }
-}
-
-// Every thread gets the merged state of the block (blockDim.x a multiple of 32, <= 1024).
-static __device__ Online block_merge(Online o) {
-  __shared__ Online partial[32];
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    Online other{__shfl_xor_sync(0xffffffffu, o.m, offset), __shfl_xor_sync(0xffffffffu, o.s, offset),
-                 __shfl_xor_sync(0xffffffffu, o.t, offset)};
-    o = online_merge(o, other);
-  }
+// op-reduction over the block (an xor butterfly in each warp, then over the warps' results);
+// every thread gets the result. A fixed reduction order: deterministic. identity is op's neutral
+// element; blockDim.x a multiple of 32, <= 1024. T must be trivially constructible (__shared__).
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T identity, Op op) {
+  __shared__ T partial[32];
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = op(v, shfl_xor(v, offset));
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  if (lane == 0) partial[warp] = o;
-  __syncthreads();
-  const int warps = blockDim.x / kWarp;
-  o = lane < warps ? partial[lane] : Online{-INFINITY, 0.f, 0.f};
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    Online other{__shfl_xor_sync(0xffffffffu, o.m, offset), __shfl_xor_sync(0xffffffffu, o.s, offset),
-                 __shfl_xor_sync(0xffffffffu, o.t, offset)};
-    o = online_merge(o, other);
-  }
-  return o;
-}
-
-// Sum over the block, every thread gets it (fixed reduction order: deterministic).
-static __device__ float block_sum(float v) {
-  __shared__ float partial[32];
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  __syncthreads();
+  __syncthreads();  // a previous call's reads of partial are done
   if (lane == 0) partial[warp] = v;
   __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / kWarp) ? partial[lane] : 0.f;
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  v = lane < static_cast<int>(blockDim.x / kWarp) ? partial[lane] : identity;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = op(v, shfl_xor(v, offset));
   return v;
+}
+
+// Sum over the block, every thread gets it.
+static __device__ float block_sum(float v) {
+  return block_reduce(v, 0.f, [](float a, float b) { return a + b; });
 }
 
 }  // namespace cuda

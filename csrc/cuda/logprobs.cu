@@ -1,8 +1,10 @@
 // CUDA log-probs + entropy and their backward. One block per row; each thread walks the row
-// with 16-byte vector loads (4 fp32 or 8 bf16/fp16 values) when the row is aligned, keeping an
-// online (max, Σe, Σe·z) triple; the block merges them with warp shuffles. fp32 accumulation.
-// CAP selects the softcapped logit transform (grpo_math.h, LogitTransform).
+// with 16-byte vector loads (4 fp32 or 8 bf16/fp16 values) when the row is aligned, keeping the
+// online RowStats (max, Σe, Σe·z) of logprob_math.h, whose per-element and per-row math these
+// kernels share with the CPU; the block merges the threads' stats with warp shuffles. fp32
+// accumulation. CAP selects the softcapped logit transform (grpo_math.h, LogitTransform).
 #include "../kernels.h"
+#include "../logprob_math.h"
 #include "common.cuh"
 
 namespace gk {
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsView x, const int
   using W = Vec<DT>;
   const int64_t r = blockIdx.x;
   const auto* row = row_ptr<DT>(x, r);
-  Online o{-INFINITY, 0.f, 0.f};
+  RowStats<> o = RowStats<>::empty();
   const bool aligned = (reinterpret_cast<uintptr_t>(row) % 16 == 0) && (x.V % W::kWidth == 0);
   if (aligned) {
     const uint4* vrow = reinterpret_cast<const uint4*>(row);
@@ -42,17 +44,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RowsView x, const int
       typename W::Pack pack;
       pack.raw = vrow[i];
 #pragma unroll
-      for (int k = 0; k < W::kWidth; ++k) online_add(o, transform_logit<CAP>(S::load(pack.v[k]), f));
+      for (int k = 0; k < W::kWidth; ++k) o.update(transform_logit<CAP>(S::load(pack.v[k]), f));
     }
   } else {
-    for (int64_t v = threadIdx.x; v < x.V; v += blockDim.x) online_add(o, transform_logit<CAP>(S::load(row[v]), f));
+    for (int64_t v = threadIdx.x; v < x.V; v += blockDim.x) o.update(transform_logit<CAP>(S::load(row[v]), f));
   }
-  o = block_merge(o);
+  o = block_reduce(o, RowStats<>::empty(), [](RowStats<> a, RowStats<> b) {
+    a.merge(b);
+    return a;
+  });
   if (threadIdx.x == 0) {
-    const float row_lse = o.m + logf(o.s);
-    lse[r] = row_lse;
-    logp[r] = transform_logit<CAP>(S::load(row[ids[r]]), f) - row_lse;
-    entropy[r] = with_entropy ? logf(o.s) - (o.s > 0.f ? o.t / o.s : 0.f) : 0.f;
+    const RowResult res = finish(o, transform_logit<CAP>(S::load(row[ids[r]]), f));
+    lse[r] = res.lse;
+    logp[r] = res.logp;
+    entropy[r] = with_entropy ? res.entropy : 0.f;
   }
 }
 
@@ -67,18 +72,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RowsView x, const in
   const int64_t r = blockIdx.x;
   const auto* row = row_ptr<DT>(x, r);
   T* out = static_cast<T*>(out_ptr) + (r / x.T) * out_sb + (r % x.T) * out_st;
-  const float g = grad_logp[r];
-  const float gh = grad_entropy ? grad_entropy[r] : 0.f;
-  const bool zero = g == 0.f && gh == 0.f;  // a masked token: exact zeros, logits not read
-  const float row_lse = lse[r];
-  const float h = grad_entropy ? entropy[r] : 0.f;  // z − E[z] = (z − lse) + H, no cancellation
-  const int64_t y = ids[r];
-  auto grad_of = [&](float z, int64_t v) {
-    float d = z - row_lse;
-    float p = expf(d);
-    float centred = p > 0.f ? d + h : 0.f;
-    return ((v == y ? g : 0.f) - p * (g + gh * centred)) * transform_grad<CAP>(z, f);
-  };
+  const RowGrad rg = row_grad(r, lse, entropy, grad_logp, grad_entropy);
+  const bool zero = rg.is_zero();  // logits not read
+  const int64_t y = ids[r];  // outside [0, V) (another rank's target, owns_target) it matches no v
+  auto grad_of = [&](float z_prime, int64_t v) { return rg.dlogit<CAP>(z_prime, v == y, f); };
   const bool aligned = (reinterpret_cast<uintptr_t>(row) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0) &&
                        (x.V % W::kWidth == 0);
   if (aligned) {
