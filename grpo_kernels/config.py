@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -228,7 +229,15 @@ class GRPOLossConfig:
 
     @property
     def params(self) -> LossParams:
-        """The config as the plain scalars every layer below the public API takes (options.LossParams)."""
+        """The config as the plain scalars every layer below the public API takes (options.LossParams),
+        built once per config object and set of field values (a field may be reassigned)."""
+        values = _field_values(self)  # one C-level tuple of every field
+        cached = self.__dict__.get("_params")  # not a field: asdict, replace and == ignore it
+        if cached is None or cached[0] != values:
+            cached = self.__dict__["_params"] = (values, self._build_params())
+        return cached[1]
+
+    def _build_params(self) -> LossParams:
         inf, transform = math.inf, self.logit_transform.kernel
         bound = lambda x, default: default if x is None else float(x)  # noqa: E731
         return LossParams(
@@ -261,13 +270,21 @@ class GRPOLossConfig:
         return dataclasses.replace(self, **overrides) if overrides else self
 
 
+_field_values = operator.attrgetter(*(f.name for f in dataclasses.fields(GRPOLossConfig)))
+_DEFAULT: list = []  # the default config, built on first use (calls without config= share it)
+
+
 def resolve_config(config: Optional[GRPOLossConfig], overrides: dict) -> GRPOLossConfig:
     """`config` (default GRPOLossConfig()) with keyword overrides of its fields, validated.
 
     Plain Python: under torch.compile it runs at trace time, and the values it yields reach the
     custom ops as constants of the graph (overrides included)."""
     if config is None:
-        return GRPOLossConfig(**overrides)
+        if overrides:
+            return GRPOLossConfig(**overrides)
+        if not _DEFAULT:
+            _DEFAULT.append(GRPOLossConfig())
+        return _DEFAULT[0]
     if not isinstance(config, GRPOLossConfig):
         raise TypeError(f"config must be a GRPOLossConfig, got {type(config).__name__}")
     return config.replace(**overrides) if overrides else config

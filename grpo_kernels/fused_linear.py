@@ -292,7 +292,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         if shard is not None and plan.reduce_hidden_grad and d_hidden is not None:
             shard.all_reduce(d_hidden)  # each slice's dlogits @ W_k is a partial sum over the vocabulary
-        loss, vector = io.finish(prep)
+        loss, vector = io.finish(prep, params)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.input_shape = hidden.shape
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -16,7 +16,7 @@ import torch
 
 from .config import GRPOLossConfig, resolve_config
 from .inputs import (
-    Tokens, advantages_per_token, check_ids_and_mask, check_mask, check_num_items, check_objective_inputs, flat,
+    Tokens, advantages_per_token, check_ids_and_mask, check_mask, check_num_items, check_objective_inputs,
     loss_output, masked_logprobs, token_layout, token_mask, weights_per_sequence,
 )
 from .ops import logprobs_with_entropy, resolve_backend
@@ -41,14 +41,16 @@ def objective_from_logprobs(
     # Without an entropy bonus the loss does not depend on H: detached, the log-prob backward then
     # takes its cheaper path without the entropy term (the entropy mask is detached anyway).
     entropy_in = entropy_rows if params.entropy_coef != 0.0 else entropy_rows.detach()
+    # The objective op takes the per-token tensors in any shape: it reads them flat.
     loss, per_token_loss, metrics = fused_objective(
-        flat(logp_rows), flat(entropy_in), flat_mask, flat(advantages), tokens.cu_seqlens, params,
+        logp_rows, entropy_in, flat_mask, advantages, tokens.cu_seqlens, params,
         backend, adv_per_token=advantages_per_token(advantages, tokens),
         weights_per_seq=is_weights is not None and weights_per_sequence(is_weights, tokens),
-        old_logp=flat(old_logps), ref_logp=flat(ref_logps), sampling_logp=flat(sampling_logps),
-        is_weights=flat(is_weights), num_items_in_batch=num_items_in_batch)
+        old_logp=old_logps, ref_logp=ref_logps, sampling_logp=sampling_logps, is_weights=is_weights,
+        num_items_in_batch=num_items_in_batch)
     return loss_output(loss, logp_rows, entropy_rows, per_token_loss, metrics, flat_mask, tokens.token_shape,
                        checks)
+
 
 def _check_logits(logits, cu_seqlens):
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")

@@ -206,7 +206,7 @@ assert LossParams._fields == LOSS_INT_FIELDS + LOSS_FLOAT_FIELDS, "integer field
 OBJECTIVE_BUFFERS = (
     ("logp", "float", False, False),
     ("entropy", "float", False, False),
-    ("mask", "uint8_t", False, False),
+    ("mask", "uint8_t", False, False),  # bool tensors: one byte holding 0 or 1
     ("cu_seqlens", "int64_t", False, False),
     ("counts", "float", False, False),
     ("advantages", "float", False, False),

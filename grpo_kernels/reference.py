@@ -2,8 +2,9 @@
 
 Clarity over speed: the logits are materialised in full, every step is differentiable by
 autograd, and any dtype works (tests run it in fp64; fp64 in gives fp64 out). The per-token
-objective (`policy_objective`) works on padded `(B, T)` tensors and is shared by the torch
-backend, which only replaces how log-probs and entropies are obtained from the logits.
+objective (`policy_objective`) works on padded `(B, T)` tensors with autograd; no production
+code imports this file, and every backend, torch included, has its own implementation with
+explicit gradients (ops/torch_objective.py, ops/triton/, csrc/), so none is tested against itself.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The option table is the one source: the generated C++ header and Triton constants match it,
 the Python enums agree with the config's choices, and every LossParams field reaches the kernels."""
+import dataclasses
 import os
 
 import pytest
@@ -41,8 +42,9 @@ def test_params_follow_every_config_field():
                              final_logit_softcapping=10.0)
     skip = {"loss_type", "policy_loss", "loss_agg_mode", "kl_estimator", "importance_sampling_level", "is_correction",
             "use_bias_correction_kl", "cispo_weight_min"}
-    for name, value in vars(base).items():
-        if name in skip or name.startswith("_") or not isinstance(value, (int, float)):
+    for field in dataclasses.fields(base):
+        name, value = field.name, getattr(base, field.name)
+        if name in skip or not isinstance(value, (int, float)):
             continue
         changed = base.replace(**{name: value * 1.25 + 0.125 if name != "max_completion_length" else value + 1})
         assert changed.params != base.params, name

@@ -1,27 +1,25 @@
-"""The group-advantage op of every backend as a torch.library custom op: opaque to torch.compile,
-shape-only under FakeTensorMode, so the compiled kernels never see a fake tensor."""
+"""The group-advantage op of every backend as a dispatcher op (ops/library.py): opaque to
+torch.compile, shape-only under FakeTensorMode, so the compiled kernels never see a fake tensor."""
 from __future__ import annotations
-
-from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from .dispatch import backend_module
+from .library import define
 
 
-@torch.library.custom_op("grpo_kernels::group_advantages", mutates_args=())
-def _group_advantages(total: Tensor, group_index: Tensor, num_groups: int, scale_rewards: str, eps: float,
-                      group_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fake_advantages(total, group_index, num_groups, scale_rewards, eps, group_size, backend):
+    stats = lambda: total.new_empty(num_groups)  # noqa: E731
+    return torch.empty_like(total), stats(), stats(), total.new_empty(num_groups, dtype=torch.bool)
+
+
+@define("group_advantages(Tensor total, Tensor group_index, int num_groups, str scale_rewards, float eps, "
+        "int group_size, str backend) -> (Tensor, Tensor, Tensor, Tensor)", _fake_advantages)
+def _group_advantages(total, group_index, num_groups, scale_rewards, eps, group_size, backend):
     adv, mean, std, constant = backend_module(backend).group_advantages(
         total, group_index, num_groups, scale_rewards, eps, group_size or None)
     return adv.to(total.dtype), mean.to(total.dtype), std.to(total.dtype), constant.bool()
-
-
-@_group_advantages.register_fake
-def _(total, group_index, num_groups, scale_rewards, eps, group_size, backend):
-    stats = lambda: total.new_empty(num_groups)  # noqa: E731
-    return torch.empty_like(total), stats(), stats(), total.new_empty(num_groups, dtype=torch.bool)
 
 
 def group_advantages(total: Tensor, group_index: Tensor, num_groups: int, scale_rewards: str, eps: float,

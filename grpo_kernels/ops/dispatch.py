@@ -91,9 +91,22 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_RESOLVED: dict = {}  # (backend, device, dtype, TRITON_INTERPRET) -> the name resolve_backend returned
+
+
 @trace_as_constant
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = None) -> str:
-    """The backend that runs an op on `device` for inputs of `dtype` (None: any float dtype)."""
+    """The backend that runs an op on `device` for inputs of `dtype` (None: any float dtype).
+    Availability does not change within a process (but for the interpreter switch, part of the
+    key), so each answer is found once."""
+    key = (backend, device, dtype, os.environ.get("TRITON_INTERPRET"))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve_backend(backend, device, dtype)
+    return name
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; expected one of {list(BACKENDS)}")
     if dtype == torch.float64:

@@ -1,72 +1,68 @@
-"""The log-prob/entropy op over the vocabulary, as torch.library custom ops.
+"""The log-prob/entropy op over the vocabulary: dispatcher ops (ops/library.py) and their autograd.
 
 Forward: one sweep over each row of logits gives logp, entropy and lse (fp32).
 Backward: one sweep writes dlogits from the upstream (g_logp, g_H) and the saved
 per-row statistics; the in-place variant writes it over the logits buffer.
-Registered with fake implementations and autograd so torch.compile traces through.
 The logit transform travels as the two floats every kernel takes (transform.KernelTransform).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..transform import KernelTransform
 from .dispatch import backend_module, stats_dtype
+from .library import define
 
 
-@torch.library.custom_op("grpo_kernels::logprobs_fwd", mutates_args=())
-def _logprobs_fwd(logits: Tensor, ids: Tensor, scale: float, cap: float, backend: str, inplace_backward: bool,
-                  with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return backend_module(backend).logprobs_forward(logits, ids, KernelTransform(scale, cap), with_entropy)
-
-
-@_logprobs_fwd.register_fake
-def _(logits, ids, scale, cap, backend, inplace_backward, with_entropy):
+def _fake_forward(logits, ids, scale, cap, backend, with_entropy):
     n = ids.numel()
     return tuple(logits.new_empty(n, dtype=stats_dtype(logits)) for _ in range(3))
 
 
-@torch.library.custom_op("grpo_kernels::logprobs_bwd", mutates_args=())
-def _logprobs_bwd(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                  grad_entropy: Optional[Tensor], scale: float, cap: float, backend: str) -> Tensor:
+@define("logprobs_fwd(Tensor logits, Tensor ids, float scale, float cap, str backend, bool with_entropy) "
+        "-> (Tensor, Tensor, Tensor)", _fake_forward)
+def _logprobs_fwd(logits, ids, scale, cap, backend, with_entropy):
+    return backend_module(backend).logprobs_forward(logits, ids, KernelTransform(scale, cap), with_entropy)
+
+
+@define("logprobs_bwd(Tensor logits, Tensor ids, Tensor lse, Tensor entropy, Tensor grad_logp, Tensor? grad_entropy, "
+        "float scale, float cap, str backend) -> Tensor", lambda logits, *_: torch.empty_like(logits))
+def _logprobs_bwd(logits, ids, lse, entropy, grad_logp, grad_entropy, scale, cap, backend):
     out = torch.empty_like(logits)
     backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy,
                                               KernelTransform(scale, cap), out)
     return out
 
 
-@_logprobs_bwd.register_fake
-def _(logits, ids, lse, entropy, grad_logp, grad_entropy, scale, cap, backend):
-    return torch.empty_like(logits)
-
-
-@torch.library.custom_op("grpo_kernels::logprobs_bwd_inplace", mutates_args=("logits",))
-def _logprobs_bwd_inplace(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                          grad_entropy: Optional[Tensor], scale: float, cap: float, backend: str) -> None:
+@define("logprobs_bwd_inplace(Tensor(a!) logits, Tensor ids, Tensor lse, Tensor entropy, Tensor grad_logp, "
+        "Tensor? grad_entropy, float scale, float cap, str backend) -> ()", lambda *_: None)
+def _logprobs_bwd_inplace(logits, ids, lse, entropy, grad_logp, grad_entropy, scale, cap, backend):
     backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy,
                                               KernelTransform(scale, cap), logits)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, ids, scale, cap, backend, inplace_backward, with_entropy = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, ids, lse, entropy)
-    ctx.transform, ctx.backend = KernelTransform(scale, cap), backend
-    ctx.inplace, ctx.with_entropy = inplace_backward, with_entropy
-    ctx.mark_non_differentiable(lse)
+class _Logprobs(torch.autograd.Function):
+    """(logp, entropy, lse) of the logits' rows; the backward sweeps the logits once."""
 
+    @staticmethod
+    def forward(ctx, logits, ids, scale: float, cap: float, backend: str, inplace: bool, with_entropy: bool):
+        ctx.set_materialize_grads(False)  # an unused output (entropy, lse) sends None, not zeros
+        logp, entropy, lse = _logprobs_fwd(logits, ids, scale, cap, backend, with_entropy)
+        ctx.save_for_backward(logits, ids, lse, entropy)
+        ctx.transform, ctx.backend = KernelTransform(scale, cap), backend
+        ctx.inplace, ctx.with_entropy = inplace, with_entropy
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, ids, lse, entropy = ctx.saved_tensors
-    grad_logits = logits_grad(logits, ids, lse, entropy, grad_logp, grad_entropy if ctx.with_entropy else None,
-                              ctx.transform, ctx.backend, ctx.inplace)
-    return grad_logits, None, None, None, None, None, None
-
-
-_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        logits, ids, lse, entropy = ctx.saved_tensors
+        grad_logits = logits_grad(logits, ids, lse, entropy, grad_logp, grad_entropy if ctx.with_entropy else None,
+                                  ctx.transform, ctx.backend, ctx.inplace)
+        return grad_logits, None, None, None, None, None, None
 
 
 def logits_grad(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
@@ -97,14 +93,14 @@ def logprobs_with_entropy(logits: Tensor, ids: Tensor, transform: KernelTransfor
     only when nothing else needs the logits after the loss (it saves one (N, V) buffer).
     Without `with_entropy` the entropy is skipped and its output is zeros.
     """
-    return _logprobs_fwd(logits, safe_ids(ids, logits.shape[-1]), transform.scale, transform.cap, backend,
-                         inplace_backward, with_entropy)
+    return _Logprobs.apply(logits, safe_ids(ids, logits.shape[-1]), transform.scale, transform.cap, backend,
+                           inplace_backward, with_entropy)
 
 
 def logprobs_rows(logits: Tensor, ids: Tensor, transform: KernelTransform, backend: str, with_entropy: bool = True):
     """The forward op outside autograd (the fused-linear and vocabulary-parallel paths), on ids
     already in [0, V): (logp, entropy, lse) of (N, V) rows."""
-    return _logprobs_fwd(logits, ids, transform.scale, transform.cap, backend, False, with_entropy)
+    return _logprobs_fwd(logits, ids, transform.scale, transform.cap, backend, with_entropy)
 
 
 def safe_ids(ids: Tensor, vocab: int) -> Tensor:

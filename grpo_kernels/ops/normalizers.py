@@ -21,10 +21,11 @@ QUANTILE_SNAP = 1e-9
 
 @dataclass
 class ObjectiveTotals:
-    """normalizer: the aggregation divisor (token count, B, or B·max_completion_length), 0-d fp64.
-    entropy_keep: (N,) bool, the tokens the entropy mask keeps (None: no entropy mask).
-    entropy_normalizer: Σ of the effective entropy mask over the batch (>= 1), 0-d fp64.
-    counts: (B,) the unmasked tokens of each sequence, in the statistics' dtype."""
+    """In the statistics' dtype: normalizer (1,), the aggregation divisor (token count, B, or
+    B·max_completion_length); entropy_keep (N,) bool, the tokens the entropy mask keeps (None: no
+    entropy mask); entropy_normalizer (1,), Σ of the effective entropy mask (>= 1), only when the
+    entropy bonus is on (else the normalizer, which no backend then reads); counts (B,) the
+    unmasked tokens of each sequence."""
 
     normalizer: torch.Tensor
     entropy_keep: Optional[torch.Tensor]
@@ -33,11 +34,8 @@ class ObjectiveTotals:
 
 
 def sequence_counts(mask: torch.Tensor, cu_seqlens: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """(B,) unmasked tokens per sequence, from a cumulative count read at the sequence bounds (exact)."""
-    running = torch.zeros(mask.numel() + 1, dtype=torch.int64, device=mask.device)
-    running[1:] = torch.cumsum(mask, 0)
-    cu = cu_seqlens.long()
-    return (running[cu[1:]] - running[cu[:-1]]).to(dtype)
+    """(B,) unmasked tokens per sequence (exact: sums of 0/1), one segment sum over cu_seqlens."""
+    return torch.segment_reduce(mask.to(dtype), "sum", offsets=cu_seqlens)
 
 
 def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
@@ -66,22 +64,24 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
 
 def batch_totals(entropy: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, params: LossParams,
                  num_items_in_batch=None) -> ObjectiveTotals:
-    """ObjectiveTotals of a batch: entropy and mask (N,), cu_seqlens (B+1,). No host read."""
-    bsz = cu_seqlens.numel() - 1
-    device = mask.device
+    """ObjectiveTotals of a batch: entropy (N,) in the statistics' dtype, mask (N,) bool, cu_seqlens
+    (B+1,) int64. No host read."""
+    bsz, dtype, device = cu_seqlens.numel() - 1, entropy.dtype, mask.device
     if params.agg == Agg.TOKEN_MEAN:
-        count = mask.sum()
         if num_items_in_batch is not None and params.uses_num_items:
             count = torch.as_tensor(num_items_in_batch, device=device)
-        normalizer = count.to(torch.float64).clamp(min=1)
-    elif params.agg == Agg.SEQ_MEAN_TOKEN_SUM_NORM:
-        normalizer = torch.tensor(float(bsz * params.max_completion_length), dtype=torch.float64, device=device)
+        else:
+            count = mask.sum()  # an exact integer, whatever N
+        normalizer = count.to(dtype).clamp(min=1).reshape(1)
     else:
-        normalizer = torch.tensor(float(bsz), dtype=torch.float64, device=device)
+        per_sequence = params.max_completion_length if params.agg == Agg.SEQ_MEAN_TOKEN_SUM_NORM else 1
+        normalizer = torch.full((1,), float(bsz * per_sequence), dtype=dtype, device=device)
     keep, effective = None, mask
     if params.has_entropy_mask:
         threshold = masked_quantile(entropy, mask, 1.0 - params.top_entropy_quantile)
         keep = (entropy >= threshold) & mask
         effective = keep
-    return ObjectiveTotals(normalizer, keep, effective.sum().to(torch.float64).clamp(min=1),
-                           sequence_counts(mask, cu_seqlens, entropy.dtype))
+    entropy_normalizer = normalizer
+    if params.entropy_coef != 0.0:
+        entropy_normalizer = effective.sum().to(dtype).clamp(min=1).reshape(1)
+    return ObjectiveTotals(normalizer, keep, entropy_normalizer, sequence_counts(mask, cu_seqlens, dtype))

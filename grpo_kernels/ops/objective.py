@@ -1,4 +1,4 @@
-"""The per-token objective as torch.library custom ops, the same for every backend.
+"""The per-token objective as dispatcher ops (ops/library.py), the same for every backend.
 
 Each backend's `objective_pass` computes the per-token loss together with dL/dlogp and dL/dH;
 `grpo_objective` returns the loss and hands those two gradients, scaled by the upstream
@@ -9,19 +9,17 @@ constants to torch.compile, rebuilt into the record by one tuple construction.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
-from torch import Tensor
 
 from ..options import METRICS, LossParams
 from . import objective_inputs as io
 from .dispatch import backend_module
+from .library import define
 
 
-@torch.library.custom_op("grpo_kernels::objective_pass", mutates_args=("outputs",))
-def _objective_pass(inputs: List[Optional[Tensor]], outputs: List[Tensor], ranges: List[int], ints: List[int],
-                    floats: List[float], backend: str) -> None:
+@define("objective_pass(Tensor?[] inputs, Tensor(a!)[] outputs, int[] ranges, int[] ints, float[] floats, "
+        "str backend) -> ()", lambda *_: None)
+def _objective_pass(inputs, outputs, ranges, ints, floats, backend):
     """inputs + outputs: the PreparedObjective buffers (options.OBJECTIVE_BUFFERS order, the last four
     written); ranges: (row_lo, row_hi, seq_lo, seq_hi, adv_per_token, weights_per_seq)."""
     row_lo, row_hi, seq_lo, seq_hi, adv_per_token, weights_per_seq = ranges
@@ -30,16 +28,11 @@ def _objective_pass(inputs: List[Optional[Tensor]], outputs: List[Tensor], range
                                            (seq_lo, seq_hi))
 
 
-@_objective_pass.register_fake
-def _(inputs, outputs, ranges, ints, floats, backend):
-    return None
-
-
 _NUM_OUTPUTS = 4  # per_token_loss, g_logp, g_entropy, partials
 
 
 def objective_pass(prep: io.PreparedObjective, params: LossParams, backend: str, rows, seqs) -> None:
-    """One pass of `backend`'s objective over rows [rows) of sequences [seqs), as a custom op:
+    """One pass of `backend`'s objective over rows [rows) of sequences [seqs), as a dispatcher op:
     opaque to torch.compile, shape-only under FakeTensorMode."""
     buffers = prep.buffers()
     _objective_pass(buffers[:-_NUM_OUTPUTS], buffers[-_NUM_OUTPUTS:],
@@ -47,40 +40,44 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, backend: str,
                     backend)
 
 
-@torch.library.custom_op("grpo_kernels::grpo_objective", mutates_args=())
-def _grpo_objective(logp: Tensor, entropy: Tensor, others: List[Optional[Tensor]], layout: List[int],
-                    ints: List[int], floats: List[float], backend: str
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fake_objective(logp, entropy, others, layout, ints, floats, backend):
+    per_token = lambda: torch.empty_like(logp)  # noqa: E731
+    return logp.new_empty(()), per_token(), per_token(), per_token(), logp.new_empty(len(METRICS))
+
+
+@define("grpo_objective(Tensor logp, Tensor entropy, Tensor?[] others, int[] layout, int[] ints, float[] floats, "
+        "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", _fake_objective)
+def _grpo_objective(logp, entropy, others, layout, ints, floats, backend):
     """others: (mask, advantages, cu_seqlens, old, ref, sampling, is_weights, num_items);
-    layout: (adv_per_token, weights_per_seq)."""
+    layout: (adv_per_token, weights_per_seq). Returns (loss, per-token loss, dL/dlogp, dL/dH, metrics)."""
     mask, advantages, cu_seqlens, old, ref, sampling, is_weights, num_items = others
     params = LossParams.from_parts(ints, floats)
     prep = io.prepare(logp, entropy, mask, advantages, cu_seqlens, params, old_logp=old, ref_logp=ref,
                       sampling_logp=sampling, is_weights=is_weights, num_items_in_batch=num_items,
                       adv_per_token=bool(layout[0]), weights_per_seq=bool(layout[1]))
     backend_module(backend).objective_pass(prep, params, (0, prep.logp.numel()), (0, prep.num_sequences))
-    loss, vector = io.finish(prep)
-    return loss.clone(), prep.per_token_loss, prep.g_logp, prep.g_entropy, vector
+    loss, vector = io.finish(prep, params)
+    return loss.clone(), prep.per_token_loss, prep.g_logp, prep.g_entropy, vector  # the loss: not a view
 
 
-@_grpo_objective.register_fake
-def _(logp, entropy, others, layout, ints, floats, backend):
-    per_token = lambda: torch.empty_like(logp)  # noqa: E731
-    return logp.new_empty(()), per_token(), per_token(), per_token(), logp.new_empty(len(METRICS))
+class _Objective(torch.autograd.Function):
+    """The loss from (logp, entropy); the op computed its gradients, the backward scales them."""
 
+    @staticmethod
+    def forward(ctx, logp, entropy, others, layout, params: LossParams, backend: str):
+        ctx.set_materialize_grads(False)  # the per-token loss and metrics take no gradient: no zeros made
+        loss, per_token, g_logp, g_ent, vector = _grpo_objective(logp, entropy, others, layout, params.ints,
+                                                                 params.floats, backend)
+        ctx.save_for_backward(g_logp, g_ent)
+        ctx.mark_non_differentiable(per_token, vector)
+        return loss, per_token, vector
 
-def _setup_context(ctx, inputs, output):
-    _, _, g_logp, g_ent, _ = output
-    ctx.save_for_backward(g_logp, g_ent)
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward(ctx, grad_loss, *_):
-    g_logp, g_ent = ctx.saved_tensors
-    return g_logp * grad_loss, g_ent * grad_loss, None, None, None, None, None
-
-
-_grpo_objective.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        g_logp, g_ent = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        return g_logp * grad_loss, g_ent * grad_loss, None, None, None, None
 
 
 def fused_objective(logp, entropy, mask, advantages, cu_seqlens, params: LossParams, backend, *, adv_per_token,
@@ -92,7 +89,7 @@ def fused_objective(logp, entropy, mask, advantages, cu_seqlens, params: LossPar
     num_items = None
     if num_items_in_batch is not None:
         num_items = torch.as_tensor(num_items_in_batch, dtype=logp.dtype, device=logp.device).reshape(())
-    loss, per_token, _, _, vector = _grpo_objective(
+    loss, per_token, vector = _Objective.apply(
         logp, entropy, [mask, advantages, cu_seqlens, old_logp, ref_logp, sampling_logp, is_weights, num_items],
-        [int(adv_per_token), int(weights_per_seq)], params.ints, params.floats, backend)
+        [int(adv_per_token), int(weights_per_seq)], params, backend)
     return loss, per_token, io.metrics_from_vector(vector, params)

@@ -45,7 +45,7 @@ class PreparedObjective:
 
     logp: torch.Tensor  # (N,) in the statistics' dtype
     entropy: torch.Tensor
-    mask: torch.Tensor  # (N,) uint8
+    mask: torch.Tensor  # (N,) bool
     cu_seqlens: torch.Tensor  # (B+1,) int64, clamped to [0, N]
     counts: torch.Tensor  # (B,) unmasked tokens of each whole sequence
     advantages: torch.Tensor  # (B,) one per sequence, or (N,) one per token
@@ -53,9 +53,9 @@ class PreparedObjective:
     ref: Optional[torch.Tensor]
     sampling: Optional[torch.Tensor]
     token_weights: Optional[torch.Tensor]  # the caller's is_weights, (N,) per token or (B,) per sequence
-    keep_entropy: Optional[torch.Tensor]  # (N,) uint8
-    norm: torch.Tensor  # (1,)
-    ent_norm: torch.Tensor  # (1,)
+    keep_entropy: Optional[torch.Tensor]  # (N,) bool
+    norm: torch.Tensor  # (1,) the aggregation divisor
+    ent_norm: torch.Tensor  # (1,) the entropy bonus's divisor (read only when the bonus is on)
     per_token_loss: torch.Tensor  # (N,) outputs, written row range by row range
     g_logp: torch.Tensor
     g_entropy: torch.Tensor
@@ -82,6 +82,15 @@ class PreparedObjective:
 assert tuple(PreparedObjective.__dataclass_fields__)[:len(OBJECTIVE_BUFFER_NAMES)] == OBJECTIVE_BUFFER_NAMES
 
 
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a contiguous (n,) tensor of `dtype`; no op at all when it is one already (the common case)."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if x.dim() != 1 or not x.is_contiguous():
+        x = x.reshape(-1).contiguous()
+    return x
+
+
 def prepare(logp, entropy, mask, advantages, cu_seqlens, params: LossParams, *, old_logp=None, ref_logp=None,
             sampling_logp=None, is_weights=None, num_items_in_batch=None, totals: Optional[ObjectiveTotals] = None,
             adv_per_token: bool = False, weights_per_seq: bool = False) -> PreparedObjective:
@@ -92,34 +101,35 @@ def prepare(logp, entropy, mask, advantages, cu_seqlens, params: LossParams, *, 
     torch backend's validation path); everything else computes in fp32.
     """
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-
-    def cast(x):
-        return None if x is None else x.reshape(-1).to(dtype).contiguous()
-
-    logp, entropy, mask = cast(logp), cast(entropy), mask.reshape(-1)
+    logp, entropy, advantages, old, ref, sampling, weights = [
+        None if x is None else _flat(x, dtype)
+        for x in (logp, entropy, advantages, old_logp, ref_logp, sampling_logp, is_weights)]
+    mask = _flat(mask, torch.bool)  # read as bytes holding 0/1 by every kernel
     n = logp.numel()
     cu = cu_seqlens.long().clamp(0, n).contiguous()  # in bounds even before the deferred checks raise
     if totals is None:
         totals = batch_totals(entropy, mask, cu, params, num_items_in_batch)
-    keep = None if totals.entropy_keep is None else totals.entropy_keep.to(torch.uint8).contiguous()
+    keep = totals.entropy_keep
+    # Every backend writes every element of the per-token outputs (tests/test_backend_contract.py);
+    # the partial sums accumulate, so they start at zero.
     return PreparedObjective(
-        logp, entropy, mask.to(torch.uint8).contiguous(), cu, totals.counts.to(dtype).contiguous(), cast(advantages),
-        cast(old_logp), cast(ref_logp), cast(sampling_logp), cast(is_weights), keep,
-        totals.normalizer.to(dtype).reshape(1), totals.entropy_normalizer.to(dtype).reshape(1),
-        torch.zeros_like(logp), torch.zeros_like(logp), torch.zeros_like(logp),
+        logp, entropy, mask, cu, totals.counts, advantages, old, ref, sampling, weights,
+        None if keep is None else keep.contiguous(), totals.normalizer, totals.entropy_normalizer,
+        torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp),
         torch.zeros(cu.numel() - 1, NUM_SLOTS, dtype=dtype, device=logp.device),
         adv_per_token=adv_per_token, weights_per_seq=weights_per_seq and is_weights is not None,
     )
 
 
-def finish(prep: PreparedObjective):
+def finish(prep: PreparedObjective, params: LossParams):
     """(loss 0-d, metric vector in options.METRICS order) from the per-sequence partial sums."""
     partials = prep.partials
     totals = partials.sum(0)  # a fixed-order sum over sequences: deterministic
     vector = totals[Slot.ENTROPY:] / totals[Slot.COUNT].clamp(min=1)
     if partials.shape[0]:
         vector[_RATIO_MAX] = partials[:, Slot.RATIO_MAX].amax()
-    if not prep.adv_per_token:  # TRL's vespo/phi_seq_mean: a mean over sequences when φ is one per sequence
+    if not prep.adv_per_token and params.pg == PolicyLoss.VESPO:  # TRL's vespo/phi_seq_mean: a mean over
+        # sequences when φ is one per sequence
         vector[_VESPO_PHI] = totals[Slot.VESPO_PHI] / max(partials.shape[0], 1)
     return totals[Slot.LOSS], vector
 

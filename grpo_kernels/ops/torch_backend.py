@@ -126,6 +126,7 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
     p = torch.exp(z - chunk_lse)  # 0 at −inf logits and in rows without a finite logit
     if grad_entropy is None:
         grad = torch.mul(p, g_logp.neg(), out=out_rows if direct else None)
+        grad.nan_to_num_(nan=0.0)  # a NaN row (masked garbage) with zero upstream: 0·NaN is NaN, the gradient 0
     else:
         # dz = onehot·g_logp − p·(g_logp + g_H·(z' − lse + H)) = p·(a·z' + c) + onehot·g_logp, with
         # a = −g_H and c = −g_logp − g_H·(H − lse): three passes, no temporary besides p.

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from .options import (
-    KL_K1, KL_K2, KL_LOG_RATIO_CLAMP, PG_CISPO, PG_CLIP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN,
-    VESPO_W_MIN,
+    KL_K1, KL_K2, KL_LOG_RATIO_CLAMP, P_CISPO_LO, P_DELTA, P_DUAL_CLIP, P_EPS_HIGH, P_EPS_LOW, P_SAPO_NEG, P_SAPO_POS,
+    PG_CISPO, PG_CLIP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_W_MIN,
 )
 
 
@@ -18,11 +18,17 @@ def nan_to_zero(x):
 
 
 @triton.jit
-def policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip, s_pos, s_neg,
-                 PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp."""
+def policy_term(rho, adv, logp, params_ptr, PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr,
+                HAS_DUAL: tl.constexpr):
+    """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp.
+    Each loss kind loads the LossParams floats it uses from the parameter buffer, so a new kind
+    is one branch here (and its fields in options.py), nothing in the kernel."""
     direct = tl.zeros_like(rho)
     if PG_KIND == PG_CLIP:
+        eps_low = tl.load(params_ptr + P_EPS_LOW)
+        eps_high = tl.load(params_ptr + P_EPS_HIGH)
+        delta = tl.load(params_ptr + P_DELTA)
+        dual_clip = tl.load(params_ptr + P_DUAL_CLIP)
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
         rho_c = tl.minimum(tl.maximum(rho, lo), hi)
@@ -44,12 +50,12 @@ def policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip, s
             loss = tl.where(adv < 0, capped, loss)
             d_rho = tl.where(adv < 0, d_capped, d_rho)
     elif PG_KIND == PG_CISPO:
-        weight = tl.minimum(tl.maximum(rho, cispo_lo), eps_high)
+        weight = tl.minimum(tl.maximum(rho, tl.load(params_ptr + P_CISPO_LO)), tl.load(params_ptr + P_EPS_HIGH))
         loss = -weight * adv * logp
         d_rho = tl.zeros_like(rho)
         direct = -weight * adv
     else:
-        s = tl.where(adv > 0, s_pos, s_neg)
+        s = tl.where(adv > 0, tl.load(params_ptr + P_SAPO_POS), tl.load(params_ptr + P_SAPO_NEG))
         sig = tl.sigmoid(s * (rho - 1.0))
         loss = -sig * 4.0 / s * adv
         d_rho = -4.0 * adv * sig * (1.0 - sig)

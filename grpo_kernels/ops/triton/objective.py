@@ -30,11 +30,10 @@ from .math import (
 )
 from .options import (
     AGG_SEQ_MEAN_TOKEN_MEAN, IS_NONE, IS_SEQUENCE_MASK, IS_SEQUENCE_TRUNCATE, IS_TOKEN_MASK, IS_TOKEN_TRUNCATE,
-    KL_NONE, LEVEL_SEQUENCE, LEVEL_TOKEN, NUM_SLOTS, P_BETA, P_CISPO_LO, P_DELTA, P_DUAL_CLIP, P_ENTROPY_COEF,
-    P_EPS_HIGH, P_EPS_LOW, P_IS_HI, P_IS_LO, P_KL_CLAMP, P_LOG_RATIO_HI, P_LOG_RATIO_LO, P_OFF_THRESH, P_SAPO_NEG,
-    P_SAPO_POS, P_VESPO_K_NEG, P_VESPO_K_POS, P_VESPO_LAMBDA_NEG, P_VESPO_LAMBDA_POS, PG_VESPO, SLOT_CISPO_CLIP,
-    SLOT_COUNT, SLOT_ENTROPY, SLOT_HIGH, SLOT_IS, SLOT_KL, SLOT_LOSS, SLOT_LOW, SLOT_RATIO_MAX, SLOT_RATIO_SUM,
-    SLOT_REGION, SLOT_VESPO_PHI, VESPO_TOKEN_LOG_RATIO,
+    KL_NONE, LEVEL_SEQUENCE, LEVEL_TOKEN, NUM_SLOTS, P_BETA, P_ENTROPY_COEF, P_EPS_HIGH, P_EPS_LOW, P_IS_HI, P_IS_LO,
+    P_KL_CLAMP, P_LOG_RATIO_HI, P_LOG_RATIO_LO, P_OFF_THRESH, P_VESPO_K_NEG, P_VESPO_K_POS, P_VESPO_LAMBDA_NEG,
+    P_VESPO_LAMBDA_POS, PG_VESPO, SLOT_CISPO_CLIP, SLOT_COUNT, SLOT_ENTROPY, SLOT_HIGH, SLOT_IS, SLOT_KL, SLOT_LOSS,
+    SLOT_LOW, SLOT_RATIO_MAX, SLOT_RATIO_SUM, SLOT_REGION, SLOT_VESPO_PHI, VESPO_TOKEN_LOG_RATIO,
 )
 
 
@@ -69,10 +68,6 @@ def _grpo_objective_kernel(
     # LossParams' floats, from the one float32 buffer (options.LOSS_FLOAT_FIELDS order).
     eps_low = tl.load(params_ptr + P_EPS_LOW)
     eps_high = tl.load(params_ptr + P_EPS_HIGH)
-    delta = tl.load(params_ptr + P_DELTA)
-    dual_clip = tl.load(params_ptr + P_DUAL_CLIP)
-    s_pos = tl.load(params_ptr + P_SAPO_POS)
-    s_neg = tl.load(params_ptr + P_SAPO_NEG)
     beta = tl.load(params_ptr + P_BETA)
     kl_clamp = tl.load(params_ptr + P_KL_CLAMP)
     off_thresh = tl.load(params_ptr + P_OFF_THRESH)
@@ -81,7 +76,6 @@ def _grpo_objective_kernel(
     entropy_coef = tl.load(params_ptr + P_ENTROPY_COEF)
     log_ratio_lo = tl.load(params_ptr + P_LOG_RATIO_LO)
     log_ratio_hi = tl.load(params_ptr + P_LOG_RATIO_HI)
-    cispo_lo = tl.load(params_ptr + P_CISPO_LO)
     k_pos = tl.load(params_ptr + P_VESPO_K_POS)
     lam_pos = tl.load(params_ptr + P_VESPO_LAMBDA_POS)
     k_neg = tl.load(params_ptr + P_VESPO_K_NEG)
@@ -192,8 +186,7 @@ def _grpo_objective_kernel(
             d_pg_rho = tl.zeros((BLOCK_T,), tl.float32)
             d_pg_direct = -phi * adv
         else:
-            pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, eps_low, eps_high, cispo_lo, delta, dual_clip,
-                                                     s_pos, s_neg, PG_KIND, HAS_DELTA, HAS_DUAL)
+            pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, params_ptr, PG_KIND, HAS_DELTA, HAS_DUAL)
         mult = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_OFF_POLICY:
             stale = tl.zeros((BLOCK_T,), tl.float32) + off_kl > off_thresh
