@@ -12,8 +12,10 @@ import operator
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .options import Agg, IsMode, KlKind, Level, LossParams, PolicyLoss
-from .transform import LogitTransform
+from .transform import LogitTransform, kernel_transform
 
 LOSS_TYPE_PRESETS = {
     # loss_type: (policy_loss, loss_agg_mode)
@@ -33,20 +35,24 @@ KL_ESTIMATOR_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "
 IS_CORRECTION_MODES = IsMode.names()[1:]
 
 
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"GRPOLossConfig.{field}={value!r} is not valid; expected one of {sorted(allowed)}")
-
-
-def _finite(field: str, value, *, lower=None, strict=False, allow_none=False) -> None:
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"GRPOLossConfig.{field} must be a number, got None")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"GRPOLossConfig.{field} must be a finite number, got {value!r}")
-    if lower is not None and (value <= lower if strict else value < lower):
-        raise ValueError(f"GRPOLossConfig.{field} must be {'>' if strict else '>='} {lower}, got {value!r}")
+# Fields with a fixed set of values (those in _OPTIONAL_CHOICES may also be None).
+_CHOICES = {"loss_type": LOSS_TYPE_PRESETS, "policy_loss": POLICY_LOSSES, "loss_agg_mode": LOSS_AGG_MODES,
+            "kl_estimator": KL_ESTIMATOR_ALIASES, "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+            "is_correction": IS_CORRECTION_MODES}
+_OPTIONAL_CHOICES = ("policy_loss", "loss_agg_mode", "is_correction")
+# Numeric fields: (lower bound or None, bound excluded, None allowed). Cross-field rules follow in __post_init__.
+_NUMBERS = {
+    "epsilon": (0, False, False), "epsilon_high": (0, False, True), "cispo_weight_min": (0, False, True),
+    "delta": (1, True, True), "dual_clip": (1, True, True), "beta": (None, False, False),
+    "kl_clamp": (0, True, True), "temperature": (0, True, False), "logit_scale": (0, True, False),
+    "final_logit_softcapping": (0, True, True), "log_ratio_min": (None, False, True),
+    "log_ratio_max": (0, True, True), "sapo_temperature_pos": (0, True, False),
+    "sapo_temperature_neg": (0, True, False), "vespo_k_pos": (None, False, False),
+    "vespo_lambda_pos": (0, False, False), "vespo_k_neg": (None, False, False),
+    "vespo_lambda_neg": (0, False, False), "entropy_coef": (None, False, False),
+    "off_policy_mask_threshold": (None, False, True), "top_entropy_quantile": (0, True, False),
+    "is_clip_min": (0, False, True), "is_clip_max": (0, True, True),
+}
 
 
 @dataclass
@@ -115,14 +121,22 @@ class GRPOLossConfig:
     is_clip_max: Optional[float] = 3.0
 
     def __post_init__(self) -> None:
-        _choice("loss_type", self.loss_type, LOSS_TYPE_PRESETS)
-        if self.policy_loss is not None:
-            _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
-        if self.loss_agg_mode is not None:
-            _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        _finite("epsilon", self.epsilon, lower=0)
-        _finite("epsilon_high", self.epsilon_high, lower=0, allow_none=True)
-        _finite("cispo_weight_min", self.cispo_weight_min, lower=0, allow_none=True)
+        # One loop over the tables below (no call per field: a config is built on every call
+        # that passes keyword overrides).
+        for field, allowed in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in allowed and not (value is None and field in _OPTIONAL_CHOICES):
+                raise ValueError(f"GRPOLossConfig.{field}={value!r} is not valid; expected one of {sorted(allowed)}")
+        for field, (lower, strict, allow_none) in _NUMBERS.items():
+            value = getattr(self, field)
+            if value is None:
+                if allow_none:
+                    continue
+                raise ValueError(f"GRPOLossConfig.{field} must be a number, got None")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"GRPOLossConfig.{field} must be a finite number, got {value!r}")
+            if lower is not None and (value <= lower if strict else value < lower):
+                raise ValueError(f"GRPOLossConfig.{field} must be {'>' if strict else '>='} {lower}, got {value!r}")
         if self.cispo_weight_min is not None and self.pg_loss != "cispo":
             raise ValueError(
                 f"GRPOLossConfig.cispo_weight_min only applies to the cispo policy loss, not {self.pg_loss!r}"
@@ -132,21 +146,10 @@ class GRPOLossConfig:
                 f"GRPOLossConfig.cispo_weight_min ({self.cispo_weight_min}) must be <= the cispo cap "
                 f"epsilon_high ({self.eps_high})"
             )
-        _finite("delta", self.delta, lower=1, strict=True, allow_none=True)
-        _finite("dual_clip", self.dual_clip, lower=1, strict=True, allow_none=True)
-        _finite("beta", self.beta)
-        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATOR_ALIASES)
-        _finite("kl_clamp", self.kl_clamp, lower=0, strict=True, allow_none=True)
         if not isinstance(self.use_bias_correction_kl, bool):
             raise ValueError(
                 f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
-        _finite("temperature", self.temperature, lower=0, strict=True)
-        _finite("logit_scale", self.logit_scale, lower=0, strict=True)
-        _finite("final_logit_softcapping", self.final_logit_softcapping, lower=0, strict=True, allow_none=True)
-        _choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         # The bounds must keep log-ratio 0 inside, or an on-policy call would not have ratio 1.
-        _finite("log_ratio_min", self.log_ratio_min, allow_none=True)
-        _finite("log_ratio_max", self.log_ratio_max, lower=0, strict=True, allow_none=True)
         if self.log_ratio_min is not None and self.log_ratio_min >= 0:
             raise ValueError(f"GRPOLossConfig.log_ratio_min must be < 0, got {self.log_ratio_min!r}")
         if self.max_completion_length is not None and (
@@ -162,22 +165,9 @@ class GRPOLossConfig:
                 "GRPOLossConfig.max_completion_length is required by loss_agg_mode='seq-mean-token-sum-norm' "
                 f"(loss_type={self.loss_type!r})"
             )
-        _finite("sapo_temperature_pos", self.sapo_temperature_pos, lower=0, strict=True)
-        _finite("sapo_temperature_neg", self.sapo_temperature_neg, lower=0, strict=True)
-        for name in ("vespo_k_pos", "vespo_k_neg"):
-            _finite(name, getattr(self, name))
-        for name in ("vespo_lambda_pos", "vespo_lambda_neg"):
-            _finite(name, getattr(self, name), lower=0)
-        _finite("entropy_coef", self.entropy_coef)
-        _finite("off_policy_mask_threshold", self.off_policy_mask_threshold, allow_none=True)
-        _finite("top_entropy_quantile", self.top_entropy_quantile, lower=0, strict=True)
         if self.top_entropy_quantile > 1:
             raise ValueError(
                 f"GRPOLossConfig.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
-        if self.is_correction is not None:
-            _choice("is_correction", self.is_correction, IS_CORRECTION_MODES)
-        _finite("is_clip_min", self.is_clip_min, lower=0, allow_none=True)
-        _finite("is_clip_max", self.is_clip_max, lower=0, strict=True, allow_none=True)
         if self.is_clip_min is not None and self.is_clip_max is not None and self.is_clip_min >= self.is_clip_max:
             raise ValueError(
                 f"GRPOLossConfig.is_clip_min ({self.is_clip_min}) must be < is_clip_max ({self.is_clip_max})"
@@ -198,11 +188,11 @@ class GRPOLossConfig:
 
     @property
     def eps_low(self) -> float:
-        return float(self.epsilon)
+        return self.params.eps_low
 
     @property
     def eps_high(self) -> float:
-        return float(self.epsilon if self.epsilon_high is None else self.epsilon_high)
+        return self.params.eps_high
 
     @property
     def logit_transform(self) -> "LogitTransform":
@@ -231,6 +221,8 @@ class GRPOLossConfig:
     def params(self) -> LossParams:
         """The config as the plain scalars every layer below the public API takes (options.LossParams),
         built once per config object and set of field values (a field may be reassigned)."""
+        if torch.compiler.is_compiling():  # traced once by torch.compile: the values become graph constants
+            return self._build_params()
         values = _field_values(self)  # one C-level tuple of every field
         cached = self.__dict__.get("_params")  # not a field: asdict, replace and == ignore it
         if cached is None or cached[0] != values:
@@ -238,24 +230,29 @@ class GRPOLossConfig:
         return cached[1]
 
     def _build_params(self) -> LossParams:
-        inf, transform = math.inf, self.logit_transform.kernel
-        bound = lambda x, default: default if x is None else float(x)  # noqa: E731
+        inf, pg, agg = math.inf, self.pg_loss, self.agg_mode
+        transform = kernel_transform(self.temperature, self.logit_scale, self.final_logit_softcapping)
+        # Absent bounds are ±inf: every clamp then needs no flag.
+        delta, dual_clip, kl_clamp, off_thresh, is_hi, log_ratio_hi = [inf if x is None else float(x) for x in (
+            self.delta, self.dual_clip, self.kl_clamp, self.off_policy_mask_threshold, self.is_clip_max,
+            self.log_ratio_max)]
+        is_lo, log_ratio_lo, cispo_lo = [-inf if x is None else float(x) for x in (
+            self.is_clip_min, self.log_ratio_min, self.cispo_weight_min)]
         return LossParams(
-            pg=int(PolicyLoss.parse(self.pg_loss)), level=int(Level.parse(self.importance_sampling_level)),
-            kl=int(KlKind.parse(self.kl_kind) if self.beta != 0.0 else KlKind.NONE),
-            is_mode=int(IsMode.parse(self.is_correction)), agg=int(Agg.parse(self.agg_mode)),
+            pg=_CODES[PolicyLoss][pg], level=_CODES[Level][self.importance_sampling_level],
+            kl=_CODES[KlKind][KL_ESTIMATOR_ALIASES[self.kl_estimator] if self.beta != 0.0 else None],
+            is_mode=_CODES[IsMode][self.is_correction], agg=_CODES[Agg][agg],
             has_delta=int(self.delta is not None), has_dual=int(self.dual_clip is not None),
             has_kl_clamp=int(self.kl_clamp is not None), bias_corr=int(self.use_bias_correction_kl),
             has_off_policy=int(self.off_policy_mask_threshold is not None),
             has_entropy_mask=int(self.top_entropy_quantile < 1.0), uses_num_items=int(self.uses_num_items_in_batch),
             couples_tokens=int(self.couples_tokens), max_completion_length=self.max_completion_length or 0,
-            eps_low=self.eps_low, eps_high=self.eps_high, delta=bound(self.delta, inf),
-            dual_clip=bound(self.dual_clip, inf), sapo_pos=float(self.sapo_temperature_pos),
-            sapo_neg=float(self.sapo_temperature_neg), beta=float(self.beta), kl_clamp=bound(self.kl_clamp, inf),
-            off_thresh=bound(self.off_policy_mask_threshold, inf), is_lo=bound(self.is_clip_min, -inf),
-            is_hi=bound(self.is_clip_max, inf), entropy_coef=float(self.entropy_coef),
-            log_ratio_lo=bound(self.log_ratio_min, -inf), log_ratio_hi=bound(self.log_ratio_max, inf),
-            cispo_lo=bound(self.cispo_weight_min, -inf), vespo_k_pos=float(self.vespo_k_pos),
+            eps_low=float(self.epsilon),
+            eps_high=float(self.epsilon if self.epsilon_high is None else self.epsilon_high),
+            delta=delta, dual_clip=dual_clip, sapo_pos=float(self.sapo_temperature_pos),
+            sapo_neg=float(self.sapo_temperature_neg), beta=float(self.beta), kl_clamp=kl_clamp, off_thresh=off_thresh,
+            is_lo=is_lo, is_hi=is_hi, entropy_coef=float(self.entropy_coef), log_ratio_lo=log_ratio_lo,
+            log_ratio_hi=log_ratio_hi, cispo_lo=cispo_lo, vespo_k_pos=float(self.vespo_k_pos),
             vespo_lambda_pos=float(self.vespo_lambda_pos), vespo_k_neg=float(self.vespo_k_neg),
             vespo_lambda_neg=float(self.vespo_lambda_neg), top_entropy_quantile=float(self.top_entropy_quantile),
             transform_scale=transform.scale, transform_cap=transform.cap,
@@ -270,6 +267,8 @@ class GRPOLossConfig:
         return dataclasses.replace(self, **overrides) if overrides else self
 
 
+# The kernels' code of each public name (plain ints), by enumeration.
+_CODES = {cls: {member.public: int(member) for member in cls} for cls in (PolicyLoss, Level, KlKind, IsMode, Agg)}
 _field_values = operator.attrgetter(*(f.name for f in dataclasses.fields(GRPOLossConfig)))
 _DEFAULT: list = []  # the default config, built on first use (calls without config= share it)
 

@@ -66,11 +66,14 @@ class LogitTransform:
 
     @property
     def kernel(self) -> KernelTransform:
-        """(scale, cap) as every kernel takes them; cap = 0 means no softcap."""
-        if self.softcap is None:
-            return KernelTransform(float(self.logit_scale) / float(self.temperature), 0.0)
-        return KernelTransform(float(self.logit_scale) / float(self.softcap),
-                               float(self.softcap) / float(self.temperature))
+        return kernel_transform(self.temperature, self.logit_scale, self.softcap)
+
+
+def kernel_transform(temperature: float, logit_scale: float = 1.0, softcap: Optional[float] = None) -> KernelTransform:
+    """(scale, cap) as every kernel takes them (arguments already validated); cap = 0 means no softcap."""
+    if softcap is None:
+        return KernelTransform(float(logit_scale) / float(temperature), 0.0)
+    return KernelTransform(float(logit_scale) / float(softcap), float(softcap) / float(temperature))
 
 
 def model_logit_options(model_config) -> dict:

@@ -18,10 +18,6 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 2 else x
 
 
-def _f32(x):
-    return None if x is None else x.float().contiguous()
-
-
 class NativeKernels:
     def __init__(self, module):
         self.module = module
@@ -51,9 +47,8 @@ class NativeKernels:
         target = _as_3d(out)
         work = target if target.dtype == x.dtype and target.stride(-1) == 1 else torch.empty_like(x)
         ids = ids.reshape(-1).long().contiguous()
-        g = _f32(grad_logp)
-        gh = _f32(grad_entropy)
-        lse, entropy = _f32(lse), _f32(entropy)
+        lse, entropy, g, gh = [None if t is None else t.float().contiguous()
+                               for t in (lse, entropy, grad_logp, grad_entropy)]
         self.module.logprobs_backward(*view, ids.data_ptr(), lse.data_ptr(), entropy.data_ptr(), g.data_ptr(),
                                       0 if gh is None else gh.data_ptr(), work.data_ptr(), work.stride(0),
                                       work.stride(1), *transform, *self._stream(x))
