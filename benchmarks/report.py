@@ -1,7 +1,7 @@
 """Benchmark results as a CSV, markdown tables with ratios, and PNG plots of time and memory vs V.
 
 Ratios compare each contender with the baselines of its shape: eager PyTorch as users write it
-and torch.compile of the same code (the roles EAGER and COMPILED in tasks.py).
+and torch.compile of the same code (the roles EAGER and COMPILED in tasks/common.py).
 """
 from __future__ import annotations
 

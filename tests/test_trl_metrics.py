@@ -27,7 +27,7 @@ pytest.importorskip("trl")
 from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 
 from grpo_kernels.integrations import trl as integration  # noqa: E402
-from test_trl_parity import _Accelerator, run_trl  # noqa: E402
+from test_trl_parity import _Accelerator, quantile_between_tokens, run_trl  # noqa: E402
 
 # id -> (shared case id from tests/cases.py, GRPOLossConfig overrides)
 CASES = {
@@ -71,15 +71,7 @@ def metrics_case(name):
         if getattr(case, field) is not None:
             setattr(case, field, getattr(case, field).double())
     case.config = case.config.replace(**overrides)
-    q = case.config.top_entropy_quantile
-    if q < 1.0:
-        # As test_trl_parity: TRL takes the entropy quantile of `.float()` entropies, so a token sitting
-        # exactly at the quantile can flip; keep the quantile's position between two tokens.
-        n = int(case.mask.sum())
-        while abs((1 - q) * (n - 1) - round((1 - q) * (n - 1))) < 0.2:
-            q -= 0.01
-        case.config = case.config.replace(top_entropy_quantile=q)
-    return case
+    return quantile_between_tokens(case)
 
 
 def logged_by_us(case, out):

@@ -152,18 +152,22 @@ def compare_with_trl(out, grad, case, dtype, *, rtol):
                      name="vespo/phi_seq_mean")
 
 
-@pytest.mark.parametrize("option", CASES)
-def test_same_numbers_as_trl_fp64(option):
-    """fp64 in, fp64 out: a user validating against TRL in fp64 sees ~1e-12, not fp32 rounding."""
-    case = trl_case(option, torch.float64)
+def quantile_between_tokens(case):
+    """TRL takes the entropy quantile of `.float()` entropies, so a token sitting exactly at the
+    quantile can flip; keep the quantile's position between two tokens (interpolated)."""
     q = case.config.top_entropy_quantile
     if q < 1.0:
-        # TRL takes the entropy quantile of `.float()` entropies, so a token sitting exactly at the
-        # quantile can flip; keep the quantile's position between two tokens (interpolated).
         n = int(case.mask.sum())
         while abs((1 - q) * (n - 1) - round((1 - q) * (n - 1))) < 0.2:
             q -= 0.01
         case.config = case.config.replace(top_entropy_quantile=q)
+    return case
+
+
+@pytest.mark.parametrize("option", CASES)
+def test_same_numbers_as_trl_fp64(option):
+    """fp64 in, fp64 out: a user validating against TRL in fp64 sees ~1e-12, not fp32 rounding."""
+    case = quantile_between_tokens(trl_case(option, torch.float64))
     logits = case.logits.clone().requires_grad_(True)
     out = gk.grpo_loss(logits, case.ids, case.advantages.double(), backend="torch", **case.kwargs())
     out.loss.backward()
