@@ -27,6 +27,7 @@ tokenizer = toy.char_tokenizer()
 model = toy.tiny_causal_lm(len(tokenizer))
 config = TrainerConfig(prompts_per_step=16, num_generations=8, max_new_tokens=3, learning_rate=3e-3, max_steps=60,
                        reward_weights=[1.0, 0.2], output_dir="runs/custom_rewards")
-history = GRPOTrainer(model, tokenizer, [correct, short], config).train(toy.successor_dataset())
+# overwrite=True: a second run replaces the first (kept in runs/custom_rewards/replaced-<date>/), not refused.
+history = GRPOTrainer(model, tokenizer, [correct, short], config).train(toy.successor_dataset(), overwrite=True)
 print({k: round(v, 3) for k, v in history[-1].items() if k.startswith("reward")})
 sys.exit(0 if history[-1]["rewards/short"] >= 0.9 else 1)

@@ -22,7 +22,8 @@ config = TrainerConfig(
     loss=GRPOLossConfig(loss_type="dapo", epsilon_high=0.28), output_dir="runs/train_toy", stop_at_reward=TARGET,
 )
 trainer = GRPOTrainer(model, tokenizer, [toy.exact_answer_reward], config)
-history = trainer.train(toy.successor_dataset())
+# overwrite=True: a second run replaces the first (kept in runs/train_toy/replaced-<date>/) instead of being refused.
+history = trainer.train(toy.successor_dataset(), overwrite=True)
 print(text_curve(history))
 print(f"reached the target {TARGET}: {trainer.reached_target} (step {trainer.step})")
 sys.exit(0 if trainer.reached_target else 1)

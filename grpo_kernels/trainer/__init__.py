@@ -11,6 +11,8 @@ if _MISSING:
                       f"pip install \"grpo_kernels[trainer]\" (or pip install {' '.join(_MISSING)})")
 
 from .config import TrainerConfig  # noqa: E402
+from .run_dir import NoCheckpointError, RunExistsError  # noqa: E402
+from .stopping import TrainingInterrupted  # noqa: E402
 from .trainer import GRPOTrainer  # noqa: E402
 
-__all__ = ["GRPOTrainer", "TrainerConfig"]
+__all__ = ["GRPOTrainer", "TrainerConfig", "TrainingInterrupted", "RunExistsError", "NoCheckpointError"]

@@ -40,10 +40,15 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def checkpoint_dir(output_dir: str, step: int) -> str:
+    """The directory of the checkpoint of `step`."""
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
 def save(output_dir: str, step: int, payload: Dict) -> str:
     """Write checkpoint-<step>/ atomically (state.pt and its checksum) and point `latest` at it."""
     os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, f"checkpoint-{step}")
+    final = checkpoint_dir(output_dir, step)
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -32,6 +33,12 @@ class TrainerConfig:
     operations are too small to gain from threads, and on a busy machine the threads wait on
     each other), and leaves torch's setting otherwise. See `grpo_kernels.trainer.threads`.
 
+    Outputs: `train()` writes metrics.jsonl and checkpoints into `output_dir` (refusing one that
+    already holds a run unless told to resume or overwrite it: see `GRPOTrainer.train`), a
+    checkpoint every `save_steps` steps (0: none along the way) and, with `save_final` (the
+    default), one when the run ends or is stopped by SIGINT/SIGTERM. `stop_at_reward` (None or a
+    finite number) ends the run once the mean reward of the last 5 steps reaches it.
+
     `data_parallel` ("fsdp2" or "ddp") is how several processes (torchrun) train together; it
     has no effect in one process. See `grpo_kernels.trainer.parallel`.
     """
@@ -61,6 +68,7 @@ class TrainerConfig:
     output_dir: str = "runs/grpo"
     logging_steps: int = 1
     save_steps: int = 0
+    save_final: bool = True
     progress: bool = True
     stop_at_reward: Optional[float] = None
     use_adaptive_entropy: bool = False
@@ -98,6 +106,8 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.lr_schedule={self.lr_schedule!r} is not one of {list(SCHEDULES)}")
         if self.save_steps < 0 or self.warmup_steps < 0:
             raise ValueError("TrainerConfig.save_steps and warmup_steps must be >= 0")
+        if self.stop_at_reward is not None and not math.isfinite(self.stop_at_reward):
+            raise ValueError(f"TrainerConfig.stop_at_reward must be a finite number or None, got {self.stop_at_reward}")
         if not isinstance(self.loss, GRPOLossConfig):
             raise TypeError(f"TrainerConfig.loss must be a GRPOLossConfig, got {type(self.loss).__name__}")
         if not 0 <= self.entropy_coef_min <= self.entropy_coef_max:

@@ -1,7 +1,11 @@
 """The reward curve, as a PNG (matplotlib) and as text for the terminal."""
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional
+
+# Why reward_png wrote nothing, in one line: matplotlib is optional (the `trainer` extra has it).
+MATPLOTLIB_MISSING = 'matplotlib is not installed: pip install "grpo_kernels[trainer]" (or pip install matplotlib)'
 
 
 def smooth(values: List[float], window: int = 5) -> List[float]:
@@ -30,6 +34,9 @@ def text_curve(history: List[Dict], width: int = 60, height: int = 10, key: str 
 
 
 def reward_png(history: List[Dict], path: str, title: Optional[str] = None) -> Optional[str]:
+    """Plot the reward curve into the PNG `path` (written under another name and renamed, so an
+    earlier plot is replaced whole or not at all); returns `path`, or None when matplotlib is
+    not installed (MATPLOTLIB_MISSING says so)."""
     try:
         import matplotlib
 
@@ -47,6 +54,10 @@ def reward_png(history: List[Dict], path: str, title: Optional[str] = None) -> O
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
     return path

@@ -71,6 +71,14 @@ class DataParallel:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, values: Sequence[float]) -> List[float]:
+        """Each value's maximum over the ranks (fp64; one all-reduce)."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def gather_objects(self, obj) -> list:
         if not self.enabled:
             return [obj]

@@ -7,7 +7,6 @@ checkpoint holds (checkpoint.py writes it crash-safely).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -17,15 +16,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..advantages import group_advantages, reward_total
+from ..ops.dispatch import BackendUnavailableError, why_unavailable
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from ..transform import with_model_logit_options
-from . import batching, checkpoint, trainer_state
+from . import batching, checkpoint, run_dir, trainer_state
 from .config import TrainerConfig
 from .entropy import AdaptiveEntropy
 from .optim import optimizer_and_schedule
 from .parallel import DataParallel
 from .rewards import reward_name, score
 from .rollout import Rollout, generate
+from .stopping import SignalStop, TrainingInterrupted
 from .threads import cpu_threads
 
 # stop_at_reward compares the mean reward of this many latest steps.
@@ -77,6 +78,10 @@ class GRPOTrainer:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.device = next(model.parameters()).device
+        if self.cfg.backend != "auto":  # fail here, not at the first step
+            reason = why_unavailable(self.cfg.backend, self.device)
+            if reason is not None:
+                raise BackendUnavailableError(f"TrainerConfig.backend={self.cfg.backend!r} is unavailable: {reason}")
         self.ref_model = ref_model
         if self.cfg.loss.beta != 0.0 and ref_model is None and not hasattr(model, "disable_adapter"):
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -92,6 +97,8 @@ class GRPOTrainer:
             [p for p in model.parameters() if p.requires_grad], self.cfg)
         self.step = 0
         self.history: List[Dict] = []
+        self._saved = (0, None)  # (step, path) of the newest checkpoint of this run
+        self._run_dir: Optional[str] = None  # the output directory this trainer has written its run into
 
     # ---------------------------------------------------------------- log-probs and loss
     def _token_states(self, model, batch: Rollout) -> batching.TokenStates:
@@ -230,6 +237,7 @@ class GRPOTrainer:
         payload = trainer_state.payload(self)
         path = checkpoint.save(self.cfg.output_dir, self.step, payload) if payload is not None else None
         self.parallel.barrier()
+        self._saved = (self.step, path)
         return path
 
     def _resume(self) -> bool:
@@ -237,46 +245,89 @@ class GRPOTrainer:
         if state is None:
             return False
         trainer_state.restore(self, state)
+        self._saved = (self.step, checkpoint.checkpoint_dir(self.cfg.output_dir, self.step))
         return True
 
-    def train(self, dataset, resume: bool = False) -> List[Dict]:
+    def _stop_requested(self, stop: SignalStop) -> bool:
+        """Whether a signal asked the run to stop, on any rank (one all-reduce per step when data-parallel):
+        every rank stops after the same step."""
+        if self.parallel.enabled:
+            signum = int(self.parallel.max([stop.signum or 0])[0])
+            if signum:
+                stop.request(signum)  # another rank's signal, or this rank's own
+        return stop.signum is not None
+
+    def train(self, dataset, resume: bool = False, overwrite: bool = False) -> List[Dict]:
         """Run until max_steps (or stop_at_reward); returns the per-step metrics.
 
-        With `stop_at_reward` set, a run that ends without reaching it warns (RuntimeWarning) and
-        leaves `self.reached_target` False. `resume=True` continues from the newest intact
-        checkpoint in output_dir (damaged ones are skipped with a message).
+        Writes metrics.jsonl and the checkpoints into `cfg.output_dir` (rank 0), and a final
+        checkpoint when the run ends (max_steps or stop_at_reward reached), whatever save_steps
+        is, unless `cfg.save_final` is False. With `stop_at_reward` set, a run that ends without
+        reaching it warns (RuntimeWarning) and leaves `self.reached_target` False.
+
+        The output directory (see trainer/run_dir.py): one that already holds a run (its log,
+        checkpoints) is refused with a `RunExistsError` unless `resume=True` continues from its
+        newest intact checkpoint (damaged ones are skipped with a message; `NoCheckpointError`
+        when there is none) or `overwrite=True` starts a new run there; the earlier run's files
+        are then moved into `<output_dir>/replaced-<date>/` once the new run's first step has
+        completed, never deleted. Nothing in the directory changes before the first step has
+        completed, and the log is only appended to (or written anew and renamed), so a run that
+        fails never truncates an earlier run's files. Calling `train` again on the same trainer
+        continues its own run.
+
+        SIGINT (Ctrl-C) or SIGTERM, when `train` runs in the main thread, stops the run after
+        the step in progress, writes a checkpoint and raises `TrainingInterrupted` (a
+        KeyboardInterrupt); the same signal again stops at once (trainer/stopping.py).
         """
         if len(dataset) == 0 or "prompt" not in dataset[0]:
             raise ValueError("dataset must be a non-empty sequence of dicts with a 'prompt' key")
+        if resume and overwrite:
+            raise ValueError("train(resume=True, overwrite=True): resume continues the run in output_dir, "
+                             "overwrite starts a new one; pass one of them")
         cfg = self.cfg
         main = self.parallel.is_main
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        ours = self._run_dir == os.path.abspath(cfg.output_dir)  # this trainer's own run: continue it
+        if not (resume or overwrite or ours):
+            found = run_dir.run_entries(cfg.output_dir)
+            if found:
+                raise run_dir.RunExistsError(run_dir.refusal(cfg.output_dir, found))
         if resume and not self._resume():
-            raise FileNotFoundError(f"resume=True but {cfg.output_dir} holds no intact checkpoint")
+            raise run_dir.NoCheckpointError(f"resume=True but {cfg.output_dir} holds no intact checkpoint")
         self.model.train()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="GRPO", disable=not (cfg.progress and main),
                    dynamic_ncols=True)
-        # The log restarts from the checkpoint's history, so steps run after it before a crash
-        # are not logged twice. Only rank 0 writes it (every rank holds the same records).
-        log_path = os.path.join(cfg.output_dir, "metrics.jsonl") if main else os.devnull
-        with open(log_path, "w") as log, cpu_threads(cfg.num_threads, self.model):
-            log.writelines(json.dumps(record) + "\n" for record in self.history)
-            while self.step < cfg.max_steps and not self.reached_target:
-                record = self.train_step(dataset)
-                self.history.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if self.step % cfg.logging_steps == 0:
-                    bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.3f}",
-                                    clip=f"{record.get('clip_ratio/region', 0.0):.3f}",
-                                    entropy=f"{record.get('entropy', 0.0):.2f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
+        # Only rank 0 writes the log (every rank holds the same records).
+        log = run_dir.RunLog(cfg.output_dir, set_aside_first=overwrite and not ours, enabled=main)
+        interrupted = False
+        try:
+            with SignalStop(announce=main) as stop, cpu_threads(cfg.num_threads, self.model):
+                while self.step < cfg.max_steps and not self.reached_target:
+                    if self._stop_requested(stop):
+                        interrupted = True
+                        break
+                    record = self.train_step(dataset)
+                    self.history.append(record)
+                    log.write(self.history)
+                    self._run_dir = os.path.abspath(cfg.output_dir)
+                    if self.step % cfg.logging_steps == 0:
+                        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.3f}",
+                                        clip=f"{record.get('clip_ratio/region', 0.0):.3f}",
+                                        entropy=f"{record.get('entropy', 0.0):.2f}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    if cfg.save_steps and self.step % cfg.save_steps == 0:
+                        self._save()
+                # The final checkpoint: at max_steps, at stop_at_reward, or on a signal.
+                if self.step > 0 and self._saved[0] != self.step and (cfg.save_final or interrupted):
                     self._save()
-        bar.close()
+        finally:
+            log.close()
+            bar.close()
+        if interrupted:
+            saved_step, saved_path = self._saved
+            raise TrainingInterrupted(stop.signum, self.step, saved_path if saved_step == self.step else None)
         if cfg.stop_at_reward is not None and not self.reached_target:
             recent = _recent_mean(self.history)
             where = (f"mean reward of the last {RECENT_WINDOW} steps: {recent:.3f}" if recent > -math.inf else
