@@ -254,8 +254,23 @@ def _train(args) -> int:
         if trainer.parallel.is_main:
             _report_stop(args, stop, trainer.parallel.world)
         return 128 + stop.signum
-    except (RunExistsError, NoCheckpointError) as exc:  # what check_args could not see (damaged checkpoints)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, the steps after the last checkpoint are lost
+        if trainer.parallel.is_main:
+            if trainer.last_checkpoint is None:
+                print(f"{PROG}: stopped at once at step {trainer.step}: no checkpoint of this run was written",
+                      file=sys.stderr)
+            else:
+                print(f"{PROG}: stopped at once at step {trainer.step}; the newest checkpoint is "
+                      f"{trainer.last_checkpoint}", file=sys.stderr)
+                print(f"resume with: {resume_command(args, trainer.parallel.world)}", file=sys.stderr)
+        return 130
+    except NoCheckpointError:  # check_args saw checkpoints, all of them damaged (each reported above)
+        print(f"{PROG}: error: argument --resume: {args.output_dir} holds no intact checkpoint to resume from",
+              file=sys.stderr)
+        return 2
+    except RunExistsError:  # a run appeared there after check_args
+        found = run_dir.run_entries(args.output_dir)
+        print(f"{PROG}: error: {run_dir.refusal(args.output_dir, found, '--resume', '--overwrite')}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
     if not trainer.parallel.is_main:

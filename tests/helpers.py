@@ -1,3 +1,6 @@
+import hashlib
+import os
+
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,3 +30,24 @@ def to_device(case):
         if x is not None:
             setattr(case, f, x.to(DEVICE))
     return case
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a child Python process that imports the grpo_kernels this test process
+    imported (a checkout under test, not another installed copy), with `extra` set."""
+    import grpo_kernels
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(grpo_kernels.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""), **extra)
+
+
+def snapshot(directory) -> dict:
+    """{relative path: SHA-256} of every file under `directory`: equal snapshots, byte-identical files."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return found

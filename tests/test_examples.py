@@ -3,18 +3,18 @@
 Each runs in a fresh interpreter from a scratch directory (so `runs/` lands there) and must exit
 0: the training examples exit 1 when they miss their stated target.
 """
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from helpers import subprocess_env
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 def run_example(name, tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="error::RuntimeWarning")
+    env = subprocess_env(PYTHONWARNINGS="error::RuntimeWarning")  # the grpo_kernels under test
     return subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600, env=env)
 

@@ -1,11 +1,17 @@
-"""The thin trainer: smoke, convergence, bit-for-bit resume, and reward-function errors (CPU, tiny model)."""
+"""The thin trainer: smoke, convergence, bit-for-bit resume, reward-function errors, and nothing
+lost (final checkpoint, an existing run refused or set aside, failures and signals) (CPU, tiny model)."""
 import json
+import signal
 
 import pytest
 import torch
+from helpers import snapshot
 
 from grpo_kernels import GRPOLossConfig
-from grpo_kernels.trainer import GRPOTrainer, TrainerConfig, toy
+from grpo_kernels.ops.dispatch import BackendUnavailableError
+from grpo_kernels.trainer import (
+    GRPOTrainer, NoCheckpointError, RunExistsError, TrainerConfig, TrainingInterrupted, checkpoint, toy,
+)
 
 
 def make_trainer(tmp_path, reward_funcs=(toy.exact_answer_reward,), **overrides):
@@ -55,8 +61,86 @@ def test_resume_is_bit_for_bit(tmp_path):
 
 
 def test_resume_without_checkpoint_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no intact checkpoint"):
+    with pytest.raises(NoCheckpointError, match="holds no intact checkpoint"):
         make_trainer(tmp_path).train(toy.successor_dataset(10), resume=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_final_checkpoint_whatever_save_steps_is(tmp_path):
+    make_trainer(tmp_path / "a", max_steps=3, save_steps=2).train(toy.successor_dataset(10))
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "a" / "latest").read_text() == "checkpoint-3"
+    assert checkpoint.load_latest(str(tmp_path / "a"))["step"] == 3
+    make_trainer(tmp_path / "b", max_steps=3).train(toy.successor_dataset(10))  # save_steps=0: the final one only
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-3"]
+    make_trainer(tmp_path / "c", max_steps=3, save_final=False).train(toy.successor_dataset(10))
+    assert not list((tmp_path / "c").glob("checkpoint-*"))
+
+
+def test_existing_run_is_refused_and_overwrite_sets_it_aside_only_after_a_step(tmp_path, monkeypatch):
+    """A second run into a directory that holds one: refused without resume/overwrite; with them,
+    a failure at the first step leaves every file byte for byte; a successful overwrite moves the
+    earlier run, whole, into replaced-<date>/. Calling train() again on the same trainer continues."""
+    data = toy.successor_dataset(10)
+    first = make_trainer(tmp_path, max_steps=2)
+    first.train(data)
+    before = snapshot(tmp_path)
+    with pytest.raises(RunExistsError, match=r"already holds a run \(metrics.jsonl, checkpoint-2\): pass resume=True "
+                                             r"to continue it, or overwrite=True to start a new one"):
+        make_trainer(tmp_path).train(data)
+    with pytest.raises(ValueError, match="pass one of them"):
+        make_trainer(tmp_path).train(data, resume=True, overwrite=True)
+
+    def fails(self, dataset):
+        raise RuntimeError("the first step failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GRPOTrainer, "train_step", fails)
+        for kwargs in (dict(overwrite=True), dict(resume=True)):
+            with pytest.raises(RuntimeError, match="the first step failed"):
+                make_trainer(tmp_path, max_steps=4).train(data, **kwargs)
+            assert snapshot(tmp_path) == before, kwargs
+
+    first.cfg.max_steps = 3
+    first.train(data)  # its own run: continued, not refused
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    before = snapshot(tmp_path)
+    make_trainer(tmp_path, max_steps=1, seed=1).train(data, overwrite=True)
+    (aside,) = tmp_path.glob("replaced-*")
+    assert snapshot(aside) == before
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert checkpoint.load_latest(str(aside))["step"] == 3  # the earlier run still resumes from there
+
+
+def test_sigint_stops_after_the_step_with_a_checkpoint_and_resume_is_bit_for_bit(tmp_path, monkeypatch):
+    data = toy.successor_dataset(30)
+    straight = make_trainer(tmp_path / "a", max_steps=4)
+    straight.train(data)
+    real_step = GRPOTrainer.train_step
+
+    def step(self, dataset):
+        if self.step == 1:
+            signal.raise_signal(signal.SIGINT)  # during step 2
+        return real_step(self, dataset)
+
+    monkeypatch.setattr(GRPOTrainer, "train_step", step)
+    with pytest.raises(TrainingInterrupted, match="SIGINT stopped training at step 2") as stopped:
+        make_trainer(tmp_path / "b", max_steps=4).train(data)
+    assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.signum == signal.SIGINT
+    assert stopped.value.step == 2 and stopped.value.checkpoint == str(tmp_path / "b" / "checkpoint-2")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(GRPOTrainer, "train_step", real_step)
+    resumed = make_trainer(tmp_path / "b", max_steps=4)
+    history = resumed.train(data, resume=True)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [h["reward"] for h in history] == [h["reward"] for h in straight.history]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend can run here")
+def test_unavailable_backend_fails_when_the_trainer_is_built(tmp_path):
+    with pytest.raises(BackendUnavailableError, match="TrainerConfig.backend='cuda' is unavailable: it runs on cuda"):
+        make_trainer(tmp_path, backend="cuda")
 
 
 def test_none_rewards_are_unscorable(tmp_path):
@@ -95,6 +179,7 @@ def test_reward_function_with_bad_type_raises(tmp_path):
     (dict(num_generations=1), "num_generations must be >= 2"),
     (dict(gradient_accumulation_steps=3), r"must divide prompts_per_step \* num_generations"),
     (dict(lr_schedule="step"), "lr_schedule='step'"),
+    (dict(stop_at_reward=float("nan")), "stop_at_reward must be a finite number or None"),
 ])
 def test_bad_config(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -193,6 +278,7 @@ def test_reaching_stop_at_reward_stops_quietly(tmp_path, recwarn):
     trainer = make_trainer(tmp_path, max_steps=50, stop_at_reward=0.0)
     history = trainer.train(toy.successor_dataset(10))
     assert trainer.reached_target and len(history) == 5  # the first full window
+    assert (tmp_path / "latest").read_text() == "checkpoint-5"  # the model that reached it is saved
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 

@@ -338,6 +338,11 @@ class GRPOTrainer:
         return self.history
 
     @property
+    def last_checkpoint(self) -> Optional[str]:
+        """The newest checkpoint of this run (written, or resumed from); None when there is none."""
+        return self._saved[1]
+
+    @property
     def reached_target(self) -> bool:
         """Whether the mean reward of the last RECENT_WINDOW steps reached stop_at_reward."""
         target = self.cfg.stop_at_reward
