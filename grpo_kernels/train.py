@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="start a new run in an --output-dir that holds one; nothing is deleted: once the new "
                             "run's first step has completed, the earlier run's files are moved into "
-                            "<output-dir>/replaced-<date>/ (a run that fails before that leaves them untouched)")
+                            "<output-dir>/replaced-<date>/ (a run that fails before that leaves them untouched; "
+                            "delete that folder when you no longer need it)")
     p.add_argument("--backend", choices=BACKENDS, default=trainer_defaults.backend,
                    help="kernel backend of the loss and log-probs (default: %(default)s: the fastest built one)")
     p.add_argument("--data-parallel", choices=["fsdp2", "ddp"], default=trainer_defaults.data_parallel,

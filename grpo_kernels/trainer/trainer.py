@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..advantages import group_advantages, reward_total
-from ..ops.dispatch import BackendUnavailableError, why_unavailable
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
+from ..ops.dispatch import BackendUnavailableError, why_unavailable
 from ..transform import with_model_logit_options
 from . import batching, checkpoint, run_dir, trainer_state
 from .config import TrainerConfig
