@@ -1,8 +1,12 @@
 """Build script for grpo_kernels.
 
-torch and triton are runtime requirements only. Install torch yourself first with the
+torch and numpy are the runtime requirements (numpy only so that torch does not warn "Failed
+to initialize NumPy" when torch.compile loads dynamo). Install torch yourself first with the
 build that matches your machine (a CPU build on CPU-only machines), so that pip never
 resolves `torch` from the index and pulls CUDA wheels onto a machine without a GPU.
+triton is optional (the `triton` extra): torch's CUDA wheels bring their own matching triton,
+and a CPU-only machine cannot run Triton kernels (only interpret them, as the tests do, which
+is why the `test` extra brings it).
 
 Native extensions (csrc/), neither of which includes or links libtorch:
 - grpo_kernels._C: the CPU kernels (pybind11, OpenMP, -O3), always attempted.
@@ -30,12 +34,14 @@ except ImportError:  # building without pybind11: pure-Python install
 # what `import verl.trainer.ppo.core_algos` needs, and the README adds `pip install --no-deps verl`.
 VERL_IMPORT_DEPS = ["ray>=2.41", "tensordict>=0.8,<=0.10.0,!=0.9.0", "omegaconf>=2.3", "hydra-core>=1.3",
                     "codetiming>=1.4"]
-# `import grpo_kernels` needs only torch (and triton where it exists); the trainer and the
-# benchmarks bring their own extras, and the tests need both.
+# `import grpo_kernels` needs only torch (the triton backend is there wherever triton is
+# installed); the trainer and the benchmarks bring their own extras, and the tests need both
+# and triton (they interpret the Triton kernels on CPU with TRITON_INTERPRET=1).
+TRITON = ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"]
 TRAINER = ["transformers>=4.46", "tqdm>=4.60", "matplotlib>=3.7"]
 BENCH = ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"]
 TEST = (["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "ruff>=0.5", "trl>=0.24"] + TRAINER
-        + VERL_IMPORT_DEPS)
+        + TRITON + VERL_IMPORT_DEPS)
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
@@ -101,6 +107,11 @@ class OptionalNativeBuild(build_ext):
         return objects
 
 
+def _read(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
 def _extensions():
     if Pybind11Extension is None:
         print("*** grpo_kernels: pybind11 missing, installing without native kernels", file=sys.stderr)
@@ -132,7 +143,7 @@ setup(
     name="grpo_kernels",
     version="0.1.0",
     description="Fused Triton/CUDA kernels for GRPO: log-probs, group advantages and the clipped surrogate + KL loss",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description=_read("README.md"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["grpo_kernels", "grpo_kernels.*"]),
@@ -140,9 +151,10 @@ setup(
     cmdclass={"build_ext": OptionalNativeBuild},
     install_requires=[
         "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy",
     ],
     extras_require={
+        "triton": TRITON,
         "trainer": TRAINER,
         "test": TEST,
         "bench": BENCH,

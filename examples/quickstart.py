@@ -16,4 +16,6 @@ with torch.no_grad():  # the policy that sampled (here: the same one, so the rat
 out = gk.grpo_loss(logits, ids, adv, mask=mask, old_logps=old, loss_type="grpo", beta=0.0)
 out.loss.backward()
 print(f"loss {out.loss.item():.4f}  |grad| {logits.grad.norm():.4f}")
+print("why 0: on-policy every ratio is 1, so the 'grpo' loss is -mean(advantages), and group advantages average 0 "
+      "in each group; its gradient, -A_i / (B |o_i|) on each token's log p, is not 0: that is what trains")
 print({k: round(v.item(), 4) for k, v in out.metrics.items()})

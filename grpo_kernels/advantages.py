@@ -49,6 +49,8 @@ def group_advantages(
     validate=True checks the values (no inf, finite weights, groups of >= 2) with one host sync;
     validate=False checks none. With group_size the call never synchronises; group_ids needs one
     read to count the groups (torch.unique).
+    An empty batch (N = 0 rewards) is not an error, as everywhere in the API: empty advantages,
+    no groups (empty group_mean and group_std), frac_zero_std 0.
     """
     checks = DeferredChecks(validate)
     rewards, weights, group_index, num_groups = _check_rewards(
@@ -56,6 +58,11 @@ def group_advantages(
     )
     name = resolve_backend(backend, rewards.device, rewards.dtype)
     r = rewards.float() if rewards.dtype != torch.float64 else rewards
+    if r.shape[0] == 0:  # no rewards: nothing for the kernels (inputs.py, the empty-batch rule)
+        checks.raise_first()
+        empty = r.new_zeros(0)
+        return AdvantageOutput(advantages=empty, group_mean=empty, group_std=empty.clone(),
+                               frac_zero_std=r.new_zeros(()), group_index=group_index)
     w = weights.to(r.dtype)
     if reward_aggregation == "normalize_then_sum":
         r = zscore_within_groups(r, group_index, num_groups, eps, group_size, name)
@@ -74,8 +81,8 @@ def group_advantages(
 def _check_rewards(rewards, group_size, group_ids, scale_rewards, eps, reward_weights, reward_aggregation,
                    checks: DeferredChecks):
     require_tensor("rewards", rewards, dtypes=FLOAT_DTYPES, kind="a float tensor (NaN for missing rewards)")
-    if rewards.dim() not in (1, 2) or rewards.shape[0] == 0:
-        raise ValueError(f"rewards must be (N,) or (N, F) with N >= 1, got shape {tuple(rewards.shape)}")
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be (N,) or (N, F), got shape {tuple(rewards.shape)}")
     rewards = rewards if rewards.dim() == 2 else rewards.unsqueeze(-1)
     n, num_funcs = rewards.shape
     if scale_rewards not in SCALE_REWARDS:

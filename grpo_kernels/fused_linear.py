@@ -26,7 +26,7 @@ import torch
 from .config import resolve_config
 from .inputs import (
     Tokens, advantages_per_token, check_ids_and_mask, check_num_items, check_objective_inputs, flat, loss_output,
-    masked_logprobs, token_layout, token_mask, weights_per_sequence,
+    masked_logprobs, require_layout, token_layout, token_mask, weights_per_sequence,
 )
 from .ops import objective_inputs as io
 from .ops.dispatch import resolve_backend, stats_dtype
@@ -52,9 +52,8 @@ def _check_linear_inputs(hidden, weight, bias, packed: Optional[bool]):
     require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, kind="a float tensor of last hidden states")
     require_tensor("weight", weight, dtypes=FLOAT_DTYPES, kind="the float (V, H) lm_head weight")
     _refuse_sharded_parameter(weight)
-    if packed is not None and hidden.dim() != (2 if packed else 3):
-        layout = "packed (N, H) with cu_seqlens" if packed else "padded (B, T, H)"
-        raise ValueError(f"hidden must be {layout}, got shape {tuple(hidden.shape)}")
+    if packed is not None:
+        require_layout("hidden", hidden, packed)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
@@ -336,8 +335,10 @@ def fused_linear_grpo_loss(
 ) -> GRPOLossOutput:
     """The GRPO loss from hidden states and the lm_head, never materialising the whole logits.
 
-    Shapes (padded): hidden (B, T, H); ids, mask, old/ref/sampling_logps, is_weights (B, T); advantages
-    (B,) or (B, T). Packed: hidden (N, H), per-token tensors (N,), cu_seqlens (B+1,).
+    Shapes (padded): hidden (B, T, H); ids, mask, old/ref/sampling_logps (B, T); advantages and
+    is_weights (B,) or (B, 1) (one per sequence) or (B, T). Packed: hidden (N, H), per-token tensors
+    (N,), cu_seqlens (B+1,). An empty batch (B = 0, T = 0 or N = 0) is not an error: the loss and
+    metrics are 0, the per-token outputs empty, the gradients zeros (as `grpo_loss`).
     weight (V, H) and bias (V,) are the lm_head (tied embeddings work: pass the embedding).
     Same options and numbers as `grpo_loss` on logits = hidden @ weight.T + bias.
     `chunk_size`: rows of logits alive at once, or "auto" (<= 256 MiB on CUDA, 128 MiB on CPU, in
@@ -462,6 +463,7 @@ def fused_linear_selective_logprobs(
     torch.no_grad() this is how old/reference log-probs are computed without the full logits.
     Differentiable w.r.t. hidden, weight and bias (the backward recomputes each chunk).
     Rows where `mask` is False return 0 and are not checked. `validate`: as in `selective_logprobs`.
+    An empty batch (no rows) is not an error: empty log-probs, zero gradients.
     `process_group`, `vocab_start`, `reduce_hidden_grad`: a vocabulary-parallel lm_head, as in
     `fused_linear_grpo_loss` (weight holds this rank's (V_local, H) rows).
     """

@@ -1,6 +1,10 @@
 """Argument handling shared by the public functions (losses.py, fused_linear.py): where the
 sequences lie among the caller's tokens, the checks of the per-token inputs, and the assembly of
 the outputs in the caller's token shape. Every message names the argument and what was expected.
+
+Empty batches (no sequences, or no tokens: B = 0, T = 0, N = 0) are valid input everywhere and
+never raise: outputs come back empty in the caller's shape, the loss and every metric are 0, and
+the gradients are zeros; every public docstring says so (tests/test_api_shapes.py).
 """
 from __future__ import annotations
 
@@ -17,6 +21,21 @@ from .validation import (
 
 # How the layout errors show the main input's shape, by its name.
 _LAYOUT_SHAPES = {"logits": ("(B, T, V)", "(N, V)"), "hidden": ("(B, T, H)", "(N, H)"), "logps": ("(B, T)", "(N,)")}
+# What every layout error says about packed inputs.
+PACKED_HINT = ("pass cu_seqlens, the (B+1,) int32 offsets of the sequences (sequence i is rows "
+               "cu_seqlens[i]:cu_seqlens[i+1]), with every per-token input packed (N,)")
+
+def require_layout(name: str, x: torch.Tensor, packed: bool) -> None:
+    """The main input `name` (logits, hidden) is padded (B, T, last) or, with cu_seqlens, packed
+    (N, last); a wrong one is told how to pass the other layout."""
+    padded_shape, packed_shape = _LAYOUT_SHAPES[name]
+    if x.dim() == (2 if packed else 3):
+        return
+    if packed:
+        hint = f"; drop cu_seqlens for padded {padded_shape} {name}" if x.dim() == 3 else ""
+        raise ValueError(f"{name} must be packed {packed_shape} with cu_seqlens, got shape {tuple(x.shape)}{hint}")
+    hint = f"; for packed {packed_shape} {name}, {PACKED_HINT}" if x.dim() == 2 else ""
+    raise ValueError(f"{name} must be padded {padded_shape}, got shape {tuple(x.shape)}{hint}")
 
 
 class Tokens:
@@ -38,8 +57,8 @@ def token_layout(token_shape, device, cu_seqlens, checks: DeferredChecks, anchor
     if cu_seqlens is None:
         if len(token_shape) != 2:
             raise ValueError(
-                f"per-token inputs must be padded (B, T) ({anchor} {padded}), got token shape {tuple(token_shape)}; "
-                "pass cu_seqlens for the packed (N,) layout"
+                f"per-token inputs must be padded (B, T) ({anchor} {padded}), got token shape {tuple(token_shape)}"
+                + (f"; for packed {packed} {anchor}, {PACKED_HINT}" if len(token_shape) == 1 else "")
             )
         bsz, length = token_shape
         return Tokens(token_shape, torch.arange(bsz + 1, device=device) * length, bsz)
@@ -84,9 +103,9 @@ def check_objective_inputs(tokens: Tokens, advantages, old_logps, ref_logps, sam
     shape, bsz = tokens.token_shape, tokens.num_sequences
     require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, kind="a float tensor")
     require_device("advantages", advantages, device, anchor)
-    if tuple(advantages.shape) not in ((bsz,), shape):
+    if tuple(advantages.shape) not in ((bsz,), (bsz, 1), shape):
         raise ValueError(
-            f"advantages must have shape ({bsz},) (one per sequence) or {shape} (one per token), "
+            f"advantages must have shape ({bsz},) or ({bsz}, 1) (one per sequence) or {shape} (one per token), "
             f"got {tuple(advantages.shape)}"
         )
     check_finite("advantages", advantages, None, checks)
@@ -135,7 +154,9 @@ def weights_per_sequence(is_weights, tokens: Tokens) -> bool:
 
 
 def advantages_per_token(advantages, tokens: Tokens) -> bool:
-    return tuple(advantages.shape) != (tokens.num_sequences,)
+    """advantages hold one value per token, not one per sequence ((B,) or (B, 1)). Padded with
+    T = 1, (B, 1) is both, with the same numbers; packed with N = B, (B,) is one per sequence."""
+    return tuple(advantages.shape) not in ((tokens.num_sequences,), (tokens.num_sequences, 1))
 
 
 def flat(x):

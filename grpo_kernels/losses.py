@@ -17,7 +17,7 @@ import torch
 from .config import GRPOLossConfig, resolve_config
 from .inputs import (
     Tokens, advantages_per_token, check_ids_and_mask, check_mask, check_num_items, check_objective_inputs,
-    loss_output, masked_logprobs, token_layout, token_mask, weights_per_sequence,
+    loss_output, masked_logprobs, require_layout, token_layout, token_mask, weights_per_sequence,
 )
 from .ops import logprobs_with_entropy, resolve_backend
 from .ops.dispatch import stats_dtype
@@ -54,10 +54,7 @@ def objective_from_logprobs(
 
 def _check_logits(logits, cu_seqlens):
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
-    expected = 2 if cu_seqlens is not None else 3
-    if logits.dim() != expected:
-        layout = "packed (N, V) with cu_seqlens" if cu_seqlens is not None else "padded (B, T, V)"
-        raise ValueError(f"logits must be {layout}, got shape {tuple(logits.shape)}")
+    require_layout("logits", logits, cu_seqlens is not None)
     if logits.shape[-1] < 1:
         raise ValueError("logits must have a vocabulary dimension V >= 1")
 
@@ -117,6 +114,7 @@ def selective_logprobs(
     Vocabulary-parallel: with `process_group`, `logits` are this rank's slice (..., V_local) of
     the vocabulary, ids [vocab_start, vocab_start + V_local) (default rank · V_local); ids stay
     global. Every rank gets the full-vocabulary logp and entropy, and the gradient of its slice.
+    An empty batch (no rows) is not an error: empty logp (and entropy) of ids' shape, zero gradients.
     """
     checks = DeferredChecks(validate)
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
@@ -156,8 +154,10 @@ def grpo_loss(
     """The GRPO loss from logits (docs/math.md), fused over the vocabulary.
 
     Shapes (padded): logits (B, T, V); ids, mask, old/ref/sampling_logps (B, T); advantages
-    and is_weights (B,) or (B, T). Packed: logits (N, V), per-token tensors (N,),
-    cu_seqlens (B+1,) int32, advantages and is_weights (B,) or (N,). is_weights may also be (B, 1).
+    and is_weights (B,) or (B, 1) (one per sequence) or (B, T). Packed: logits (N, V), per-token
+    tensors (N,), cu_seqlens (B+1,) int32, advantages and is_weights (B,), (B, 1) or (N,).
+    An empty batch (B = 0, T = 0, or N = 0 packed; cu_seqlens [0] for no sequences) is not an
+    error: the loss and every metric are 0, the per-token outputs empty, the gradient zeros.
     Statistics, loss and metrics are fp32, or fp64 for fp64 logits (backend "torch" or "auto").
     `config` (GRPOLossConfig) and/or keyword overrides of its fields select the loss.
     old_logps defaults to on-policy (logps.detach(), ratio exactly 1). `is_weights`:
@@ -214,7 +214,9 @@ def grpo_loss_from_logprobs(
     vocabulary sweep), for trainers that compute log-probs their own way (verl, OpenRLHF).
 
     Shapes: logps, entropy, mask, old/ref/sampling_logps, is_weights (B, T) padded, or (N,)
-    packed with cu_seqlens (B+1,); advantages (B,) or per token. `entropy` is needed only by
+    packed with cu_seqlens (B+1,); advantages (B,) or (B, 1) (one per sequence) or per token. An
+    empty batch is not an error: loss and metrics 0, empty outputs, zero gradients (as `grpo_loss`).
+    `entropy` is needed only by
     the entropy bonus and the entropy mask. The loss is differentiable w.r.t. logps (and
     entropy); each backend's objective op computes its gradient. `validate` as in `grpo_loss`.
     """

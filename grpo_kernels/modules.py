@@ -12,7 +12,10 @@ from .outputs import GRPOLossOutput
 
 
 class GRPOLoss(torch.nn.Module):
-    """`grpo_loss` with a fixed config and backend: `GRPOLoss(config)(logits, ids, advantages, ...)`."""
+    """`grpo_loss` with a fixed config and backend: `GRPOLoss(config)(logits, ids, advantages, ...)`.
+
+    Shapes, the (B, 1) advantages and the empty batch (loss 0, zero gradients) as in `grpo_loss`.
+    """
 
     def __init__(self, config: Optional[GRPOLossConfig] = None, *, backend: str = "auto", **overrides):
         super().__init__()
@@ -34,7 +37,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     """`fused_linear_grpo_loss` as a module: `loss_fn(hidden, lm_head.weight, ids, advantages, ...)`.
 
     Swap it in where a trainer computed `grpo_loss(lm_head(hidden), ...)`: same numbers, the
-    logits are never materialised whole.
+    logits are never materialised whole. Shapes, the (B, 1) advantages and the empty batch (loss 0,
+    zero gradients) as in `fused_linear_grpo_loss`.
     """
 
     def __init__(self, config: Optional[GRPOLossConfig] = None, *, backend: str = "auto", chunk_size="auto",

@@ -123,8 +123,9 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int, device, checks: DeferredChecks, 
     Returns the offsets as int64 (the kernels clamp them to [0, N], so bad ones never index out of bounds)."""
     require_tensor("cu_seqlens", cu_seqlens, dtypes=INT_DTYPES, kind="an int32/int64 (B+1,) offset tensor")
     require_device("cu_seqlens", cu_seqlens, device, anchor)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with B+1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with B+1 offsets (a batch of no sequences is [0]), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
     cu = cu_seqlens.long()
     if checks.enabled:
         checks.require((cu[0] == 0) & (cu[-1] == n_tokens), lambda: ValueError(

@@ -28,6 +28,7 @@ def test_quickstart(tmp_path):
     out = run_example("quickstart.py", tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loss" in out.stdout and "'clip_ratio/region'" in out.stdout
+    assert "why 0: on-policy every ratio is 1" in out.stdout  # the first loss is 0: it says why
 
 
 def test_tensor_parallel_launches_two_ranks_and_matches_one_process(tmp_path):

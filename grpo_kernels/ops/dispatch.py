@@ -9,7 +9,9 @@ than downcast silently.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 
 import torch
 
@@ -17,11 +19,23 @@ from .contract import missing_ops
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
+# What torch.compiler.assume_constant_result(fn) does to fn (torch 2.6 to 2.13): it sets this
+# attribute, which dynamo reads when it meets a call of fn. tests/test_import_time.py checks
+# that the public function still does exactly this.
+DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+
 
 def trace_as_constant(fn):
-    """Backend choice is configuration, not data: torch.compile runs it once and bakes the answer in."""
-    marker = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
-    return marker(fn) if marker is not None else fn
+    """Backend choice is configuration, not data: torch.compile runs it once and bakes the answer in.
+
+    torch.compiler.assume_constant_result imports torch._dynamo (over a second, and torch's NumPy
+    warning where numpy is missing) only to set one attribute, so `import grpo_kernels` sets the
+    attribute itself while dynamo is not loaded; dynamo, once loaded, reads it the same way.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    setattr(fn, DYNAMO_CONSTANT_MARK, True)
+    return fn
 
 
 class BackendUnavailableError(RuntimeError):
@@ -29,10 +43,12 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _triton_usable(device: torch.device):
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return "triton is not installed"
+    """None where the Triton kernels can run: triton installed (torch's CUDA wheels bring it; the
+    `triton` extra otherwise) and CUDA tensors, or TRITON_INTERPRET=1. Looks triton up without
+    importing it: the import happens with the backend's first use."""
+    if importlib.util.find_spec("triton") is None:
+        return ("triton is not installed (torch's CUDA wheels bring it; otherwise "
+                "pip install \"grpo_kernels[triton]\")")
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return f"triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret them on CPU"
