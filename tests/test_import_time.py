@@ -5,10 +5,8 @@ import os
 import subprocess
 import sys
 
-import torch
 
 import grpo_kernels
-from grpo_kernels.ops import dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(grpo_kernels.__file__)))
 BUDGET_S = 0.3
@@ -49,16 +47,6 @@ def test_import_adds_at_most_its_budget_to_torch_and_prints_nothing():
     assert best[0] <= BUDGET_S, (
         f"import grpo_kernels took {best[0]:.3f} s after import torch ({best[1]:.3f} s), best of {len(runs)} "
         f"(budget {BUDGET_S} s); see python -X importtime -c 'import grpo_kernels'")
-
-
-def test_backend_choice_is_a_constant_without_importing_dynamo():
-    """resolve_backend carries exactly what torch.compiler.assume_constant_result would set."""
-    def probe():
-        return None
-
-    marked = torch.compiler.assume_constant_result(probe)
-    assert marked is probe and probe.__dict__ == {dispatch.DYNAMO_CONSTANT_MARK: True}
-    assert getattr(dispatch.resolve_backend, dispatch.DYNAMO_CONSTANT_MARK) is True
 
 
 def test_first_call_compiled_with_fullgraph():

@@ -11,32 +11,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 
 import torch
 
 from .contract import missing_ops
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
-
-# What torch.compiler.assume_constant_result(fn) does to fn (torch 2.6 to 2.13): it sets this
-# attribute, which dynamo reads when it meets a call of fn. tests/test_import_time.py checks
-# that the public function still does exactly this.
-DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
-
-
-def trace_as_constant(fn):
-    """Backend choice is configuration, not data: torch.compile runs it once and bakes the answer in.
-
-    torch.compiler.assume_constant_result imports torch._dynamo (over a second, and torch's NumPy
-    warning where numpy is missing) only to set one attribute, so `import grpo_kernels` sets the
-    attribute itself while dynamo is not loaded; dynamo, once loaded, reads it the same way.
-    """
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    setattr(fn, DYNAMO_CONSTANT_MARK, True)
-    return fn
-
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not installed, not built, wrong device)."""
@@ -82,7 +62,7 @@ def why_unavailable(name: str, device: torch.device):
         return None
     if name == "triton":
         reason = _triton_usable(device)
-        if reason is None:
+        if reason is None and not torch.compiler.is_compiling():
             try:
                 _module_for("triton")
             except ImportError as exc:  # triton present but too old for our kernels
@@ -90,6 +70,9 @@ def why_unavailable(name: str, device: torch.device):
         return reason
     if device.type != _DEVICE[name]:
         return f"it runs on {_DEVICE[name]} tensors, got {device.type} tensors"
+    if torch.compiler.is_compiling():  # traced: look the extension up without importing it
+        found = importlib.util.find_spec(f"grpo_kernels.{'_C_cuda' if name == 'cuda' else '_C'}") is not None
+        return None if found else "the compiled extension was not built"
     try:
         _module_for(name)
     except ImportError as exc:
@@ -107,15 +90,16 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-_RESOLVED: dict = {}  # (backend, device, dtype, TRITON_INTERPRET) -> the name resolve_backend returned
+# (backend, device type, fp64 inputs, TRITON_INTERPRET) -> the name resolve_backend returned
+_RESOLVED: dict = {}
 
 
-@trace_as_constant
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = None) -> str:
     """The backend that runs an op on `device` for inputs of `dtype` (None: any float dtype).
     Availability does not change within a process (but for the interpreter switch, part of the
-    key), so each answer is found once."""
-    key = (backend, device, dtype, os.environ.get("TRITON_INTERPRET"))
+    key), so each answer is found once. Plain Python that torch.compile traces to a constant
+    (the key is made of constants; the first answer is found without importing a backend)."""
+    key = (backend, device.type, dtype == torch.float64, os.environ.get("TRITON_INTERPRET"))
     name = _RESOLVED.get(key)
     if name is None:
         name = _RESOLVED[key] = _resolve_backend(backend, device, dtype)
