@@ -17,7 +17,13 @@ __version__ = "0.1.0"
 
 
 def available_backends(device="cpu"):
-    """The backends that can run on `device` right now, e.g. ['torch'] on a CPU-only machine."""
+    """The backends that can run on tensors on `device` right now, in the order torch, triton, cuda, cpp.
+
+    For CPU tensors: ['torch', 'cpp'] where the C++ extension is built, ['torch'] where it is
+    not, and 'triton' too under TRITON_INTERPRET=1. For available_backends("cuda") on a GPU
+    machine: ['torch', 'triton', 'cuda'] with triton installed and the CUDA extension built.
+    Why one is missing: grpo_kernels.ops.dispatch.why_unavailable(name, torch.device(device)).
+    """
     import torch
 
     device = torch.device(device)
