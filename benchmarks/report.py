@@ -105,7 +105,7 @@ def method_text(roof: Dict) -> str:
     return ("Times are medians of forward (+ backward where the task has one), on the same inputs for every "
             "contender of a shape; the contenders of a shape take turns, one repeat each per round. Repeats: "
             f"{rule}. `95% interval`: the distribution-free interval of the median (order statistics; [min, max] "
-            f"below 6 repeats); `spread`: its half-width against the median; a row still wider than ±{target:g}% "
+            f"below 6 repeats); `spread`: its larger side against the median; a row still wider than ±{target:g}% "
             f"when its repeats stop is marked {NOISY}. Speed-ups give, in brackets, the ratio of the two intervals' "
             "ends. `% roofline` is achieved GB/s against the copy bandwidth (logprobs: N·V·s bytes; loss: 3·N·V·s) "
             "or TFLOP/s against the matmul rate (linear: 6·N·H·V), both rooflines the best of their repeats; a "
@@ -168,11 +168,13 @@ OFFSET = 0.015  # contender i is drawn at V·(1 + OFFSET·(i − centre)): equal
 
 
 def plot_styles(names: List[str]) -> Dict[str, Dict]:
-    """Per contender: a marker, a line style, a marker size (later ones smaller, drawn on top, so
-    an equal earlier line still shows around them) and a relative offset along V."""
+    """Per contender: a marker, a line style, a marker size and line width (later ones smaller and
+    thinner, drawn on top, so an equal earlier line still shows around them) and a relative offset
+    along V."""
     centre = (len(names) - 1) / 2
     return {name: dict(marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
-                       markersize=max(3.0, 9.0 - 1.2 * i), offset=1 + OFFSET * (i - centre), zorder=2 + i)
+                       markersize=max(3.0, 9.0 - 1.2 * i), linewidth=max(0.8, 3.2 - 0.6 * i),
+                       offset=1 + OFFSET * (i - centre), zorder=2 + i)
             for i, name in enumerate(names)}
 
 
@@ -204,7 +206,8 @@ def write_plots(rows: List[Dict], out_dir: str) -> None:
             ms = [r["ms"] for r in rs]
             err = [[r["ms"] - r.get("ms_low", r["ms"]) for r in rs], [r.get("ms_high", r["ms"]) - r["ms"] for r in rs]]
             line = axes[0].errorbar(xs, ms, yerr=err, marker=st["marker"], linestyle=st["linestyle"],
-                                    markersize=st["markersize"], capsize=3, zorder=st["zorder"], label=name)
+                                    linewidth=st["linewidth"], markersize=st["markersize"], capsize=3,
+                                    zorder=st["zorder"], label=name)
             color = line[0].get_color()
             hollow = [(x, m) for x, m, r in zip(xs, ms, rs) if r.get("noisy")]
             if hollow:  # noisy points: white inside
@@ -213,7 +216,7 @@ def write_plots(rows: List[Dict], out_dir: str) -> None:
             mem = [(x, r["overhead_MiB"]) for x, r in zip(xs, rs) if "overhead_MiB" in r]
             if mem:
                 axes[1].plot(*zip(*mem), marker=st["marker"], linestyle=st["linestyle"], markersize=st["markersize"],
-                             color=color, zorder=st["zorder"], label=name)
+                             linewidth=st["linewidth"], color=color, zorder=st["zorder"], label=name)
         suffix = f"N={n}" + (f", H={h}" if h else "") + f", {dtype}"
         axes[0].set(xlabel="vocabulary V", ylabel="ms (median, 95% interval)", title=f"{task} time, {suffix}",
                     yscale="log")
@@ -223,9 +226,9 @@ def write_plots(rows: List[Dict], out_dir: str) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6.5)
         shift = 100 * OFFSET * (len(styles) - 1) / 2
-        fig.text(0.5, 0.005, f"Contenders are drawn side by side (V offset by up to ±{shift:.0f}%)"
-                 " with their own marker and line style, so equal values stay visible; hollow: noisy "
-                 "(spread above the target).", ha="center", fontsize=7)
+        fig.text(0.5, 0.005, f"Contenders are drawn side by side (V offset by up to ±{shift:.0f}%), each with its "
+                 "own marker, line style and width (later ones thinner, on top), so equal values stay visible; "
+                 "bars: the median's 95% interval; hollow: noisy (spread above the target).", ha="center", fontsize=7)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         fig.savefig(os.path.join(out_dir, f"{task}_{dtype}_N{n}" + (f"_H{h}" if h else "") + ".png"), dpi=110)
         plt.close(fig)

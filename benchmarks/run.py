@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     roof.update({k: v for k, v in DEFAULTS[device.type if device.type == "cuda" else "cpu"].items()
                  if roof.get(k) is None})
     print(f"roofline: copy {roof['copy_GBps']:.0f} GB/s, matmul ({roof['matmul_dtype']}) "
-          f"{roof['matmul_TFLOPs']:.1f} TFLOP/s", file=sys.stderr)
+          f"{roof['matmul_TFLOPs']:.3g} TFLOP/s", file=sys.stderr)
 
     from tqdm.auto import tqdm
 

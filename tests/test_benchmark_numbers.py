@@ -173,6 +173,7 @@ def test_plots_keep_equal_lines_visible(tmp_path):
     assert len({s["linestyle"] for s in styles.values()}) == 3
     assert len({s["offset"] for s in styles.values()}) == 3 and styles["b"]["offset"] == 1.0
     assert styles["a"]["markersize"] > styles["c"]["markersize"]  # the later, smaller marker sits inside
+    assert styles["a"]["linewidth"] > styles["c"]["linewidth"]  # and the later, thinner line
     rows = []
     for v in (16000, 32000):
         for name in ("a", "b"):  # equal in time and memory
@@ -187,3 +188,93 @@ def test_help_names_the_reference_as_it_is():
     text = run.__doc__
     assert "fp32 reference" not in text and "fp64" in text
     assert "--target-spread" in text and "noisy" in text
+
+
+# ---- The committed set and the page rendered from it -------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SETS = sorted(d for d in os.listdir(RESULTS) if os.path.isdir(os.path.join(RESULTS, d)))
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("device", SETS)
+def test_each_committed_file_says_where_when_and_from_which_commit(device):
+    import json
+    import re
+
+    from benchmarks.readme_numbers import header_line
+
+    directory = os.path.join(RESULTS, device)
+    with open(os.path.join(directory, "roofline.json")) as f:
+        origin = json.load(f)["provenance"]
+    names = os.listdir(directory)
+    for name in names:
+        if name.endswith(".csv"):
+            assert name[:-4] + ".md" in names, f"{name} has no .md beside it to say where it comes from"
+        if name.endswith(".md"):
+            line = header_line(os.path.join(directory, name))
+            assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC", line) and re.search(r"commit [0-9a-f]{7,}", line)
+            title = _read(os.path.join(directory, name)).split("\n")[0]
+            assert origin["machine"] in line or origin["machine"] in title, name
+    assert {"machine", "date", "commit", "load_before", "load_after"} <= set(origin)
+
+
+@pytest.mark.parametrize("device", SETS)
+def test_the_committed_quick_set_carries_its_spread_and_no_impossible_number(device):
+    from benchmarks.readme_numbers import _read_csv
+
+    import json
+
+    directory = os.path.join(RESULTS, device)
+    with open(os.path.join(directory, "roofline.json")) as f:
+        target = json.load(f)["target_spread"]
+    rows = [r for r in _read_csv(os.path.join(directory, "results.csv")) if "ms" in r]
+    assert rows
+    for r in rows:
+        assert r["ms_min"] <= r["ms_low"] <= r["ms"] <= r["ms_high"] <= r["ms_max"], r["contender"]
+        assert r["repeats"] >= 5 and r["stop"] in ("converged", "time cap", "repeat cap")
+        assert r["noisy"] == (not r["spread_pct"] <= 100 * target), r["contender"]
+        assert r.get("pct_roofline", 0) <= 100 and r.get("GBps", 1) > 0 and r.get("TFLOPs", 1) > 0
+    text = _read(os.path.join(directory, "results.md"))
+    assert "`agreement` column of results.csv" in text and "fp32 reference" not in text
+    assert text.count("⚠ noisy") - 2 == sum(r["noisy"] for r in rows)  # the rule's text names the marker twice
+
+
+def test_docs_benchmarks_md_equals_the_committed_results():
+    from benchmarks.readme_numbers import check
+
+    problem = check(os.path.join(ROOT, "docs", "benchmarks.md"))
+    assert problem is None, problem
+
+
+def test_readme_benchmark_section_equals_the_committed_results_once_it_has_one():
+    from benchmarks.readme_numbers import BEGIN, check
+
+    readme = os.path.join(ROOT, "README.md")
+    if BEGIN not in _read(readme):
+        pytest.skip("README.md has no generated benchmark section: it points to docs/benchmarks.md")
+    problem = check(readme)
+    assert problem is None, problem
+
+
+def test_a_page_without_the_section_or_with_other_numbers_fails_with_what_to_run(tmp_path):
+    from benchmarks.readme_numbers import BEGIN, END, check, render, write
+
+    page = tmp_path / "page.md"
+    page.write_text("# Benchmarks\n\nNo numbers yet.\n")
+    problem = check(str(page))
+    assert problem and "python -m benchmarks.readme_numbers --write" in problem and BEGIN in problem
+    write(str(page))
+    assert check(str(page)) is None and page.read_text().startswith("# Benchmarks\n")
+    stale = page.read_text().replace(render().split("\n")[-3], "| log-probs | 13.5 ms |")
+    page.write_text(stale)
+    assert "differ from the committed results" in check(str(page))
+    page.write_text(f"before\n{BEGIN}\nold\n{END}\nafter\n")
+    write(str(page))
+    text = page.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{END}\nafter\n") and "old" not in text
