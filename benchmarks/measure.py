@@ -248,6 +248,48 @@ def fixed_repeats(fn: Callable[[], object], device: torch.device, *, warmup: int
     return timing
 
 
+class OthersCpu:
+    """The share of the machine's CPU time that other processes used while the block ran (Linux;
+    None elsewhere): on a shared machine, the interference behind a noisy or slow row.
+
+    From /proc/stat (busy time of all CPUs) minus this process's own time and its waited
+    children's (/proc/self/stat), over all CPUs' time, idle included.
+    """
+
+    share: Optional[float] = None
+
+    @staticmethod
+    def _machine():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+    @staticmethod
+    def _own():
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+
+    def __enter__(self):
+        try:
+            self._start = (*self._machine(), self._own())
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is None:
+            return False
+        try:
+            busy, total, own = (*self._machine(), self._own())
+        except (OSError, ValueError, IndexError):
+            return False
+        span = total - self._start[1]
+        if span > 0:
+            self.share = min(1.0, max(0.0, (busy - self._start[0] - (own - self._start[2])) / span))
+        return False
+
+
 # ---- Throughput against the roofline ------------------------------------------------------------
 
 def throughput(amount: float, ms: float, peak: float, unit: str) -> Dict:

@@ -111,6 +111,11 @@ def _mib(row: Optional[Dict]) -> str:
     return "0" if v == 0 else (f"{v:.1f}" if v < 10 else f"{v:.0f}")
 
 
+def _share(group: List[Dict]) -> str:
+    share = next((r["others_cpu_pct"] for r in group if "others_cpu_pct" in r), None)
+    return "—" if share is None else f"{share:.0f}%"
+
+
 def _shape_label(r: Dict) -> str:
     return (f"{TASK_LABELS.get(r['task'], r['task'])}, N={r['N']}" + (f", H={r['H']}" if r.get("H") else "")
             + (f", V={r['V']}" if r.get("V") else ""))
@@ -139,14 +144,15 @@ def quick_set_table(directory: str) -> List[str]:
              "side of the median's ~95% interval; ⚠ marks a noisy row, whose "
              f"interval stayed wider than ±{target:g}% ({len(noisy)} of {len(timed)} rows). Ratios compare medians "
              "of the same run, [the range the two intervals allow]. Memory: peak above the inputs and the "
-             "gradients a contender must return. "
+             "gradients a contender must return. Others' CPU: the share of the machine's CPU time other processes "
+             "used while the shape was timed (on a shared machine, what slows and spreads a row). "
              + (f"Measurement errors: {', '.join(r['contender'] + ' (' + _shape_label(r) + ')' for r in errors)}."
                 if errors else "No measurement errors."),
              "",
              f"| task ({', '.join(dtypes)}, {roof['provenance']['cpus'] if 'provenance' in roof else '?'} cores) | "
              "eager PyTorch | torch.compile | `cpp` | `torch` backend | TRL's own code | "
-             "memory MiB: `cpp` / `torch` / eager |",
-             "|---|---|---|---|---|---|---|"]
+             "memory MiB: `cpp` / `torch` / eager | others' CPU |",
+             "|---|---|---|---|---|---|---|---|"]
     for (task, _dtype, _n, _v, _h), group in shapes.items():
         eager = next((r for r in group if r.get("role") == "eager"), None)
         compiled = next((r for r in group if r.get("role") == "compiled"), None)
@@ -159,7 +165,7 @@ def quick_set_table(directory: str) -> List[str]:
         trl_cell = "—" if trl is None else f"{_time(trl)} ({TRL_LABELS[trl['contender']]})"
         lines.append(f"| {_shape_label(group[0])} | {eager_cell} | {_time(compiled)} | "
                      f"{_ours(cpp, compiled is not None)} | {_ours(torch_b, compiled is not None)} | {trl_cell} | "
-                     f"{_mib(cpp)} / {_mib(torch_b)} / {_mib(eager)} |")
+                     f"{_mib(cpp)} / {_mib(torch_b)} / {_mib(eager)} | {_share(group)} |")
     return lines
 
 

@@ -19,6 +19,7 @@ from .tasks import COMPILED, EAGER
 COLUMNS = ["task", "dtype", "N", "V", "H", "contender", "role",
            # time: the median, its ~95% interval, the extremes, how many repeats and why they stopped
            "ms", "ms_low", "ms_high", "ms_min", "ms_max", "repeats", "spread_pct", "noisy", "stop",
+           "others_cpu_pct",  # CPU time other processes used while the shape was timed, % of the machine
            "GBps", "TFLOPs", "pct_roofline", "measurement_error", "peak_MiB", "overhead_MiB",
            "speedup_vs_eager", "speedup_vs_eager_low", "speedup_vs_eager_high",
            "speedup_vs_compiled", "speedup_vs_compiled_low", "speedup_vs_compiled_high",
@@ -126,6 +127,11 @@ def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str)
     lines = [f"# Benchmarks on {roof['device']}", ""]
     if roof.get("provenance"):
         lines += [output.provenance_line(roof["provenance"]), ""]
+    others = [r["others_cpu_pct"] for r in timed if "others_cpu_pct" in r]
+    if others:
+        lines += [f"Other processes used {min(others):.0f}–{max(others):.0f}% of the machine's CPU time while the "
+                  "shapes were timed (each shape's share under its title): the interference behind slow or noisy "
+                  "rows on a shared machine.", ""]
     lines += [f"{roof['mode'].capitalize()} set, {roof.get('wall_s', 0):.0f} s of measuring"
               + (f" ({roof['total_s']:.0f} s in all)" if "total_s" in roof else "")
               + f". Measured roofline: device copy {roof['copy_GBps']:.0f} GB/s, {roof['matmul_dtype']} matmul "
@@ -138,7 +144,11 @@ def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str)
               "peak MiB | overhead MiB | speed-up vs eager | speed-up vs torch.compile | memory vs eager | note |")
     for (task, dtype, n, v, h), group in groups.items():
         title = f"## {task}: N={n}" + (f", V={v}" if v else "") + (f", H={h}" if h else "") + f", {dtype}"
-        lines += [title, "", header, "|" + "---|" * header.count(" | ") + "---|"]
+        lines += [title, ""]
+        share = next((r["others_cpu_pct"] for r in group if "others_cpu_pct" in r), None)
+        if share is not None:
+            lines += [f"Other processes used {share:.0f}% of the CPU time while this shape was timed.", ""]
+        lines += [header, "|" + "---|" * header.count(" | ") + "---|"]
         for r in group:
             if r.get("error"):
                 lines.append(f"| {r['contender']} |" + " |" * 12 + f" {r['error']} |")

@@ -35,8 +35,8 @@ from typing import Dict, List
 import torch
 
 from . import output, report
-from .measure import (DEFAULT_TARGET, DEFAULTS, Sampler, cache_flush, cpu_peak_extra_bytes, cuda_peak_extra_bytes,
-                      device_name, measure_interleaved, roofline, throughput)
+from .measure import (DEFAULT_TARGET, DEFAULTS, OthersCpu, Sampler, cache_flush, cpu_peak_extra_bytes,
+                      cuda_peak_extra_bytes, device_name, measure_interleaved, roofline, throughput)
 from .tasks import TASKS, Contender, Shape, agreement, split_contenders
 
 
@@ -105,8 +105,10 @@ def bench_shape(shape: Shape, device: torch.device, roof: Dict, contenders: List
             row["error"] = "OOM" if _is_oom(exc) else repr(exc)[:300]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    others = OthersCpu()
     try:
-        timings = measure_interleaved([s for _, _, s in timed])
+        with others:
+            timings = measure_interleaved([s for _, _, s in timed])
     except Exception as exc:  # noqa: BLE001 - a contender failing mid-rounds: time the others alone
         timings = []
         for row, _, sampler in timed:
@@ -124,6 +126,8 @@ def bench_shape(shape: Shape, device: torch.device, roof: Dict, contenders: List
             continue
         try:
             row.update(timing.fields())
+            if others.share is not None:
+                row["others_cpu_pct"] = 100 * others.share
             ms = timing.median
             if task.bytes_moved:
                 row.update(throughput(task.bytes_moved(shape), ms, roof["copy_GBps"], "GBps"))

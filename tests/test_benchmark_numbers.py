@@ -101,6 +101,22 @@ def test_throughput_above_the_roofline_or_zero_is_an_error_not_a_number():
     assert set(throughput(1e12, 0.0, 0.2, "TFLOPs")) == {"measurement_error"}  # a 0 ms timing
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_the_cpu_time_of_other_processes_is_measured():
+    import subprocess
+    import time
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with measure.OthersCpu() as others:
+            time.sleep(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert others.share is not None and 0.3 <= others.share <= 1.0  # one busy process of 2 CPUs: 0.5
+
+
 def _fake_task(monkeypatch, **cost):
     task = Task("fake", lambda shape, device: {}, lambda device: [], lambda x: torch.tensor(1.0),
                 tolerance=lambda s: 1e-6, **cost)
