@@ -12,7 +12,8 @@
   minus the resident set before the call, measured in a fresh subprocess per contender
   (see memprobe.py) so earlier contenders leave nothing behind.
 - Roofline: the device-to-device copy bandwidth (bytes read + written per second) and the
-  matmul rate (bf16 on CUDA, fp32 on CPU), the best of their repeats, measured once per run.
+  matmul rate (bf16 on CUDA, fp32 on CPU), the best of their repeats, measured before and after
+  the shapes (the better of the two counts: a load at either end does not lower it).
   A rate above 100% of it, or not a positive number, is a measurement error and reported as one.
 """
 from __future__ import annotations

@@ -108,7 +108,7 @@ def _mib(row: Optional[Dict]) -> str:
     if row is None or "overhead_MiB" not in row:
         return "—"
     v = row["overhead_MiB"]
-    return "0" if v == 0 else (f"{v:.1f}" if v < 10 else f"{v:.0f}")
+    return "0" if v == 0 else ("<0.1" if v < 0.05 else (f"{v:.1f}" if v < 10 else f"{v:.0f}"))
 
 
 def _share(group: List[Dict]) -> str:

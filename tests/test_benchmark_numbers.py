@@ -142,6 +142,15 @@ def test_the_runner_reports_an_impossible_throughput_as_a_measurement_error(monk
     assert "2 measurement error(s)" in text
 
 
+def test_the_final_roofline_rejudges_every_row():
+    # logprobs, N=1024, V=1000, fp32: 4.096 MB in 1 ms = 4.1 GB/s.
+    row = dict(task="logprobs", dtype="float32", N=1024, V=1000, H=0, ms=1.0)
+    run.add_throughput(row, dict(copy_GBps=3.0, matmul_TFLOPs=1.0))  # a roofline lowered by a load
+    assert "measurement_error" in row and "GBps" not in row
+    run.add_throughput(row, dict(copy_GBps=8.192, matmul_TFLOPs=1.0))  # the better one, measured at the end
+    assert "measurement_error" not in row and row["pct_roofline"] == pytest.approx(50.0)
+
+
 def _rows():
     base = dict(task="loss", dtype="float32", N=2048, V=32000, H=0)
     eager = dict(base, contender="eager PyTorch", role=EAGER, note="", GBps=2.3, pct_roofline=7.5, overhead_MiB=500.0,
