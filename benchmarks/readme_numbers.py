@@ -17,7 +17,6 @@ line of its .md saying where, when and from which commit it was measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import sys
 from typing import Dict, List, Optional
 
 from .output import COMMITTED
+from .report import read_csv
 
 BEGIN = "<!-- benchmarks:begin -->"
 END = "<!-- benchmarks:end -->"
@@ -35,22 +35,6 @@ TASK_LABELS = {"logprobs": "log-probs", "loss": "loss fwd+bwd", "linear": "fused
 TRL_LABELS = {"TRL selective_log_softmax": "`selective_log_softmax`",
               "TRL selective_log_softmax + GRPOTrainer loss": "`selective_log_softmax` + loss lines",
               "TRL 1.16 ChunkedLogProbFunction + loss": "`ChunkedLogProbFunction`"}
-
-
-def _read_csv(path: str) -> List[Dict]:
-    def value(text: str):
-        if text in ("True", "False"):
-            return text == "True"
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            return text
-    with open(path, newline="") as f:
-        return [{k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def _rel(path: str) -> str:
@@ -124,7 +108,7 @@ def _shape_label(r: Dict) -> str:
 def quick_set_table(directory: str) -> List[str]:
     """The CPU quick set (results.csv), one line per shape: the baselines, ours, TRL's code, memory."""
     csv_path = os.path.join(directory, "results.csv")
-    rows = _read_csv(csv_path)
+    rows = read_csv(csv_path)
     with open(os.path.join(directory, "roofline.json")) as f:
         roof = json.load(f)
     shapes: Dict[tuple, List[Dict]] = {}
@@ -176,7 +160,7 @@ def trl_user_table(directory: str) -> List[str]:
     sources = []
     linear_csv = os.path.join(directory, "linear_vs_trl.csv")
     if os.path.exists(linear_csv):
-        rows = _read_csv(linear_csv)
+        rows = read_csv(linear_csv)
         trl = next(r for r in rows if str(r["contender"]).startswith("TRL"))
         ours = min((r for r in rows if str(r["contender"]).startswith("grpo_kernels[")), key=lambda r: r["ms"])
         backend = ours["contender"][len("grpo_kernels["):-1]
@@ -187,7 +171,7 @@ def trl_user_table(directory: str) -> List[str]:
         sources.append(linear_csv)
     trainer_csv = os.path.join(directory, "trl_trainer.csv")
     if os.path.exists(trainer_csv):
-        rows = _read_csv(trainer_csv)
+        rows = read_csv(trainer_csv)
         trl, ours = rows[0], rows[1]
 
         def step(r):
@@ -205,7 +189,7 @@ def trl_user_table(directory: str) -> List[str]:
     notes = []
     for path in sources:
         md = path[:-len(".csv")] + ".md"
-        has_spread = "ms_low" in _read_csv(path)[0] or "step_s_min" in _read_csv(path)[0]
+        has_spread = "ms_low" in read_csv(path)[0] or "step_s_min" in read_csv(path)[0]
         notes.append(f"`{_rel(path)}`: {header_line(md)}"
                      + ("" if has_spread else " One median per row: that run recorded no spread."))
     return [f"- {n}" for n in notes] + [""] + lines

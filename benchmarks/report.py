@@ -237,12 +237,32 @@ def write_plots(rows: List[Dict], out_dir: str) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6.5)
         shift = 100 * OFFSET * (len(styles) - 1) / 2
-        fig.text(0.5, 0.005, f"Contenders are drawn side by side (V offset by up to ±{shift:.0f}%), each with its "
-                 "own marker, line style and width (later ones thinner, on top), so equal values stay visible; "
-                 "bars: the median's 95% interval; hollow: noisy (spread above the target).", ha="center", fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.text(0.5, 0.005, f"Side by side (V offset by up to ±{shift:.0f}%), each with its own marker, line style "
+                 "and width (later ones thinner, on top), so equal values stay visible.\nBars: the median's ~95% "
+                 "interval. Hollow: noisy (the interval wider than the target).", ha="center", fontsize=7)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(os.path.join(out_dir, f"{task}_{dtype}_N{n}" + (f"_H{h}" if h else "") + ".png"), dpi=110)
         plt.close(fig)
+
+
+def read_csv(path: str) -> List[Dict]:
+    """results.csv back as rows: numbers as numbers, True/False as booleans, empty cells left out."""
+    def value(text: str):
+        if text in ("True", "False"):
+            return text == "True"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def redraw(out_dir: str) -> None:
+    """Draw a result set's plots again from its results.csv (`python -m benchmarks.report DIR`)."""
+    write_plots(read_csv(os.path.join(out_dir, "results.csv")), out_dir)
 
 
 def write_all(rows: List[Dict], roof: Dict, skipped: List[Dict], out_dir: str) -> None:
@@ -251,3 +271,8 @@ def write_all(rows: List[Dict], roof: Dict, skipped: List[Dict], out_dir: str) -
     write_plots(rows, out_dir)
     with open(os.path.join(out_dir, "roofline.json"), "w") as f:
         json.dump(roof, f, indent=2)
+
+
+if __name__ == "__main__":
+    for directory in sys.argv[1:]:
+        redraw(directory)

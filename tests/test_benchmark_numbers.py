@@ -2,8 +2,10 @@
 large is flagged noisy, an impossible throughput is reported as an error and never as a number,
 and the committed result set says where it comes from. Synthetic timings: fast, no benchmark run."""
 import csv
+import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -229,9 +231,6 @@ def _read(path):
 
 @pytest.mark.parametrize("device", SETS)
 def test_each_committed_file_says_where_when_and_from_which_commit(device):
-    import json
-    import re
-
     from benchmarks.readme_numbers import header_line
 
     directory = os.path.join(RESULTS, device)
@@ -251,14 +250,10 @@ def test_each_committed_file_says_where_when_and_from_which_commit(device):
 
 @pytest.mark.parametrize("device", SETS)
 def test_the_committed_quick_set_carries_its_spread_and_no_impossible_number(device):
-    from benchmarks.readme_numbers import _read_csv
-
-    import json
-
     directory = os.path.join(RESULTS, device)
     with open(os.path.join(directory, "roofline.json")) as f:
         target = json.load(f)["target_spread"]
-    rows = [r for r in _read_csv(os.path.join(directory, "results.csv")) if "ms" in r]
+    rows = [r for r in report.read_csv(os.path.join(directory, "results.csv")) if "ms" in r]
     assert rows
     for r in rows:
         assert r["ms_min"] <= r["ms_low"] <= r["ms"] <= r["ms_high"] <= r["ms_max"], r["contender"]
