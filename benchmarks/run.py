@@ -1,7 +1,8 @@
 """One command for all benchmarks: `python -m benchmarks [--quick | --full] [--tasks ...]`.
 
---quick  a CPU-sized set (the CPU default): 10-15 minutes on a shared 2-core AMD EPYC, much
-         of it torch.compile's first compilations (each run's time is in its results.md)
+--quick  a CPU-sized set (the CPU default): measured on a 2-core AMD EPYC, 6.4 min when
+         other processes took at most 14% of the CPU, 14.5 and 20.4 min beside another job's
+         test suite (each run's time and load are in its results.md)
 --full   the GPU sweep: V in {32000, 128256, 151936, 262144}, N in {4096, 16384},
          H in {2048, 4096}, bf16 and fp32
 
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="CPU-sized set, 10-15 min on 2 shared cores (default without CUDA)")
+                      help="CPU-sized set, 6-20 min on 2 cores, by the load (default without CUDA)")
     mode.add_argument("--full", action="store_true", help="the full GPU sweep (default with CUDA)")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
