@@ -19,7 +19,7 @@ import grpo_kernels as gk
 from grpo_kernels.config import GRPOLossConfig
 
 from . import output
-from .measure import device_name, time_ms
+from .measure import device_name, fixed_repeats
 
 
 def main(argv=None) -> int:
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     output.add_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    origin = output.provenance(device_name(device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     n = args.tokens * args.sequences
@@ -54,19 +55,22 @@ def main(argv=None) -> int:
     dapo = GRPOLossConfig(loss_type="dapo")
     gspo = GRPOLossConfig(loss_type="grpo", importance_sampling_level="sequence")
     def timed(cfg):
-        return time_ms(lambda: step(cfg), device, warmup=1, repeats=args.repeats)
+        return fixed_repeats(lambda: step(cfg), device, warmup=1, repeats=args.repeats)
 
     results = [("dapo, row blocks (6·N·H·V)", timed(dapo))]
     with mock.patch.object(GRPOLossConfig, "couples_tokens", property(lambda self: True)):
         results.append(("dapo through the recompute path, as before (8·N·H·V)", timed(dapo)))
     results.append(("GSPO (couples tokens: recompute, 8·N·H·V)", timed(gspo)))
     name = device_name(device)
-    base = results[1][1]
+    base = results[1][1].median
     lines = [f"# Fused-linear on sequences longer than a chunk ({name}, torch {torch.__version__})", "",
+             output.provenance_line(output.finish_provenance(origin)), "",
              f"{args.sequences} packed sequence(s) of {args.tokens} tokens, H={args.hidden}, V={args.vocab}, "
              f"chunk_size={args.chunk} rows, {str(dtype).replace('torch.', '')}, forward + backward, median of "
-             f"{args.repeats}.", "", "| path | ms | vs the recompute path |", "|---|---|---|"]
-    lines += [f"| {label} | {ms:.1f} | {base / ms:.2f}x |" for label, ms in results]
+             f"{args.repeats}, with their min and max.", "", "| path | ms | min – max | vs the recompute path |",
+             "|---|---|---|---|"]
+    lines += [f"| {label} | {t.median:.1f} | {t.min:.1f} – {t.max:.1f} | {base / t.median:.2f}x |"
+              for label, t in results]
     text = "\n".join(lines) + "\n"
     output.publish_texts({"long_sequences.md": text}, output.directory(args, name), text)
     return 0

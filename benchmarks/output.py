@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 FRESH = os.path.join("runs", "benchmarks")
 
 
@@ -59,3 +62,44 @@ def publish_texts(texts: Dict[str, str], out_dir: str, report: str) -> None:
     publish(write, out_dir)
     print(report)
     print(f"results in {out_dir}", file=sys.stderr)
+
+
+def _git(*argv: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["git", "-C", ROOT, *argv], capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance(machine: str) -> Dict:
+    """Where, when and from which code a result set comes: the machine, the date (UTC), the git
+    commit of this checkout (and whether the measured code, grpo_kernels/, csrc/ or benchmarks/,
+    had uncommitted changes), torch, Python, and the load average before the run."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", "grpo_kernels", "csrc", "benchmarks",
+                   ":(exclude)benchmarks/results")
+    import torch
+
+    return dict(machine=machine, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit or "unknown",
+                uncommitted_changes=bool(changes), torch=torch.__version__, python=platform.python_version(),
+                cpus=os.cpu_count(), load_before=round(os.getloadavg()[0], 2))
+
+
+def provenance_line(p: Dict) -> str:
+    """The results' header line: machine, date, commit (and the load around the run, when known)."""
+    line = (f"Measured on {p['machine']}, {p['date']}, commit {p['commit']}"
+            + (" with uncommitted changes" if p.get("uncommitted_changes") else "")
+            + f"; torch {p['torch']}, Python {p['python']}")
+    if "load_before" in p:
+        line += f"; load average {p['load_before']:.1f} before the run"
+        if "load_after" in p:
+            line += f" and {p['load_after']:.1f} after it"
+        line += f" ({p['cpus']} CPUs)"
+    return line + "."
+
+
+def finish_provenance(p: Dict) -> Dict:
+    """The load average after the run, added to `p`."""
+    p["load_after"] = round(os.getloadavg()[0], 2)
+    return p

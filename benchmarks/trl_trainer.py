@@ -75,25 +75,30 @@ def main(argv=None) -> int:
     import torch
 
     name = device_name(torch.device("cpu"))
+    origin = output.provenance(name)
     rows = []
     for which, label in (("trl", "trl.GRPOTrainer (its fused LM head)"), ("ours", "FusedGRPOTrainer (grpo_kernels)")):
         print(f"running {label} ...", file=sys.stderr)
         result = run(which, args.steps, args.vocab)
         steady = result["step_times"][1:] or result["step_times"]  # the first step includes warm-up
         rows.append(dict(trainer=label, steps=args.steps, vocab=args.vocab,
-                         median_step_s=statistics.median(steady), peak_rss_MiB=result["peak_rss_MiB"]))
+                         median_step_s=statistics.median(steady), step_s_min=min(steady), step_s_max=max(steady),
+                         peak_rss_MiB=result["peak_rss_MiB"]))
     base = rows[0]
     for row in rows:
         row["speedup_vs_trl"] = base["median_step_s"] / row["median_step_s"]
         row["rss_vs_trl"] = row["peak_rss_MiB"] / base["peak_rss_MiB"]
     out_dir = output.directory(args, name)
     lines = [f"# End to end against trl.GRPOTrainer ({name}, torch {torch.__version__})", "",
+             output.provenance_line(output.finish_provenance(origin)), "",
              f"Tiny Llama (hidden 256, 2 layers, V={args.vocab}), 16 completions x 16 tokens per step, dapo + "
              "bias-corrected KL (beta=0.04), TRL defaults otherwise. Median of TRL's `step_time` over steps 2..N; "
              "peak RSS of the whole process.", "",
-             "| trainer | median step (s) | speed-up vs TRL | peak RSS (MiB) | RSS vs TRL |", "|---|---|---|---|---|"]
+             "| trainer | median step (s) | min – max (s) | speed-up vs TRL | peak RSS (MiB) | RSS vs TRL |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['trainer']} | {r['median_step_s']:.3f} | {r['speedup_vs_trl']:.2f}x | "
+        lines.append(f"| {r['trainer']} | {r['median_step_s']:.3f} | {r['step_s_min']:.3f} – {r['step_s_max']:.3f} | "
+                     f"{r['speedup_vs_trl']:.2f}x | "
                      f"{r['peak_rss_MiB']:.0f} | {r['rss_vs_trl']:.2f} |")
     text = "\n".join(lines) + "\n"
     table = io.StringIO()

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import grpo_kernels as gk
 
 from . import output
-from .measure import device_name, time_ms
+from .measure import device_name, fixed_repeats
 
 CONFIG = gk.GRPOLossConfig(loss_type="dapo", beta=0.04)
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+    origin = output.provenance(device_name(device)) if rank == 0 else None
     if args.vocab % world:
         raise SystemExit(f"--vocab {args.vocab} must be divisible by the number of processes {world}")
     threads = torch.get_num_threads()
@@ -120,8 +121,7 @@ def main(argv=None) -> int:
         with counted_bytes([0]) as counter:
             fn()
         dist.barrier()
-        ms = time_ms(fn, device, warmup=1, repeats=args.repeats)
-        results.append((name, counter[0], ms))
+        results.append((name, counter[0], fixed_repeats(fn, device, warmup=1, repeats=args.repeats)))
 
     single = {}
     dist.barrier()
@@ -136,31 +136,35 @@ def main(argv=None) -> int:
             h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
             gk.fused_linear_grpo_loss(h, w, ids, adv, **loss_kw).loss.backward()
 
-        single = {"logits": time_ms(whole_logits, device, warmup=1, repeats=args.repeats),
-                  "fused-linear": time_ms(whole_linear, device, warmup=1, repeats=args.repeats)}
+        single = {"logits": fixed_repeats(whole_logits, device, warmup=1, repeats=args.repeats),
+                  "fused-linear": fixed_repeats(whole_linear, device, warmup=1, repeats=args.repeats)}
         torch.set_num_threads(threads)
     dist.barrier()
     if rank == 0:
-        write_report(args, world, threads, device, results, single)
+        write_report(args, world, threads, device, results, single, origin)
     dist.destroy_process_group()
     return 0
 
 
-def write_report(args, world, threads, device, results, single):
+def write_report(args, world, threads, device, results, single, origin):
     n, v, h = args.tokens, args.vocab, args.hidden
     name = device_name(device)
     itemsize = 2 if args.dtype == "bfloat16" else 4
     stats = 4 * 4  # a max and a packed sum of 3, fp32, per token
     lines = [f"# Vocabulary-parallel GRPO loss ({name}, {world} processes, torch {torch.__version__})", "",
+             output.provenance_line(output.finish_provenance(origin)), "",
              f"N = {n} tokens, V = {v} ({v // world} per rank), H = {h}, {args.dtype}; dapo with β = 0.04, "
-             f"forward + backward, median of {args.repeats} steps; {threads} thread(s) per process.", "",
-             "| method | bytes per rank per step | per token | ms per step |", "|---|---|---|---|"]
-    for method, count, ms in results:
-        lines.append(f"| {method} | {count:,} | {count / n:,.0f} | {ms:.1f} |")
+             f"forward + backward, median of {args.repeats} steps (min – max beside it, rank 0's); {threads} thread(s) "
+             "per process.", "",
+             "| method | bytes per rank per step | per token | ms per step | min – max |", "|---|---|---|---|---|"]
+    for method, count, t in results:
+        lines.append(f"| {method} | {count:,} | {count / n:,.0f} | {t.median:.1f} | {t.min:.1f} – {t.max:.1f} |")
     lines += ["", f"One process on the whole vocabulary, {threads * world if device.type == 'cpu' else threads} "
-              "thread(s), no communication:", "", "| method | ms per step |", "|---|---|",
-              f"| grpo_loss on (N, V) logits | {single['logits']:.1f} |",
-              f"| fused_linear_grpo_loss on the (V, H) lm_head | {single['fused-linear']:.1f} |", "",
+              "thread(s), no communication:", "", "| method | ms per step | min – max |", "|---|---|---|",
+              f"| grpo_loss on (N, V) logits | {single['logits'].median:.1f} | "
+              f"{single['logits'].min:.1f} – {single['logits'].max:.1f} |",
+              f"| fused_linear_grpo_loss on the (V, H) lm_head | {single['fused-linear'].median:.1f} | "
+              f"{single['fused-linear'].min:.1f} – {single['fused-linear'].max:.1f} |", "",
               "Bytes: an all-reduce counts the payload a rank contributes, an all-gather the bytes a rank "
               "receives. Ours: a max (N fp32) and one packed sum (3·N fp32) per pass, plus the layout check "
               f"(4 int64 from each other rank); the fused-linear path adds the N·H hidden-gradient all-reduce in "

@@ -56,7 +56,8 @@ def test_a_run_reports_skipped_contenders_and_leaves_the_committed_set_alone(tmp
     from benchmarks.run import main
 
     before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(output.COMMITTED) for p in fs}
-    assert main(["--quick", "--tasks", "verl_policy", "--no-memory", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--tasks", "verl_policy", "--no-memory", "--repeats", "1", "--time-cap", "0",
+                 "--out", str(tmp_path)]) == 0
     report = (tmp_path / "results.md").read_text()
     assert "verl 'vanilla' (eager)" in report and "grpo_kernels[torch] 'grpo_kernels_vanilla'" in report
     assert "## Not run here" in report and "needs CUDA" in report

@@ -10,8 +10,9 @@ Tasks, one module each in this package (what they share is in common.py):
 Baselines are what users run today: plain eager PyTorch written the way TRL writes it
 (log_softmax + gather, then GRPOTrainer's loss lines) and `torch.compile` of the same code; every
 ratio in the results is against them (for verl_policy, verl's own eager loss). Peers (TRL's
-kernels, Liger, verl) run when installed. The fp32 reference (`grpo_kernels.reference`) is the
-correctness oracle: each contender's value is compared with it before timing (`agreement`), and a
+kernels, Liger, verl) run when installed. The reference (`grpo_kernels.reference`, the ground
+truth the tests run in fp64; here in fp32 on the benchmark's inputs) is the correctness oracle:
+each contender's value is compared with it before timing (`agreement` in results.csv), and a
 contender that disagrees is reported, not timed. The reference itself is never timed.
 """
 from __future__ import annotations

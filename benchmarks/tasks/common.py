@@ -59,7 +59,7 @@ class Task:
     name: str
     build: Callable[[Shape, torch.device], Dict]
     contenders: Callable[[torch.device], List[Contender]]  # Contender and Skipped entries
-    oracle: Callable[[Dict], torch.Tensor]  # the fp32 reference value, for the agreement check
+    oracle: Callable[[Dict], torch.Tensor]  # grpo_kernels.reference's value (in fp32), for the agreement check
     # Called (untimed) before every run of every contender: puts back inputs that in-place
     # contenders overwrite, so each run sees the same logits.
     restore: Optional[Callable[[Dict], None]] = None
