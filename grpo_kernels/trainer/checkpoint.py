@@ -31,7 +31,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
     """Flush a file or directory to disk, so a rename never publishes data still in flight."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -54,13 +54,13 @@ def save(output_dir: str, step: int, payload: Dict) -> str:
     os.makedirs(tmp)
     state_path = os.path.join(tmp, STATE_FILE)
     torch.save(payload, state_path)
-    _fsync(state_path)
+    fsync_path(state_path)
     meta = {"step": step, "sha256": _sha256(state_path), "bytes": os.path.getsize(state_path)}
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_path(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = os.path.join(output_dir, "latest.tmp")
@@ -69,7 +69,7 @@ def save(output_dir: str, step: int, payload: Dict) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer, os.path.join(output_dir, "latest"))
-    _fsync(output_dir)
+    fsync_path(output_dir)
     return final
 
 

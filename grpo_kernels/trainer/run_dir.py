@@ -21,6 +21,8 @@ import re
 import time
 from typing import Dict, List, Optional
 
+from .checkpoint import fsync_path
+
 LOG_FILE = "metrics.jsonl"
 REPLACED_PREFIX = "replaced-"
 _RUN_ENTRY = re.compile(r"^(?:(?:metrics\.jsonl|reward_curve\.png|latest)(?:\.tmp.*)?|(?:\.tmp-)?checkpoint-\d+)$")
@@ -72,16 +74,8 @@ def set_aside(output_dir: str) -> Optional[str]:
     # `latest` first: it never names a checkpoint that has already gone.
     for name in sorted(names, key=lambda name: name != "latest"):
         os.replace(os.path.join(output_dir, name), os.path.join(folder, name))
-    _fsync_dir(output_dir)
+    fsync_path(output_dir)
     return folder
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_new(path: str, text: str) -> None:
