@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .ops.logprobs import logits_grad, logprobs_rows
+from .ops.logprobs import LogprobsBackward, logprobs_rows
 from .transform import KernelTransform
 
 # The per-rank layout entries compared before any per-row collective: a disagreement raises on
@@ -143,9 +143,9 @@ def _check_layout(layout, what: str) -> None:
         expected += entry["V_local"]
 
 
-class _VocabParallelLogprobs(torch.autograd.Function):
+class _VocabParallelLogprobs(LogprobsBackward):
     """(logp, H, lse) over the full vocabulary from this rank's (N, V_local) logits; the backward
-    writes the gradient of this rank's slice only (no communication)."""
+    (LogprobsBackward's) writes the gradient of this rank's slice only (no communication)."""
 
     @staticmethod
     def forward(ctx, logits, ids, shard: VocabShard, transform: KernelTransform, backend: str, inplace: bool,
@@ -153,17 +153,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         read_ids, grad_ids, owned = shard.split_ids(ids)
         local = logprobs_rows(logits, read_ids, transform, backend, with_entropy)
         logp, entropy, lse = shard.combine(*local, owned, with_entropy)
-        ctx.save_for_backward(logits, grad_ids, lse, entropy)
-        ctx.transform, ctx.backend, ctx.inplace, ctx.with_entropy = transform, backend, inplace, with_entropy
-        ctx.mark_non_differentiable(lse)
+        LogprobsBackward.save(ctx, logits, grad_ids, lse, entropy, transform, backend, inplace, with_entropy)
         return logp, entropy, lse
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
-        logits, grad_ids, lse, entropy = ctx.saved_tensors
-        grad = logits_grad(logits, grad_ids, lse, entropy, grad_logp, grad_entropy if ctx.with_entropy else None,
-                           ctx.transform, ctx.backend, ctx.inplace)
-        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard, transform: KernelTransform,

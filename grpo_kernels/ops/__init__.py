@@ -1,4 +1,4 @@
-"""Fused ops: torch.library custom ops, their autograd, and backend dispatch."""
+"""Fused ops: dispatcher ops (library.py), their autograd, and backend dispatch."""
 from .dispatch import BACKENDS, BackendUnavailableError, resolve_backend
 from .logprobs import logprobs_with_entropy
 

@@ -44,18 +44,18 @@ def _logprobs_bwd_inplace(logits, ids, lse, entropy, grad_logp, grad_entropy, sc
                                               KernelTransform(scale, cap), logits)
 
 
-class _Logprobs(torch.autograd.Function):
-    """(logp, entropy, lse) of the logits' rows; the backward sweeps the logits once."""
+class LogprobsBackward(torch.autograd.Function):
+    """The backward shared by the log-prob Functions (this file's and the vocabulary-parallel one):
+    one sweep over the saved logits from the saved per-row statistics."""
 
     @staticmethod
-    def forward(ctx, logits, ids, scale: float, cap: float, backend: str, inplace: bool, with_entropy: bool):
+    def save(ctx, logits, grad_ids, lse, entropy, transform: KernelTransform, backend: str, inplace: bool,
+             with_entropy: bool) -> None:
+        """What the backward needs; grad_ids are the ids the gradient kernel takes (−1: another rank's)."""
         ctx.set_materialize_grads(False)  # an unused output (entropy, lse) sends None, not zeros
-        logp, entropy, lse = _logprobs_fwd(logits, ids, scale, cap, backend, with_entropy)
-        ctx.save_for_backward(logits, ids, lse, entropy)
-        ctx.transform, ctx.backend = KernelTransform(scale, cap), backend
-        ctx.inplace, ctx.with_entropy = inplace, with_entropy
+        ctx.save_for_backward(logits, grad_ids, lse, entropy)
+        ctx.transform, ctx.backend, ctx.inplace, ctx.with_entropy = transform, backend, inplace, with_entropy
         ctx.mark_non_differentiable(lse)
-        return logp, entropy, lse
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
@@ -63,6 +63,17 @@ class _Logprobs(torch.autograd.Function):
         grad_logits = logits_grad(logits, ids, lse, entropy, grad_logp, grad_entropy if ctx.with_entropy else None,
                                   ctx.transform, ctx.backend, ctx.inplace)
         return grad_logits, None, None, None, None, None, None
+
+
+class _Logprobs(LogprobsBackward):
+    """(logp, entropy, lse) of the logits' rows; the backward sweeps the logits once."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, scale: float, cap: float, backend: str, inplace: bool, with_entropy: bool):
+        logp, entropy, lse = _logprobs_fwd(logits, ids, scale, cap, backend, with_entropy)
+        LogprobsBackward.save(ctx, logits, ids, lse, entropy, KernelTransform(scale, cap), backend, inplace,
+                              with_entropy)
+        return logp, entropy, lse
 
 
 def logits_grad(logits: Tensor, ids: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
