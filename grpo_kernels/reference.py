@@ -26,18 +26,54 @@ def transformed_logits(logits: torch.Tensor, temperature: float = 1.0, logit_sca
     return z / temperature
 
 
+def truncation_kept(z_prime: torch.Tensor, ids: torch.Tensor, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """The kept set K of docs/math.md "Truncated sampling", by sorting (the oracle; kernels never sort).
+
+    z_prime (..., V) transformed logits, ids (...) -> bool (..., V). Order: min_p, top_k, top_p
+    (vLLM V1), ties at each threshold kept or dropped together, the target always kept.
+    """
+    neg_inf = torch.tensor(float("-inf"), dtype=z_prime.dtype, device=z_prime.device)
+    kept = torch.ones_like(z_prime, dtype=torch.bool)
+    if min_p:  # K1: z' >= max z' + log(min_p)
+        kept &= z_prime >= z_prime.amax(-1, keepdim=True) + math.log(min_p)
+    vocab = z_prime.shape[-1]
+    if top_k and top_k < vocab:  # K2: z' >= the k-th largest of K1 (ties at the threshold kept)
+        kth = torch.where(kept, z_prime, neg_inf).topk(top_k, dim=-1).values[..., -1:]
+        kept &= z_prime >= kth
+    if top_p is not None and top_p < 1.0:  # K3 on q = softmax over K2
+        q = torch.softmax(torch.where(kept, z_prime, neg_inf), dim=-1)
+        values, order = torch.where(kept, z_prime, neg_inf).sort(dim=-1)
+        cum = q.gather(-1, order).cumsum(-1)
+        # cumulative mass of every token valued <= z'_v (all its ties included): the last sorted
+        # position whose value is <= z'_v
+        last = torch.searchsorted(values.contiguous(), z_prime.contiguous(), right=True) - 1
+        kept &= cum.gather(-1, last.clamp_min(0)) > 1.0 - top_p
+    target = torch.zeros_like(kept).scatter_(-1, ids.long().unsqueeze(-1), True)
+    return kept | target
+
+
 def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, logit_scale: float = 1.0,
-                         softcap: Optional[float] = None):
+                         softcap: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                         min_p: Optional[float] = None, with_sum_pi_squared: bool = False):
     """Per-token log-prob of `ids` and entropy of softmax(z'), z' the transformed logits.
 
     Shapes: logits (..., V), ids (...) -> logp (...), entropy (...), in logits' dtype.
     −inf logits get probability 0 and contribute 0 to the entropy (and a zero gradient).
+    With top_k / top_p / min_p, the softmax is over the kept set `truncation_kept` (renormalised;
+    gradient exactly 0 outside it). with_sum_pi_squared also returns Σ_v p_v² (...) (detached).
     """
-    logsm = torch.log_softmax(transformed_logits(logits, temperature, logit_scale, softcap), dim=-1)
+    z = transformed_logits(logits, temperature, logit_scale, softcap)
+    if top_k or (top_p is not None and top_p < 1.0) or min_p:
+        kept = truncation_kept(z.detach(), ids, top_k, top_p, min_p)
+        z = z.masked_fill(~kept, float("-inf"))
+    logsm = torch.log_softmax(z, dim=-1)
     logp = logsm.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     p = logsm.exp()
     # masked_fill (not where) so that the backward of p * log p sees no 0 * -inf.
     entropy = -(p * logsm.masked_fill(p == 0, 0.0)).sum(-1)
+    if with_sum_pi_squared:
+        return logp, entropy, (p.detach() ** 2).sum(-1)
     return logp, entropy
 
 
