@@ -26,7 +26,7 @@ def test_compiles_for_sm90(source, tmp_path):
     # ptxas reports "N bytes stack frame, S bytes spill stores, L bytes spill loads" per kernel
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
     assert spills, f"ptxas -v reported no kernels:\n{out.stderr[-2000:]}"
-    assert all(s == l == "0" for s, l in spills), f"register spills:\n{out.stderr[-4000:]}"
+    assert all(stores == loads == "0" for stores, loads in spills), f"register spills:\n{out.stderr[-4000:]}"
 
 
 def test_there_are_cuda_sources():
