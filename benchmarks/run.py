@@ -36,6 +36,7 @@ from typing import Dict, List
 import torch
 
 from . import output, report
+from .roofline import attach_floor
 from .measure import (DEFAULT_TARGET, DEFAULTS, OthersCpu, Sampler, cache_flush, cpu_peak_extra_bytes,
                       cuda_peak_extra_bytes, device_name, measure_interleaved, roofline, throughput)
 from .tasks import TASKS, Contender, Shape, agreement, split_contenders
@@ -75,7 +76,9 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def add_throughput(row: Dict, roof: Dict) -> None:
-    """(Re)set a timed row's GB/s or TFLOP/s and % roofline, or its measurement error, against `roof`."""
+    """(Re)set a timed row's GB/s or TFLOP/s and % roofline, or its measurement error, against `roof`,
+    and its floor and measured / floor where roofline.py knows the device."""
+    attach_floor(row, roof.get("device", ""))
     for key in ("GBps", "TFLOPs", "pct_roofline", "measurement_error"):
         row.pop(key, None)
     task = TASKS[row["task"]]
