@@ -6,6 +6,13 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def gpu_backends():
+    """The backends that run on CUDA tensors here ([] without a GPU)."""
+    import grpo_kernels
+
+    return grpo_kernels.available_backends("cuda") if torch.cuda.is_available() else []
+
+
 def _as_fp64(x) -> torch.Tensor:
     """Tensors keep their values; Python floats (TRL's logged metrics) stay fp64, not fp32."""
     return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)

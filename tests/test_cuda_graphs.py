@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo_kernels as gk
+from helpers import gpu_backends
 
 pytestmark = pytest.mark.gpu
 
@@ -20,10 +21,6 @@ OPTIONS = {
     # sequence-coupled: whole padded sequences per chunk (no host read), the GSPO pass through the mean
     "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
 }
-
-
-def _gpu_backends():
-    return [b for b in ("torch", "triton", "cuda") if torch.cuda.is_available() and b in gk.available_backends("cuda")]
 
 
 def _batch(seed):
@@ -51,9 +48,9 @@ def _eager(x, backend, options):
 
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-@pytest.mark.parametrize("backend", _gpu_backends() or ["triton"])
+@pytest.mark.parametrize("backend", gpu_backends() or ["triton"])
 def test_captured_training_step_replays_with_the_eager_numbers(backend, option):
-    if backend not in _gpu_backends():
+    if backend not in gpu_backends():
         pytest.skip(f"backend {backend} not available on this GPU machine")
     options = OPTIONS[option]
     static = _batch(0)
