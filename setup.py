@@ -13,7 +13,7 @@ Native extensions (csrc/), neither of which includes or links libtorch:
 - grpo_kernels._C_cuda: the CUDA kernels, built when `nvcc` is found (GRPO_KERNELS_CUDA=1
   forces it, =0 skips it), for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST, as torch's own builds read
   it, e.g. "9.0" or "8.0;9.0+PTX", picks others); cudart is linked statically. The .cu files
-  compile in parallel, MAX_JOBS at a time (default: the CPU count).
+  and the C++ sources compile in parallel, MAX_JOBS at a time (default: the CPU count).
 A machine without a C++ compiler (or whose build fails) still installs the pure-Python
 package and says so; backend="cpp"/"cuda" then raise BackendUnavailableError.
 GRPO_KERNELS_NATIVE_ARCH=0 drops -march=native (for binaries that must run on other CPUs).
@@ -30,9 +30,11 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 try:
-    from pybind11.setup_helpers import Pybind11Extension
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 except ImportError:  # building without pybind11: pure-Python install
     Pybind11Extension = None
+else:  # each extension's C++ sources compile in parallel, MAX_JOBS at a time (default: the CPU count)
+    ParallelCompile("MAX_JOBS").install()
 
 # verl itself pins transformers<5.11 and pulls Ray's full stack, so the test set installs only
 # what `import verl.trainer.ppo.core_algos` needs, and the README adds `pip install --no-deps verl`.

@@ -176,6 +176,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     parser.add_argument("--vocab", type=int, nargs="*", help="override V of the full sweep")
     parser.add_argument("--tokens", type=int, nargs="*", help="override N of the full sweep")
+    parser.add_argument("--hidden", type=int, nargs="*", help="override H of the full sweep (the linear task)")
     parser.add_argument("--dtypes", nargs="*", choices=("bfloat16", "float16", "float32"),
                         help="override the dtypes of the full sweep")
     cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
             kw["ns"] = tuple(args.tokens)
         if args.dtypes:
             kw["dtypes"] = tuple(args.dtypes)
+        if args.hidden:
+            kw["hs"] = tuple(args.hidden)
         shapes = full_shapes(**kw)
     else:
         shapes = quick_shapes()
