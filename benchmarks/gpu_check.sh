@@ -137,7 +137,7 @@ ALL_STEPS=(
   "bench_loss 95 loss from logits fwd+bwd, bf16, N=16384, V=151936"
   "bench_linear 105 fused-linear loss fwd+bwd, bf16, N=8192, H=4096, V=151936"
   "bench_logprobs 45 log-probs forward, bf16, N=8192, V=151936"
-  "bench_small 25 group advantages and verl's policy loss at 1M elements, fp32"
+  "bench_small 25 group advantages, the objective alone, verl's policy loss at 1M elements, fp32"
 )
 budget_of() {  # budget_of STEP DEFAULT: BUDGET_<step> or the default
   local var="BUDGET_$1"
@@ -184,7 +184,7 @@ run_all() {
   run bench_logprobs "$lim" "${bench[@]}" --out "$out/bench_logprobs" --tasks logprobs --tokens 8192 \
     --vocab 151936 --dtypes bfloat16
   next bench_small
-  run bench_small "$lim" "${bench[@]}" --out "$out/bench_small" --tasks advantages,verl_policy \
+  run bench_small "$lim" "${bench[@]}" --out "$out/bench_small" --tasks advantages,objective,verl_policy \
     --tokens 1048576 --dtypes float32
   return 0
 }

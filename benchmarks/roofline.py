@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .tasks import TASKS, Shape
+from .tasks.objective import objective_bytes
 
 # (copy GB/s counting read + write, bf16 matmul TFLOP/s on random data), as measured here.
 DEVICES: Dict[str, Tuple[float, float]] = {"H100": (3000.0, 798.0), "H200": (4300.0, 788.0)}
 
-FP32, MASK = 4, 1  # bytes per element of the fp32 per-token tensors and of a bool mask
+FP32 = 4  # bytes per element of an fp32 tensor
 
 
 def _element(shape: Shape) -> int:
@@ -39,8 +40,9 @@ EXTRA_BYTES = {
     "linear": lambda s: 2 * _element(s) * (s.n * s.h + s.v * s.h),
     # rewards read, advantages written, one mean and std per group of 8
     "advantages": lambda s: s.n * FP32 * 2 + (s.n // 8) * FP32 * 2,
-    # log-probs, old log-probs, per-token advantages and the mask read; d loss / d log-prob written
-    "verl_policy": lambda s: s.n * (3 * FP32 + MASK + FP32),
+    # the objective's bytes (verl passes per-token advantages where it reads reference log-probs);
+    # no byte model on the task itself: on CPU its 1M tokens fit the caches, above the copy rate
+    "verl_policy": objective_bytes,
 }
 
 
@@ -50,14 +52,14 @@ class Workload:
     shape: Shape
 
 
-# Issue #27's GPU workloads (the advantages are one reward per sequence in groups of 8, 1M of
-# them; the objective alone is verl's policy-loss API over 1M tokens of per-token log-probs).
+# Issue #27's GPU workloads (the advantages are one reward per sequence in groups of 8, 1M of them).
 WORKLOADS: List[Workload] = [
     Workload("log-probs + entropy forward", Shape("logprobs", 8192, 151936, dtype="bfloat16")),
     Workload("loss from logits, forward + backward", Shape("loss", 16384, 151936, dtype="bfloat16")),
     Workload("fused-linear loss, forward + backward", Shape("linear", 8192, 151936, 4096, dtype="bfloat16")),
     Workload("group advantages", Shape("advantages", 1 << 20, 0, dtype="float32")),
-    Workload("objective alone, forward + backward", Shape("verl_policy", 1 << 20, 0, dtype="float32")),
+    Workload("objective alone, forward + backward", Shape("objective", 1 << 20, 0, dtype="float32")),
+    Workload("verl's policy loss API, forward + backward", Shape("verl_policy", 1 << 20, 0, dtype="float32")),
 ]
 
 
@@ -119,8 +121,8 @@ def markdown() -> str:
     lines += ["", "Byte models: logprobs N·V·s (the logits read once); loss 3·N·V·s (read forward, read "
               "backward, gradient written in place); linear 2·s·(N·H + V·H) (hidden and weight read, their "
               "gradients written; its floor is the 6·N·H·V matmul FLOPs); advantages 8 bytes per reward and "
-              "8 per group; objective 17 bytes per token (3 fp32 inputs and the mask read, the fp32 gradient "
-              "written). s = bytes per logit element.", ""]
+              "8 per group; objective and verl's policy loss 17 bytes per token (3 fp32 inputs and the mask read, "
+              "the fp32 gradient written). s = bytes per logit element.", ""]
     return "\n".join(lines)
 
 

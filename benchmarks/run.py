@@ -67,6 +67,7 @@ def full_shapes(vs=(32000, 128256, 151936, 262144), ns=(4096, 16384), hs=(2048, 
                     shapes.append(Shape("linear", n, v, h, dtype=dtype))
         for n in ns:
             shapes.append(Shape("advantages", n, 0, dtype=dtype))
+    shapes.append(Shape("objective", 1 << 20, 0, dtype="float32"))
     shapes.append(Shape("verl_policy", 1 << 20, 0, dtype="float32"))
     return shapes
 
