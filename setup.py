@@ -11,24 +11,30 @@ is why the `test` extra brings it).
 Native extensions (csrc/), neither of which includes or links libtorch:
 - grpo_kernels._C: the CPU kernels (pybind11, OpenMP, -O3), always attempted.
 - grpo_kernels._C_cuda: the CUDA kernels, built when `nvcc` is found (GRPO_KERNELS_CUDA=1
-  forces it, =0 skips it), for sm_80 and sm_90; cudart is linked statically.
+  forces it, =0 skips it), for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST, as torch's own builds read
+  it, e.g. "9.0" or "8.0;9.0+PTX", picks others); cudart is linked statically. The .cu files
+  and the C++ sources compile in parallel, MAX_JOBS at a time (default: the CPU count).
 A machine without a C++ compiler (or whose build fails) still installs the pure-Python
 package and says so; backend="cpp"/"cuda" then raise BackendUnavailableError.
 GRPO_KERNELS_NATIVE_ARCH=0 drops -march=native (for binaries that must run on other CPUs).
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 try:
-    from pybind11.setup_helpers import Pybind11Extension
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 except ImportError:  # building without pybind11: pure-Python install
     Pybind11Extension = None
+else:  # each extension's C++ sources compile in parallel, MAX_JOBS at a time (default: the CPU count)
+    ParallelCompile("MAX_JOBS").install()
 
 # verl itself pins transformers<5.11 and pulls Ray's full stack, so the test set installs only
 # what `import verl.trainer.ppo.core_algos` needs, and the README adds `pip install --no-deps verl`.
@@ -45,6 +51,24 @@ TEST = (["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "ruff>=0.
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
               "-gencode=arch=compute_90,code=compute_90"]
+
+
+def cuda_arch_flags(arch_list=None):
+    """nvcc -gencode flags for TORCH_CUDA_ARCH_LIST ("9.0", "8.0;9.0+PTX", "8.0 9.0a"): machine code
+    for each entry, and PTX too for a "+PTX" one. Unset or empty: CUDA_ARCHS."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if arch_list is None else arch_list
+    flags = []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
+        if match is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read {entry!r} (expected e.g. 9.0, 9.0a or 9.0+PTX)")
+        cc = match.group(1) + match.group(2) + match.group(3)
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if match.group(4):
+            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
+    return flags or list(CUDA_ARCHS)
 
 
 def _cxx_flags():
@@ -98,12 +122,16 @@ class OptionalNativeBuild(build_ext):
         nvcc = _nvcc()
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
-        objects = []
-        for src in ext.cuda_sources:
-            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *CUDA_ARCHS, "-c", src, "-o", obj]
-            subprocess.check_call(cmd)
-            objects.append(obj)
+        archs = cuda_arch_flags()
+        objects = [os.path.join(out_dir, os.path.basename(src) + ".o") for src in ext.cuda_sources]
+
+        def compile_one(src, obj):
+            subprocess.check_call([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", *archs, "-c", src, "-o", obj])
+
+        jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for done in [pool.submit(compile_one, src, obj) for src, obj in zip(ext.cuda_sources, objects)]:
+                done.result()  # raises the first failure
         return objects
 
 

@@ -20,7 +20,9 @@ COLUMNS = ["task", "dtype", "N", "V", "H", "contender", "role",
            # time: the median, its ~95% interval, the extremes, how many repeats and why they stopped
            "ms", "ms_low", "ms_high", "ms_min", "ms_max", "repeats", "spread_pct", "noisy", "stop",
            "others_cpu_pct",  # CPU time other processes used while the shape was timed, % of the machine
-           "GBps", "TFLOPs", "pct_roofline", "measurement_error", "peak_MiB", "overhead_MiB",
+           "GBps", "TFLOPs", "pct_roofline", "measurement_error",
+           "floor_ms", "x_floor",  # benchmarks/roofline.py's floor on this device, and ms / floor
+           "peak_MiB", "overhead_MiB",
            "speedup_vs_eager", "speedup_vs_eager_low", "speedup_vs_eager_high",
            "speedup_vs_compiled", "speedup_vs_compiled_low", "speedup_vs_compiled_high",
            "memory_vs_eager", "agreement", "note", "error"]
@@ -110,7 +112,8 @@ def method_text(roof: Dict) -> str:
             f"when its repeats stop is marked {NOISY}. Speed-ups give, in brackets, the ratio of the two intervals' "
             "ends. `% roofline` is achieved GB/s against the copy bandwidth (logprobs: N·V·s bytes; loss: 3·N·V·s) "
             "or TFLOP/s against the matmul rate (linear: 6·N·H·V), both rooflines the best of their repeats, "
-            "measured before and after the shapes (the better counts); a "
+            "measured before and after the shapes (the better counts); `x floor` is the time over the workload's "
+            "floor on an H100 or H200 (benchmarks/roofline.py, benchmarks/results/roofline.md), 1.00 at the floor; a "
             "rate above 100% of it or not above 0 is a measurement error, reported as one and not as a number. "
             "`overhead MiB` is peak memory above the inputs, minus the gradients the contender must return. "
             "Speed-ups are against plain eager PyTorch written as TRL writes it and `torch.compile` of that code, "
@@ -141,8 +144,9 @@ def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str)
     groups = defaultdict(list)
     for row in rows:
         groups[_shape_key(row)].append(row)
-    header = ("| contender | ms (median) | 95% interval | min – max | repeats | spread | throughput | % roofline | "
-              "peak MiB | overhead MiB | speed-up vs eager | speed-up vs torch.compile | memory vs eager | note |")
+    header = ("| contender | ms (median) | 95% interval | min – max | repeats | spread | throughput | % roofline "
+              "| x floor "
+              "| peak MiB | overhead MiB | speed-up vs eager | speed-up vs torch.compile | memory vs eager | note |")
     for (task, dtype, n, v, h), group in groups.items():
         title = f"## {task}: N={n}" + (f", V={v}" if v else "") + (f", H={h}" if h else "") + f", {dtype}"
         lines += [title, ""]
@@ -152,7 +156,7 @@ def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str)
         lines += [header, "|" + "---|" * header.count(" | ") + "---|"]
         for r in group:
             if r.get("error"):
-                lines.append(f"| {r['contender']} |" + " |" * 12 + f" {r['error']} |")
+                lines.append(f"| {r['contender']} |" + " |" * 13 + f" {r['error']} |")
                 continue
             thr, pct = _throughput_cells(r)
             note = "; ".join(x for x in (r.get("note", ""), r.get("measurement_error") and
@@ -161,7 +165,8 @@ def write_markdown(rows: List[Dict], roof: Dict, skipped: List[Dict], path: str)
             lines.append(
                 f"| {r['contender']} | {ms('ms')} | {ms('ms_low')}–{ms('ms_high')} | {ms('ms_min')} – {ms('ms_max')} | "
                 f"{r.get('repeats', '')} | {_spread_cell(r)} | "
-                f"{thr} | {pct} | {_fmt(r.get('peak_MiB'), 1)} | {_fmt(r.get('overhead_MiB'), 1)} | "
+                f"{thr} | {pct} | {_fmt(r.get('x_floor'), 2)} | "
+                f"{_fmt(r.get('peak_MiB'), 1)} | {_fmt(r.get('overhead_MiB'), 1)} | "
                 f"{_ratio_cell(r, 'speedup_vs_eager')} | {_ratio_cell(r, 'speedup_vs_compiled')} | "
                 f"{_fmt(r.get('memory_vs_eager'), 3)} | {note} |")
         lines.append("")

@@ -36,6 +36,7 @@ from typing import Dict, List
 import torch
 
 from . import output, report
+from .roofline import attach_floor
 from .measure import (DEFAULT_TARGET, DEFAULTS, OthersCpu, Sampler, cache_flush, cpu_peak_extra_bytes,
                       cuda_peak_extra_bytes, device_name, measure_interleaved, roofline, throughput)
 from .tasks import TASKS, Contender, Shape, agreement, split_contenders
@@ -66,6 +67,7 @@ def full_shapes(vs=(32000, 128256, 151936, 262144), ns=(4096, 16384), hs=(2048, 
                     shapes.append(Shape("linear", n, v, h, dtype=dtype))
         for n in ns:
             shapes.append(Shape("advantages", n, 0, dtype=dtype))
+    shapes.append(Shape("objective", 1 << 20, 0, dtype="float32"))
     shapes.append(Shape("verl_policy", 1 << 20, 0, dtype="float32"))
     return shapes
 
@@ -75,7 +77,9 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def add_throughput(row: Dict, roof: Dict) -> None:
-    """(Re)set a timed row's GB/s or TFLOP/s and % roofline, or its measurement error, against `roof`."""
+    """(Re)set a timed row's GB/s or TFLOP/s and % roofline, or its measurement error, against `roof`,
+    and its floor and measured / floor where roofline.py knows the device."""
+    attach_floor(row, roof.get("device", ""))
     for key in ("GBps", "TFLOPs", "pct_roofline", "measurement_error"):
         row.pop(key, None)
     task = TASKS[row["task"]]
@@ -173,6 +177,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     parser.add_argument("--vocab", type=int, nargs="*", help="override V of the full sweep")
     parser.add_argument("--tokens", type=int, nargs="*", help="override N of the full sweep")
+    parser.add_argument("--hidden", type=int, nargs="*", help="override H of the full sweep (the linear task)")
     parser.add_argument("--dtypes", nargs="*", choices=("bfloat16", "float16", "float32"),
                         help="override the dtypes of the full sweep")
     cpu, cuda = DEFAULTS["cpu"], DEFAULTS["cuda"]
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
             kw["ns"] = tuple(args.tokens)
         if args.dtypes:
             kw["dtypes"] = tuple(args.dtypes)
+        if args.hidden:
+            kw["hs"] = tuple(args.hidden)
         shapes = full_shapes(**kw)
     else:
         shapes = quick_shapes()

@@ -6,6 +6,13 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def gpu_backends():
+    """The backends that run on CUDA tensors here ([] without a GPU)."""
+    import grpo_kernels
+
+    return grpo_kernels.available_backends("cuda") if torch.cuda.is_available() else []
+
+
 def _as_fp64(x) -> torch.Tensor:
     """Tensors keep their values; Python floats (TRL's logged metrics) stay fp64, not fp32."""
     return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
@@ -22,6 +29,31 @@ def assert_grad_close(actual, expected, *, rel=1e-5, name="grad"):
     """Gradients compared at a tolerance relative to their largest element."""
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     assert_close(actual, expected, rtol=0, atol=rel * scale + 1e-9, name=name)
+
+
+def prepared_objective(case, backend_dtype=torch.float32, poison=True, cu_seqlens=None):
+    """The objective's inputs for `case` (its log-probs drifted from old_logps by a fixed seed, so the
+    fp64 run and a backend's get the same ones), in backend_dtype, with the per-token outputs
+    NaN-poisoned. Sequences are the case's rows unless cu_seqlens (B + 1,) regroups its B·T tokens."""
+    from grpo_kernels.ops import objective_inputs as io
+
+    g = torch.Generator().manual_seed(11)
+    logp = (case.old_logps.double() + torch.randn(case.ids.shape, generator=g, dtype=torch.float64) * 0.3).clamp(
+        max=-0.01)
+    entropy = torch.rand(case.ids.shape, generator=g, dtype=torch.float64) * 3
+    b, t = case.ids.shape
+    cu = torch.arange(b + 1) * t if cu_seqlens is None else cu_seqlens
+    kw = dict(old_logp=case.old_logps, ref_logp=case.ref_logps, sampling_logp=case.sampling_logps,
+              is_weights=case.is_weights, num_items_in_batch=case.num_items_in_batch)
+    kw = {k: (v.reshape(-1).to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    prep = io.prepare(logp.to(backend_dtype).to(DEVICE), entropy.to(backend_dtype).to(DEVICE),
+                      case.mask.reshape(-1).to(DEVICE), case.advantages.reshape(-1).to(DEVICE), cu.to(DEVICE),
+                      case.config.params, adv_per_token=case.advantages.dim() == 2,
+                      weights_per_seq=case.is_weights is not None and case.is_weights.dim() == 1, **kw)
+    if poison:
+        for buffer in (prep.per_token_loss, prep.g_logp, prep.g_entropy):
+            buffer.fill_(float("nan"))
+    return prep
 
 
 def to_device(case):

@@ -6,7 +6,8 @@ import torch
 import grpo_kernels as gk
 from cases import make_case, make_logits, poison_like
 from conftest import BACKENDS, DEVICE
-from grpo_kernels.ops import contract, objective_inputs as io
+from helpers import prepared_objective
+from grpo_kernels.ops import contract
 from grpo_kernels.ops.dispatch import backend_module
 from grpo_kernels.transform import KernelTransform
 
@@ -67,34 +68,14 @@ def test_logprobs_backward(backend, transform, with_grad_entropy):
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def _prepared(case, backend_dtype=torch.float32, poison=True):
-    g = torch.Generator().manual_seed(11)  # the same log-probs for the fp64 run and the backend's
-    logp = (case.old_logps.double() + torch.randn(case.ids.shape, generator=g, dtype=torch.float64) * 0.3).clamp(
-        max=-0.01)
-    entropy = torch.rand(case.ids.shape, generator=g, dtype=torch.float64) * 3
-    b, t = case.ids.shape
-    cu = torch.arange(b + 1) * t
-    kw = dict(old_logp=case.old_logps, ref_logp=case.ref_logps, sampling_logp=case.sampling_logps,
-              is_weights=case.is_weights, num_items_in_batch=case.num_items_in_batch)
-    kw = {k: (v.reshape(-1).to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    prep = io.prepare(logp.to(backend_dtype).to(DEVICE), entropy.to(backend_dtype).to(DEVICE),
-                      case.mask.reshape(-1).to(DEVICE), case.advantages.reshape(-1).to(DEVICE), cu.to(DEVICE),
-                      case.config.params, adv_per_token=case.advantages.dim() == 2,
-                      weights_per_seq=case.is_weights is not None and case.is_weights.dim() == 1, **kw)
-    if poison:
-        for buffer in (prep.per_token_loss, prep.g_logp, prep.g_entropy):
-            buffer.fill_(float("nan"))
-    return prep
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", ["everything", "gspo_bias_corr", "cispo_two_sided", "vespo_is_token", "sapo",
                                     "per_token_adv", "is_sequence_mask", "entropy_mask_bonus"])
 def test_objective_pass(backend, option):
     case = make_case(option, b=5, t=6, v=11, seed=9)
-    want = _prepared(case, torch.float64, poison=False)
+    want = prepared_objective(case, torch.float64, poison=False)
     backend_module("torch").objective_pass(want, case.config.params, (0, want.logp.numel()), (0, 5))
-    got = _prepared(case)
+    got = prepared_objective(case)
     backend_module(backend).objective_pass(got, case.config.params, (0, got.logp.numel()), (0, 5))
     for name in ("per_token_loss", "g_logp", "g_entropy", "partials"):
         value = getattr(got, name)

@@ -4,6 +4,7 @@ import torch
 
 import grpo_kernels as gk
 from cases import make_case
+from conftest import BACKENDS
 from helpers import to_device
 
 
@@ -66,28 +67,41 @@ def test_device_mismatch_is_named(case):
         call(case, old_logps=meta)
 
 
-def test_neg_inf_target_logit_is_reported(case):
+# The checks below read the kernels' outputs (the log-probs they computed), so each backend is asked.
+# The Triton interpreter computes in numpy, which warns on −inf − (−inf) and log(0) (IEEE NaN and
+# −inf, as on a GPU); every warning being an error here, those two are let through.
+def interpreter_ieee(test):
+    test = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")(test)
+    return pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")(test)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@interpreter_ieee
+def test_neg_inf_target_logit_is_reported(case, backend):
     logits = case.logits.clone()
     b, t = torch.nonzero(case.mask)[0].tolist()
     logits[b, t, case.ids[b, t]] = float("-inf")
     with pytest.raises(ValueError, match="target logit of some unmasked token is -inf"):
-        call(case, logits=logits)
+        call(case, logits=logits, backend=backend)
 
 
-def test_neg_inf_target_in_masked_row_is_fine(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+@interpreter_ieee
+def test_neg_inf_target_in_masked_row_is_fine(case, backend):
     logits = case.logits.clone()
     b, t = torch.nonzero(~case.mask)[0].tolist()
     logits[b, t, :] = float("-inf")
-    out = call(case, logits=logits)
+    out = call(case, logits=logits, backend=backend)
     assert torch.isfinite(out.loss)
 
 
-def test_nan_logits_are_reported(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_are_reported(case, backend):
     logits = case.logits.clone()
     b, t = torch.nonzero(case.mask)[0].tolist()
     logits[b, t, 3] = float("nan")
     with pytest.raises(ValueError, match="logits contain NaN"):
-        call(case, logits=logits)
+        call(case, logits=logits, backend=backend)
 
 
 def test_unavailable_backend_raises_instead_of_falling_back(case, monkeypatch):

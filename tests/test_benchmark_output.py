@@ -84,7 +84,7 @@ def test_vocab_parallel_benchmark_runs_on_two_processes(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
-@pytest.mark.parametrize("step", ["build-test", "bench", "tune"])
+@pytest.mark.parametrize("step", ["all", "build-test", "bench", "tune"])
 def test_gpu_check_stops_early_and_clearly_without_a_gpu(tmp_path, step):
     import subprocess
 

@@ -15,8 +15,10 @@ import grpo_kernels as gk
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.host_overhead import count_host_reads  # noqa: E402
+from helpers import gpu_backends  # noqa: E402
 
 CPU_BACKENDS = [b for b in ("torch", "cpp") if b in gk.available_backends("cpu")]
+GPU_BACKENDS = gpu_backends()
 B, T, V, H = 3, 5, 11, 8
 LENGTHS = [4, 6, 5]  # packed: N = 15 tokens
 # Token-level options (no token coupling), so the fused-linear path needs no host read either.
@@ -62,6 +64,31 @@ def _every_call(x, backend, validate):
 def test_validate_false_never_reads_the_device(backend, packed):
     with FakeTensorMode():
         _every_call(_inputs(packed), backend, validate=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["triton"])
+def test_validate_false_never_synchronises_on_cuda(backend, packed):
+    """On CUDA tensors, torch's sync debug mode makes any synchronising call an error: a host read,
+    a pageable host-to-device copy. A first call outside it lets Triton compile and the cached
+    parameter buffers be made; the second must not synchronise at all."""
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"backend {backend} not available on this GPU machine")
+
+    def on_cuda():
+        x = _inputs(packed, torch.Generator().manual_seed(3))
+        return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+    _every_call(on_cuda(), backend, validate=False)
+    x = on_cuda()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _every_call(x, backend, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

@@ -1,9 +1,10 @@
-"""What is benchmarked: five tasks, their inputs, their cost model and their contenders.
+"""What is benchmarked: six tasks, their inputs, their cost model and their contenders.
 
 Tasks, one module each in this package (what they share is in common.py):
   logprobs     selective log-probs forward, no grad (the old/reference-policy pass)
   loss         the GRPO loss from logits, forward + backward (dapo, beta=0.04, asymmetric clip)
   linear       the fused-linear GRPO loss from hidden states and lm_head, forward + backward
+  objective    the GRPO objective alone from per-token log-probs, forward + backward
   verl_policy  verl's 'vanilla' policy loss from per-token log-probs, forward + backward (where verl is installed)
   advantages   group advantages of N rewards in groups of 8
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import advantages, linear, logprobs, loss, verl_policy
+from . import advantages, linear, logprobs, loss, objective, verl_policy
 from .advantages import eager_advantages
 from .common import (COMPILED, EAGER, LOSS_OPTIONS, OURS, PEER, SEQ_LEN, Contender, Shape, Skipped, Task, agreement,
                      trl_loss_lines)
@@ -27,7 +28,7 @@ from .linear import eager_linear
 from .logprobs import eager_logprobs
 from .loss import eager_loss
 
-TASKS = {module.TASK.name: module.TASK for module in (logprobs, loss, linear, advantages, verl_policy)}
+TASKS = {module.TASK.name: module.TASK for module in (logprobs, loss, linear, objective, advantages, verl_policy)}
 
 
 def split_contenders(task: str, device: torch.device):

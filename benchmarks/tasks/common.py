@@ -105,6 +105,17 @@ def _baselines(eager, what: str, **kw) -> List[Contender]:
             Contender(f"torch.compile ({what})", torch.compile(eager, dynamic=False), role=COMPILED, **kw)]
 
 
+def device_randn(size, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal values of `size` in `dtype` on `device`, reproducible from `gen`. On CUDA they
+    are drawn there, seeded from `gen` (the GPU draws the loss shape's 2.5e9 logits in milliseconds,
+    one CPU thread in tens of seconds: time a GPU lease cannot spare); on CPU from `gen` itself."""
+    if device.type != "cuda":
+        return torch.randn(*size, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    on_device = torch.Generator(device).manual_seed(seed)
+    return torch.randn(*size, generator=on_device, device=device, dtype=torch.float32).to(dtype)
+
+
 def _token_inputs(shape: Shape, device: torch.device, gen: torch.Generator) -> Dict:
     b, t = max(1, shape.n // SEQ_LEN), min(SEQ_LEN, shape.n)
     ids = torch.randint(0, shape.v, (b, t), generator=gen).to(device)
@@ -116,8 +127,7 @@ def _token_inputs(shape: Shape, device: torch.device, gen: torch.Generator) -> D
 def _logits_inputs(shape: Shape, device: torch.device, gen: torch.Generator, extra_position: bool) -> Dict:
     inputs = _token_inputs(shape, device, gen)
     b, t = inputs["b"], inputs["t"]
-    buffer = torch.randn(b, t + int(extra_position), shape.v, generator=gen, dtype=torch.float32).to(
-        device=device, dtype=shape.torch_dtype) * 2
+    buffer = device_randn((b, t + int(extra_position), shape.v), gen, device, shape.torch_dtype) * 2
     inputs["buffer"] = buffer
     with torch.no_grad():
         logp = gk.selective_logprobs(buffer[:, :t], inputs["ids"], backend="torch" if device.type == "cpu" else "auto")

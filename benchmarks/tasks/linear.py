@@ -7,7 +7,7 @@ import torch
 import grpo_kernels as gk
 from grpo_kernels import reference as R
 
-from .common import LOSS_OPTIONS, Task, _baselines, _ours, _peer, _token_inputs, trl_loss_lines
+from .common import LOSS_OPTIONS, Task, _baselines, _ours, _peer, _token_inputs, device_randn, trl_loss_lines
 
 
 def build_linear(shape, device):
@@ -16,7 +16,7 @@ def build_linear(shape, device):
     b, t = inputs["b"], inputs["t"]
     dt = shape.torch_dtype
     inputs["hidden"] = torch.randn(b, t, shape.h, generator=gen).to(device=device, dtype=dt)
-    inputs["weight"] = (torch.randn(shape.v, shape.h, generator=gen) / shape.h ** 0.5).to(device=device, dtype=dt)
+    inputs["weight"] = device_randn((shape.v, shape.h), gen, device, torch.float32).div_(shape.h ** 0.5).to(dt)
     with torch.no_grad():
         logp = gk.fused_linear_selective_logprobs(inputs["hidden"], inputs["weight"], inputs["ids"],
                                                   backend="torch" if device.type == "cpu" else "auto")

@@ -7,14 +7,14 @@ import torch
 import grpo_kernels as gk
 from grpo_kernels import reference as R
 
-from .common import Task, _baselines, _ours, _peer, _token_inputs
+from .common import Task, _baselines, _ours, _peer, _token_inputs, device_randn
 
 
 def build_logprobs(shape, device):
     gen = torch.Generator().manual_seed(0)
     inputs = _token_inputs(shape, device, gen)
-    inputs["logits"] = (torch.randn(inputs["b"], inputs["t"], shape.v, generator=gen) * 2).to(
-        device=device, dtype=shape.torch_dtype)
+    inputs["logits"] = device_randn((inputs["b"], inputs["t"], shape.v), gen, device, torch.float32).mul_(2).to(
+        shape.torch_dtype)
     return inputs
 
 

@@ -19,6 +19,15 @@ from ..options import Agg, LossParams
 QUANTILE_SNAP = 1e-9
 
 
+def scalar_tensor(value, dtype: torch.dtype, device) -> torch.Tensor:
+    """A number or a one-element tensor as a 0-d tensor of `dtype` on `device`. A Python number
+    is written by a fill kernel, not copied from the host: a pageable host-to-device copy is not
+    allowed while a CUDA graph is being captured."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(())
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 @dataclass
 class ObjectiveTotals:
     """In the statistics' dtype: normalizer (1,), the aggregation divisor (token count, B, or
@@ -69,7 +78,7 @@ def batch_totals(entropy: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Te
     bsz, dtype, device = cu_seqlens.numel() - 1, entropy.dtype, mask.device
     if params.agg == Agg.TOKEN_MEAN:
         if num_items_in_batch is not None and params.uses_num_items:
-            count = torch.as_tensor(num_items_in_batch, device=device)
+            count = scalar_tensor(num_items_in_batch, dtype, device)
         else:
             count = mask.sum()  # an exact integer, whatever N
         normalizer = count.to(dtype).clamp(min=1).reshape(1)

@@ -15,6 +15,7 @@ from ..options import METRICS, LossParams
 from . import objective_inputs as io
 from .dispatch import backend_module
 from .library import define
+from .normalizers import scalar_tensor
 
 
 @define("objective_pass(Tensor?[] inputs, Tensor(a!)[] outputs, int[] ranges, int[] ints, float[] floats, "
@@ -88,7 +89,7 @@ def fused_objective(logp, entropy, mask, advantages, cu_seqlens, params: LossPar
     differentiable w.r.t. logp and entropy, its gradient computed by the backend's objective op."""
     num_items = None
     if num_items_in_batch is not None:
-        num_items = torch.as_tensor(num_items_in_batch, dtype=logp.dtype, device=logp.device).reshape(())
+        num_items = scalar_tensor(num_items_in_batch, logp.dtype, logp.device)
     loss, per_token, vector = _Objective.apply(
         logp, entropy, [mask, advantages, cu_seqlens, old_logp, ref_logp, sampling_logp, is_weights, num_items],
         [int(adv_per_token), int(weights_per_seq)], params, backend)

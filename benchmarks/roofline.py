@@ -1,0 +1,140 @@
+"""The roofline floor of each GPU benchmark workload: bytes moved, FLOPs, and the least time an
+H100 or H200 can take for them.
+
+    python -m benchmarks.roofline          # writes benchmarks/results/roofline.md
+
+A workload's floor is max(bytes / copy bandwidth, matmul FLOPs / bf16 matmul rate): no kernel can
+move its compulsory bytes faster than a device-to-device copy, nor multiply faster than the
+measured bf16 GEMM. The rates are the ones measured on this workplace's machines
+(/work/.library/device/KINDS.md; issue #26): H100 3.0 TB/s and 798 TFLOP/s, H200 4.3 TB/s and
+788 TFLOP/s, bytes counted read + written as the copy counts them. The byte and FLOP models of the
+logprobs, loss and linear tasks are the ones their % roofline uses (benchmarks/tasks/); the others
+are below. The GPU benchmark puts measured / floor beside each time (`x floor` in results.md):
+1.0 would be a kernel at the floor.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .tasks import TASKS, Shape
+from .tasks.objective import objective_bytes
+
+# (copy GB/s counting read + write, bf16 matmul TFLOP/s on random data), as measured here.
+DEVICES: Dict[str, Tuple[float, float]] = {"H100": (3000.0, 798.0), "H200": (4300.0, 788.0)}
+
+FP32 = 4  # bytes per element of an fp32 tensor
+
+
+def _element(shape: Shape) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[shape.dtype]
+
+
+# Compulsory bytes of the tasks whose Task has no byte model of its own (their throughput column
+# shows TFLOP/s, or nothing): read every input once, write every output once.
+EXTRA_BYTES = {
+    # hidden and lm_head read, d_hidden and d_weight written (the logits are not compulsory: a
+    # fused kernel keeps them on chip; chunked ones re-read the weight per chunk, above this floor)
+    "linear": lambda s: 2 * _element(s) * (s.n * s.h + s.v * s.h),
+    # rewards read, advantages written, one mean and std per group of 8
+    "advantages": lambda s: s.n * FP32 * 2 + (s.n // 8) * FP32 * 2,
+    # the objective's bytes (verl passes per-token advantages where it reads reference log-probs);
+    # no byte model on the task itself: on CPU its 1M tokens fit the caches, above the copy rate
+    "verl_policy": objective_bytes,
+}
+
+
+@dataclass
+class Workload:
+    title: str  # what issue #27 asks to measure
+    shape: Shape
+
+
+# Issue #27's GPU workloads (the advantages are one reward per sequence in groups of 8, 1M of them).
+WORKLOADS: List[Workload] = [
+    Workload("log-probs + entropy forward", Shape("logprobs", 8192, 151936, dtype="bfloat16")),
+    Workload("loss from logits, forward + backward", Shape("loss", 16384, 151936, dtype="bfloat16")),
+    Workload("fused-linear loss, forward + backward", Shape("linear", 8192, 151936, 4096, dtype="bfloat16")),
+    Workload("group advantages", Shape("advantages", 1 << 20, 0, dtype="float32")),
+    Workload("objective alone, forward + backward", Shape("objective", 1 << 20, 0, dtype="float32")),
+    Workload("verl's policy loss API, forward + backward", Shape("verl_policy", 1 << 20, 0, dtype="float32")),
+]
+
+
+def cost(shape: Shape) -> Tuple[float, float]:
+    """(bytes moved, matmul FLOPs) of one run of the shape's task."""
+    task = TASKS[shape.task]
+    moved = task.bytes_moved(shape) if task.bytes_moved else EXTRA_BYTES[shape.task](shape)
+    return float(moved), float(task.flops(shape) if task.flops else 0)
+
+
+def floor_ms(shape: Shape, copy_GBps: float, matmul_TFLOPs: float) -> Tuple[float, str]:
+    """(the floor in ms, 'memory' or 'matmul': the bound that sets it) at the given rates."""
+    moved, flops = cost(shape)
+    memory, matmul = moved / (copy_GBps * 1e9) * 1e3, flops / (matmul_TFLOPs * 1e12) * 1e3
+    return (matmul, "matmul") if matmul > memory else (memory, "memory")
+
+
+def device_rates(device_name: str) -> Optional[Tuple[float, float]]:
+    """The table's rates for a device named like 'NVIDIA H100 80GB HBM3', or None."""
+    return next((rates for key, rates in DEVICES.items() if key in device_name), None)
+
+
+def attach_floor(row: Dict, device_name: str) -> None:
+    """Sets a timed row's floor_ms and x_floor (measured / floor) where the device is in the table."""
+    for key in ("floor_ms", "x_floor"):
+        row.pop(key, None)
+    rates = device_rates(device_name)
+    if rates is None or not row.get("ms"):
+        return
+    shape = Shape(row["task"], row["N"], row["V"], row["H"], dtype=row["dtype"])
+    row["floor_ms"] = floor_ms(shape, *rates)[0]
+    row["x_floor"] = row["ms"] / row["floor_ms"]
+
+
+def _amount(x: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def markdown() -> str:
+    lines = ["# Roofline floors of the GPU benchmark workloads", "",
+             "Generated by `python -m benchmarks.roofline`. The floor is max(bytes / copy bandwidth, matmul FLOPs / "
+             "bf16 matmul rate), at the rates measured on this workplace's machines (bytes counted read + written, "
+             "as the copy counts them); the bound that sets it is in brackets. It leaves out launch latency (a few "
+             "µs per kernel), which dominates the two 1M-element workloads. The GPU benchmark prints measured / "
+             "floor (`x floor`) beside each time.",
+             "", "| workload | task | shape | bytes moved | matmul FLOPs | FLOP/byte | "
+             + " | ".join(f"{d} floor ms ({c / 1000:g} TB/s, {m:g} TFLOP/s)" for d, (c, m) in DEVICES.items()) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(DEVICES)]
+    for w in WORKLOADS:
+        s = w.shape
+        moved, flops = cost(s)
+        dims = f"N={s.n}" + (f", V={s.v}" if s.v else "") + (f", H={s.h}" if s.h else "") + f", {s.dtype}"
+        floors = " | ".join("{:.4g} ({})".format(*floor_ms(s, c, m)) for c, m in DEVICES.values())
+        lines.append(f"| {w.title} | {s.task} | {dims} | {_amount(moved, 'B')} | "
+                     f"{_amount(flops, 'FLOP') if flops else '0'} | {flops / moved:.3g} | {floors} |")
+    lines += ["", "Byte models: logprobs N·V·s (the logits read once); loss 3·N·V·s (read forward, read "
+              "backward, gradient written in place); linear 2·s·(N·H + V·H) (hidden and weight read, their "
+              "gradients written; its floor is the 6·N·H·V matmul FLOPs); advantages 8 bytes per reward and "
+              "8 per group; objective and verl's policy loss 17 bytes per token (3 fp32 inputs and the mask read, "
+              "the fp32 gradient written). s = bytes per logit element.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "roofline.md")
+    text = markdown()
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
