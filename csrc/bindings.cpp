@@ -90,6 +90,18 @@ PYBIND11_MODULE(GK_MODULE_NAME, m) {
           py::gil_scoped_release release;
           impl::objective(args, seq_lo, seq_hi GK_STREAM);
         });
+#ifndef GK_WITH_CUDA
+  m.def("objective_block_emulation",
+        [](const std::vector<uintptr_t>& buffers, const std::vector<int64_t>& ints, const std::vector<double>& floats,
+           int64_t row_lo, int64_t row_hi, int64_t seq_lo, int64_t seq_hi, bool adv_per_token, bool weights_per_seq,
+           int threads) {
+          gk::ObjectiveArgs args =
+              objective_args(buffers, ints, floats, row_lo, row_hi, adv_per_token, weights_per_seq);
+          py::gil_scoped_release release;
+          gk::cpu::objective_block_emulation(args, seq_lo, seq_hi, threads);
+        },
+        "Tests only: the CUDA objective's block algorithm emulated on the CPU (see csrc/cpu/objective.cpp).");
+#endif
   m.def("group_advantages",
         [](uintptr_t total, uintptr_t order, uintptr_t offsets, uintptr_t group, uintptr_t adv, uintptr_t mean,
            uintptr_t std, uintptr_t count, uintptr_t constant, int64_t n, int64_t num_groups, float eps,

@@ -257,155 +257,263 @@ GK_HD float vespo_phi(float log_w, float adv, const LossParams& p) {
 
 GK_HD float clamp_vespo_log(float x) { return fminf(fmaxf(x, kVespoLogWMin), kVespoLogWMax); }
 
+// ------------------------------------------------------------------ the objective of one sequence
 // The objective of the rows of sequence b in [row_lo, row_hi): per-token loss, dL/dlogp, dL/dH,
 // and partial sums added to partials[b]. Pass 1: sequence sums; pass 2: tokens; pass 3 (GSPO):
 // the gradient through the sequence mean. Options that couple a sequence's tokens (GSPO, VESPO,
 // the off-policy mask, sequence IS) need the whole sequence in one pass; token-level ones take any
 // row range, with n_b from `counts`. Sums accumulate in fp64: fp32 running sums lose ~T·eps.
-GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) {
+//
+// It is written as pieces that a team of workers runs over the sequence's rows (objective_sequence_by
+// below): the CPU build is a team of one (objective_sequence), the CUDA build a thread block
+// (csrc/cuda/objective.cu), and a test-only CPU emulation of the block (csrc/cpu/objective.cpp)
+// checks the pieces and their merges in the block's reduction order.
+
+// The rows [lo, hi) of sequence b that this pass covers.
+struct SequenceRows {
+  int64_t lo, hi;
+};
+
+GK_HD SequenceRows sequence_rows(const ObjectiveArgs& a, int64_t b) {
+  return {a.cu_seqlens[b] > a.row_lo ? a.cu_seqlens[b] : a.row_lo,
+          a.cu_seqlens[b + 1] < a.row_hi ? a.cu_seqlens[b + 1] : a.row_hi};
+}
+
+// Pass 1's sequence sums (fp64). Value-initialised ({}) is the empty sum.
+struct SequenceSums {
+  double n_tok, sum_delta, sum_off, sum_isd, vespo_log;
+};
+
+GK_HD SequenceSums merge_sums(const SequenceSums& x, const SequenceSums& y) {
+  return {x.n_tok + y.n_tok, x.sum_delta + y.sum_delta, x.sum_off + y.sum_off, x.sum_isd + y.sum_isd,
+          x.vespo_log + y.vespo_log};
+}
+
+// (a) Row i's contribution to pass 1's sums.
+GK_HD void add_token_sums(SequenceSums& s, const ObjectiveArgs& a, int64_t i) {
   const LossParams& p = a.p;
-  const int64_t lo = a.cu_seqlens[b] > a.row_lo ? a.cu_seqlens[b] : a.row_lo;
-  const int64_t hi = a.cu_seqlens[b + 1] < a.row_hi ? a.cu_seqlens[b + 1] : a.row_hi;
-  const float norm = *a.norm;
+  if (!a.mask[i]) return;
+  float logp = a.logp[i];
+  float old = a.old ? a.old[i] : logp;
+  s.n_tok += 1.0;
+  s.sum_delta += logp - old;
+  if (p.has_off_policy) {
+    float behaviour = a.sampling ? a.sampling[i] : old;
+    s.sum_off += nan_to_zero(behaviour - logp);
+  }
+  if (p.is_mode != IS_NONE) s.sum_isd += nan_to_zero(old - a.sampling[i]);
+  if (p.pg == PG_VESPO) {
+    const bool is_token = p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK;
+    s.vespo_log += fminf(fmaxf(logp - old, -kVespoTokenLogRatio), kVespoTokenLogRatio);
+    if (is_token) s.vespo_log += clamp_vespo_log(logf(token_is_weight(old, a.sampling[i], p)));
+    if (a.token_weights && !a.weights_per_seq) s.vespo_log += clamp_vespo_log(logf(a.token_weights[i]));
+  }
+}
+
+// What pass 2 needs of the sequence, from pass 1's sums (the whole sequence's, merged).
+struct SequenceContext {
+  float n_b, w_seq, rho_seq, seq_inside, off_kl, is_seq, seq_weight, vespo_log_w, agg_w, ent_w, adv_seq;
+};
+
+// (b) The sequence context of sequence b from its sums.
+GK_HD SequenceContext sequence_context(const ObjectiveArgs& a, int64_t b, const SequenceSums& s) {
+  const LossParams& p = a.p;
+  const bool is_seq_mode = p.is_mode == IS_SEQUENCE_TRUNCATE || p.is_mode == IS_SEQUENCE_MASK;
+  SequenceContext c;
+  c.n_b = a.counts[b] > 1.f ? a.counts[b] : 1.f;
+  c.w_seq = static_cast<float>(s.sum_delta / c.n_b);
+  c.rho_seq = expf(clamp_log_ratio(c.w_seq, p));
+  c.seq_inside = log_ratio_inside(c.w_seq, p);
+  c.off_kl = static_cast<float>(s.sum_off / c.n_b);
+  c.is_seq = expf(static_cast<float>(s.sum_isd));
+  if (is_seq_mode) c.is_seq = is_clip(c.is_seq, p.is_mode == IS_SEQUENCE_TRUNCATE, p.is_lo, p.is_hi);
+  c.seq_weight = a.token_weights && a.weights_per_seq ? a.token_weights[b] : 1.f;
+  c.vespo_log_w = 0.f;
+  if (p.pg == PG_VESPO) {
+    double vespo_log = s.vespo_log;
+    if (is_seq_mode) vespo_log += clamp_vespo_log(logf(c.is_seq));
+    if (a.token_weights && a.weights_per_seq) vespo_log += clamp_vespo_log(logf(c.seq_weight));
+    c.vespo_log_w = clamp_vespo_log(static_cast<float>(vespo_log));
+  }
+  c.agg_w = p.agg == AGG_SEQ_MEAN_TOKEN_MEAN ? 1.f / (c.n_b * *a.norm) : 1.f / *a.norm;
+  c.ent_w = p.entropy_coef != 0.f ? p.entropy_coef / *a.ent_norm : 0.f;
+  c.adv_seq = a.adv_per_token ? 0.f : a.advantages[b];
+  return c;
+}
+
+// Pass 2's accumulators (fp64 sums; the ratio's max). Value-initialised ({}) is the empty one
+// (ratios are >= 0, so 0 is max's neutral element here).
+struct TokenSums {
+  double loss, ent, low, high, region, rho, kl, is, drho, cispo, phi;
+  float max_rho;
+};
+
+GK_HD TokenSums merge_token_sums(const TokenSums& x, const TokenSums& y) {
+  return {x.loss + y.loss, x.ent + y.ent,     x.low + y.low, x.high + y.high, x.region + y.region,
+          x.rho + y.rho,   x.kl + y.kl,       x.is + y.is,   x.drho + y.drho, x.cispo + y.cispo,
+          x.phi + y.phi,   fmaxf(x.max_rho, y.max_rho)};
+}
+
+// (c) Pass 2 for row i: writes its loss, dL/dlogp and dL/dH, and adds its terms to acc.
+GK_HD void objective_token(const ObjectiveArgs& a, const SequenceContext& c, int64_t i, TokenSums& acc) {
+  const LossParams& p = a.p;
+  if (!a.mask[i]) {
+    a.per_token_loss[i] = 0.f;
+    a.g_logp[i] = 0.f;
+    a.g_entropy[i] = -0.f;
+    return;
+  }
   const bool vespo = p.pg == PG_VESPO;
   const bool is_token = p.is_mode == IS_TOKEN_TRUNCATE || p.is_mode == IS_TOKEN_MASK;
-  const bool is_seq_mode = p.is_mode == IS_SEQUENCE_TRUNCATE || p.is_mode == IS_SEQUENCE_MASK;
-  double n_tok = 0.0, sum_delta = 0.0, sum_off = 0.0, sum_isd = 0.0, vespo_log = 0.0;
-  for (int64_t i = lo; i < hi; ++i) {
-    if (!a.mask[i]) continue;
-    float logp = a.logp[i];
-    float old = a.old ? a.old[i] : logp;
-    n_tok += 1.0;
-    sum_delta += logp - old;
-    if (p.has_off_policy) {
-      float behaviour = a.sampling ? a.sampling[i] : old;
-      sum_off += nan_to_zero(behaviour - logp);
-    }
-    if (p.is_mode != IS_NONE) sum_isd += nan_to_zero(old - a.sampling[i]);
-    if (vespo) {
-      vespo_log += fminf(fmaxf(logp - old, -kVespoTokenLogRatio), kVespoTokenLogRatio);
-      if (is_token) vespo_log += clamp_vespo_log(logf(token_is_weight(old, a.sampling[i], p)));
-      if (a.token_weights && !a.weights_per_seq) vespo_log += clamp_vespo_log(logf(a.token_weights[i]));
-    }
+  float logp = a.logp[i], ent = a.entropy[i];
+  float old = a.old ? a.old[i] : logp;
+  float adv = a.adv_per_token ? a.advantages[i] : c.adv_seq;
+  float rho, d_rho_direct;
+  if (p.level == LEVEL_TOKEN) {
+    rho = expf(clamp_log_ratio(logp - old, p));
+    d_rho_direct = rho * log_ratio_inside(logp - old, p);
+  } else {
+    rho = c.rho_seq;
+    d_rho_direct = p.level == LEVEL_SEQUENCE_TOKEN ? rho * c.seq_inside : 0.f;
   }
-  const float n_b = a.counts[b] > 1.f ? a.counts[b] : 1.f;
-  const float w_seq = static_cast<float>(sum_delta / n_b);
-  const float rho_seq = expf(clamp_log_ratio(w_seq, p));
-  const float seq_inside = log_ratio_inside(w_seq, p);
-  const float off_kl = static_cast<float>(sum_off / n_b);
-  float is_seq = expf(static_cast<float>(sum_isd));
-  if (is_seq_mode) is_seq = is_clip(is_seq, p.is_mode == IS_SEQUENCE_TRUNCATE, p.is_lo, p.is_hi);
-  const float seq_weight = a.token_weights && a.weights_per_seq ? a.token_weights[b] : 1.f;
-  float vespo_log_w = 0.f;
+  PolicyTerm pg{0.f, 0.f, 0.f};
+  float phi = 0.f;
   if (vespo) {
-    if (is_seq_mode) vespo_log += clamp_vespo_log(logf(is_seq));
-    if (a.token_weights && a.weights_per_seq) vespo_log += clamp_vespo_log(logf(seq_weight));
-    vespo_log_w = clamp_vespo_log(static_cast<float>(vespo_log));
+    phi = vespo_phi(c.vespo_log_w, adv, p);
+    pg.loss = -phi * adv * logp;
+    pg.direct = -phi * adv;
+  } else {
+    pg = policy_term(rho, adv, logp, p);
   }
-  const float agg_w = p.agg == AGG_SEQ_MEAN_TOKEN_MEAN ? 1.f / (n_b * norm) : 1.f / norm;
-  const float ent_w = p.entropy_coef != 0.f ? p.entropy_coef / *a.ent_norm : 0.f;
-  const float adv_seq = a.adv_per_token ? 0.f : a.advantages[b];
+  float mult = 1.f;
+  if (p.has_off_policy && adv < 0.f && c.off_kl > p.off_thresh) mult = 0.f;
+  float keep_ent = 1.f;
+  if (a.keep_entropy) {
+    keep_ent = a.keep_entropy[i] ? 1.f : 0.f;
+    mult *= keep_ent;
+  }
+  float is_w = 1.f;
+  if (is_token)
+    is_w = token_is_weight(old, a.sampling[i], p);
+  else if (p.is_mode != IS_NONE)
+    is_w = c.is_seq;
+  if (!vespo) {  // VESPO folds the IS ratios into its sequence weight instead
+    if (p.is_mode != IS_NONE) mult *= is_w;
+    if (a.token_weights) mult *= a.weights_per_seq ? c.seq_weight : a.token_weights[i];
+  }
+  float loss = pg.loss * mult;
+  float g = mult * (pg.d_rho * d_rho_direct + pg.direct);
+  float d_seq_rho = mult * pg.d_rho;  // ∂ℓ/∂ρ_b for the GSPO pass
+  float kl = 0.f;
+  if (p.kl != KL_NONE) {
+    KlTerm k = kl_term(logp, a.ref[i], p);
+    if (p.bias_corr) {  // β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
+      kl = k.value * rho;
+      g += p.beta * (k.d_logp * rho + k.value * d_rho_direct);
+      d_seq_rho += p.beta * k.value;
+    } else {
+      kl = k.value;
+      g += p.beta * k.d_logp;
+    }
+    loss += p.beta * kl;
+  }
+  a.per_token_loss[i] = loss;
+  a.g_logp[i] = g * c.agg_w;
+  a.g_entropy[i] = -c.ent_w * keep_ent;
+  acc.loss += static_cast<double>(loss * c.agg_w) - static_cast<double>(c.ent_w * keep_ent * ent);
+  acc.drho += static_cast<double>(c.agg_w * d_seq_rho);
+  float low = (rho < 1.f - p.eps_low && adv < 0.f) ? 1.f : 0.f;
+  float high = (rho > 1.f + p.eps_high && adv > 0.f) ? 1.f : 0.f;
+  acc.ent += ent;
+  acc.low += low;
+  acc.high += high;
+  acc.region += fmaxf(low, high);
+  acc.rho += rho;
+  acc.max_rho = fmaxf(acc.max_rho, rho);
+  acc.kl += kl;
+  acc.is += is_w;
+  acc.cispo += (rho > p.eps_high && adv > 0.f) ? 1.0 : 0.0;
+  acc.phi += phi;
+}
 
-  double acc_loss = 0.0, acc_ent = 0.0, acc_low = 0.0, acc_high = 0.0, acc_region = 0.0, acc_rho = 0.0, acc_kl = 0.0,
-         acc_is = 0.0, acc_drho = 0.0, acc_cispo = 0.0, acc_phi = 0.0;
-  float max_rho = 0.f;
-  for (int64_t i = lo; i < hi; ++i) {
-    if (!a.mask[i]) {
-      a.per_token_loss[i] = 0.f;
-      a.g_logp[i] = 0.f;
-      a.g_entropy[i] = -0.f;
-      continue;
-    }
-    float logp = a.logp[i], ent = a.entropy[i];
-    float old = a.old ? a.old[i] : logp;
-    float adv = a.adv_per_token ? a.advantages[i] : adv_seq;
-    float rho, d_rho_direct;
-    if (p.level == LEVEL_TOKEN) {
-      rho = expf(clamp_log_ratio(logp - old, p));
-      d_rho_direct = rho * log_ratio_inside(logp - old, p);
-    } else {
-      rho = rho_seq;
-      d_rho_direct = p.level == LEVEL_SEQUENCE_TOKEN ? rho * seq_inside : 0.f;
-    }
-    PolicyTerm pg{0.f, 0.f, 0.f};
-    float phi = 0.f;
-    if (vespo) {
-      phi = vespo_phi(vespo_log_w, adv, p);
-      pg.loss = -phi * adv * logp;
-      pg.direct = -phi * adv;
-    } else {
-      pg = policy_term(rho, adv, logp, p);
-    }
-    float mult = 1.f;
-    if (p.has_off_policy && adv < 0.f && off_kl > p.off_thresh) mult = 0.f;
-    float keep_ent = 1.f;
-    if (a.keep_entropy) {
-      keep_ent = a.keep_entropy[i] ? 1.f : 0.f;
-      mult *= keep_ent;
-    }
-    float is_w = 1.f;
-    if (is_token)
-      is_w = token_is_weight(old, a.sampling[i], p);
-    else if (p.is_mode != IS_NONE)
-      is_w = is_seq;
-    if (!vespo) {  // VESPO folds the IS ratios into its sequence weight instead
-      if (p.is_mode != IS_NONE) mult *= is_w;
-      if (a.token_weights) mult *= a.weights_per_seq ? seq_weight : a.token_weights[i];
-    }
-    float loss = pg.loss * mult;
-    float g = mult * (pg.d_rho * d_rho_direct + pg.direct);
-    float d_seq_rho = mult * pg.d_rho;  // ∂ℓ/∂ρ_b for the GSPO pass
-    float kl = 0.f;
-    if (p.kl != KL_NONE) {
-      KlTerm k = kl_term(logp, a.ref[i], p);
-      if (p.bias_corr) {  // β·k·ρ with ρ's gradient (TRL): ∂ = β(k'·ρ + k·∂ρ)
-        kl = k.value * rho;
-        g += p.beta * (k.d_logp * rho + k.value * d_rho_direct);
-        d_seq_rho += p.beta * k.value;
-      } else {
-        kl = k.value;
-        g += p.beta * k.d_logp;
-      }
-      loss += p.beta * kl;
-    }
-    a.per_token_loss[i] = loss;
-    a.g_logp[i] = g * agg_w;
-    a.g_entropy[i] = -ent_w * keep_ent;
-    acc_loss += static_cast<double>(loss * agg_w) - static_cast<double>(ent_w * keep_ent * ent);
-    acc_drho += static_cast<double>(agg_w * d_seq_rho);
-    float low = (rho < 1.f - p.eps_low && adv < 0.f) ? 1.f : 0.f;
-    float high = (rho > 1.f + p.eps_high && adv > 0.f) ? 1.f : 0.f;
-    acc_ent += ent;
-    acc_low += low;
-    acc_high += high;
-    acc_region += fmaxf(low, high);
-    acc_rho += rho;
-    max_rho = fmaxf(max_rho, rho);
-    acc_kl += kl;
-    acc_is += is_w;
-    acc_cispo += (rho > p.eps_high && adv > 0.f) ? 1.0 : 0.0;
-    acc_phi += phi;
-  }
-  if (p.level == LEVEL_SEQUENCE) {
-    const float scale = static_cast<float>(acc_drho) * rho_seq * seq_inside / n_b;
-    for (int64_t i = lo; i < hi; ++i)
-      if (a.mask[i]) a.g_logp[i] += scale;
-  }
+// (d) GSPO (LEVEL_SEQUENCE) pass 3: the gradient through the sequence mean log-ratio, the same for
+// every unmasked row of the sequence: ∂L/∂logp_i += Σ_j ∂L/∂ρ_j · ρ' / n_b, from pass 2's whole
+// sequence's acc.drho. 0 (and no pass 3) for the other levels.
+GK_HD float sequence_ratio_grad(const LossParams& p, const SequenceContext& c, const TokenSums& acc) {
+  return p.level == LEVEL_SEQUENCE ? static_cast<float>(acc.drho) * c.rho_seq * c.seq_inside / c.n_b : 0.f;
+}
+
+GK_HD void add_sequence_ratio_grad(const ObjectiveArgs& a, int64_t i, float scale) {
+  if (a.mask[i]) a.g_logp[i] += scale;
+}
+
+// (e) Adds the whole sequence's sums to partials[b] (one writer per sequence and pass).
+GK_HD void write_partials(const ObjectiveArgs& a, int64_t b, const SequenceSums& s, const SequenceContext& c,
+                          const TokenSums& acc) {
   float* part = a.partials + b * NUM_SLOTS;
-  part[SLOT_LOSS] += static_cast<float>(acc_loss);
-  part[SLOT_COUNT] += static_cast<float>(n_tok);
-  part[SLOT_ENTROPY] += static_cast<float>(acc_ent);
-  part[SLOT_LOW] += static_cast<float>(acc_low);
-  part[SLOT_HIGH] += static_cast<float>(acc_high);
-  part[SLOT_REGION] += static_cast<float>(acc_region);
-  part[SLOT_RATIO_SUM] += static_cast<float>(acc_rho);
-  part[SLOT_RATIO_MAX] = fmaxf(part[SLOT_RATIO_MAX], max_rho);
-  part[SLOT_KL] += static_cast<float>(acc_kl);
-  part[SLOT_IS] += static_cast<float>(acc_is);
-  part[SLOT_CISPO_CLIP] += static_cast<float>(acc_cispo);
+  part[SLOT_LOSS] += static_cast<float>(acc.loss);
+  part[SLOT_COUNT] += static_cast<float>(s.n_tok);
+  part[SLOT_ENTROPY] += static_cast<float>(acc.ent);
+  part[SLOT_LOW] += static_cast<float>(acc.low);
+  part[SLOT_HIGH] += static_cast<float>(acc.high);
+  part[SLOT_REGION] += static_cast<float>(acc.region);
+  part[SLOT_RATIO_SUM] += static_cast<float>(acc.rho);
+  part[SLOT_RATIO_MAX] = fmaxf(part[SLOT_RATIO_MAX], acc.max_rho);
+  part[SLOT_KL] += static_cast<float>(acc.kl);
+  part[SLOT_IS] += static_cast<float>(acc.is);
+  part[SLOT_CISPO_CLIP] += static_cast<float>(acc.cispo);
   // TRL's vespo/phi_seq_mean: one φ per sequence (per-sequence advantages), else a token mean.
   // VESPO couples tokens, so its sequences come whole, in exactly one pass.
-  part[SLOT_VESPO_PHI] += a.adv_per_token ? static_cast<float>(acc_phi) : (vespo ? vespo_phi(vespo_log_w, adv_seq, p) : 0.f);
+  part[SLOT_VESPO_PHI] += a.adv_per_token ? static_cast<float>(acc.phi)
+                                          : (a.p.pg == PG_VESPO ? vespo_phi(c.vespo_log_w, c.adv_seq, a.p) : 0.f);
 }
+
+// The three passes over sequence b by a team of workers. Team provides
+//   T reduce(f, merge): each worker w runs f(first = w's rank, stride = team size), which walks rows
+//                       lo + first, lo + first + stride, ... and returns its accumulator; every worker
+//                       gets the team's accumulators merged (a barrier: the team's writes before are seen);
+//   void for_each(f):   each worker runs f(first, stride);
+//   bool leader():      true for the one worker that writes the partials.
+template <typename Team>
+GK_HD void objective_sequence_by(const ObjectiveArgs& a, int64_t b, const Team& team) {
+  const SequenceRows r = sequence_rows(a, b);
+  const SequenceSums s = team.reduce(
+      [&](int64_t first, int64_t stride) {
+        SequenceSums mine{};
+        for (int64_t i = r.lo + first; i < r.hi; i += stride) add_token_sums(mine, a, i);
+        return mine;
+      },
+      [](const SequenceSums& x, const SequenceSums& y) { return merge_sums(x, y); });
+  const SequenceContext c = sequence_context(a, b, s);
+  const TokenSums acc = team.reduce(
+      [&](int64_t first, int64_t stride) {
+        TokenSums mine{};
+        for (int64_t i = r.lo + first; i < r.hi; i += stride) objective_token(a, c, i, mine);
+        return mine;
+      },
+      [](const TokenSums& x, const TokenSums& y) { return merge_token_sums(x, y); });
+  if (a.p.level == LEVEL_SEQUENCE) {
+    const float scale = sequence_ratio_grad(a.p, c, acc);
+    team.for_each([&](int64_t first, int64_t stride) {
+      for (int64_t i = r.lo + first; i < r.hi; i += stride) add_sequence_ratio_grad(a, i, scale);
+    });
+  }
+  if (team.leader()) write_partials(a, b, s, c, acc);
+}
+
+// A team of one: walks the rows in order (the CPU build).
+struct SerialTeam {
+  template <typename F, typename Merge>
+  GK_HD auto reduce(F f, Merge) const -> decltype(f(0, 1)) {
+    return f(0, 1);
+  }
+  template <typename F>
+  GK_HD void for_each(F f) const {
+    f(0, 1);
+  }
+  GK_HD bool leader() const { return true; }
+};
+
+GK_HD void objective_sequence(const ObjectiveArgs& a, int64_t b) { objective_sequence_by(a, b, SerialTeam{}); }
 
 }  // namespace gk

@@ -24,6 +24,9 @@ void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, 
                        const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
                        int64_t out_stride_t, LogitTransform f);
 void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi);
+// Tests only: the CUDA objective's block algorithm (a block of `threads` threads per sequence,
+// its reductions in the block's order) run on the CPU, to check the decomposition without a GPU.
+void objective_block_emulation(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi, int threads);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
                       int64_t num_groups, float eps, int mode);
