@@ -26,9 +26,12 @@ def dppo_trust_region(adv, logp, old, eps_low, eps_high, PG_KIND: tl.constexpr):
     if PG_KIND == PG_DPPO_TV:
         keep = tl.where(adv > 0, prob - old_prob <= eps_high, prob - old_prob >= -eps_low)
     else:
-        binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-        keep = tl.where(adv > 0, (binary_kl <= eps_high) | (prob <= old_prob),
-                        (binary_kl <= eps_low) | (prob >= old_prob))
+        # log of a ratio <= 0 (a log-prob > 0) is NaN in verl, and NaN <= ε is false: the same without
+        # forming the NaN (Triton's interpreter raises on numpy's warning).
+        odds = (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+        binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log(tl.where(odds > 0, odds, 1.0))
+        keep = tl.where(adv > 0, ((odds > 0) & (binary_kl <= eps_high)) | (prob <= old_prob),
+                        ((odds > 0) & (binary_kl <= eps_low)) | (prob >= old_prob))
     return tl.where(keep, 1.0, 0.0)
 
 
