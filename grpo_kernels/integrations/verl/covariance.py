@@ -80,6 +80,16 @@ def kl_cov_selection(log_prob: torch.Tensor, advantages: torch.Tensor, response_
             k = max(1, int(len(cov) * kl_cov_ratio))
             selected[all_valid_idx[torch.topk(cov, k, largest=True).indices]] = True
         return selected.reshape(valid.shape)
+    return kl_cov_selection_sorted(log_prob, advantages, response_mask, kl_cov_ratio)
+
+
+@torch.no_grad()
+def kl_cov_selection_sorted(log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+                            kl_cov_ratio: float) -> torch.Tensor:
+    """kl_cov's selection with no host read (the accelerator path): the k largest covariances by a
+    stable descending sort, the lowest positions first among exact ties."""
+    valid = response_mask > 0
+    flat_valid = valid.reshape(-1)
     count = flat_valid.sum()
     denominator = count.clamp(min=1).to(log_prob.dtype)
     adv = advantages.detach().reshape(-1).to(log_prob.dtype)
