@@ -13,7 +13,7 @@ functions (core_algos, on the CPU): loss, gradient w.r.t. log_prob and every met
 import pytest
 import torch
 from conftest import BACKENDS
-from helpers import assert_close, assert_grad_close
+from helpers import DEVICE, assert_close, assert_grad_close
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is installed by the README's test command")
 from verl.trainer.config.algorithm import RolloutCorrectionConfig  # noqa: E402
@@ -67,13 +67,15 @@ def policy_inputs(seed, dtype=torch.float64):
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in (log_prob, old, advantages, mask, weights))
 
 
-def run(fn, log_prob, old, adv, mask, agg, config, weights, seed=0):
-    lp = log_prob.clone().requires_grad_(True)
+def run(fn, log_prob, old, adv, mask, agg, config, weights, seed=0, device="cpu"):
+    """(loss, gradient w.r.t. log_prob, metrics) of a verl-signature loss, run on `device`, on the CPU."""
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    lp = dev(log_prob).requires_grad_(True)
     torch.manual_seed(seed)  # clip_cov's randperm
-    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                       config=config, rollout_is_weights=weights)
+    loss, metrics = fn(old_log_prob=dev(old), log_prob=lp, advantages=dev(adv), response_mask=dev(mask),
+                       loss_agg_mode=agg, config=config, rollout_is_weights=dev(weights))
     loss.backward()
-    return loss.detach(), lp.grad, metrics
+    return loss.detach().cpu(), lp.grad.cpu(), metrics
 
 
 def config_for(mode, info):
@@ -87,7 +89,7 @@ def check_against_verl(mode, agg, info, weights_on, dtype, backend, tol):
     want_loss, want_grad, want_metrics = run(core_algos.get_policy_loss_fn(mode), log_prob, old, adv, mask, agg,
                                              config, weights)
     got_loss, got_grad, got_metrics = run(gk_verl.policy_loss_fn(mode, backend), log_prob, old, adv, mask, agg,
-                                          config, weights)
+                                          config, weights, device=DEVICE)
     assert got_loss.dtype == dtype and got_loss.dim() == 0
     assert_close(got_loss, want_loss, rtol=tol, atol=tol, name="loss")
     assert_grad_close(got_grad, want_grad, rel=tol)

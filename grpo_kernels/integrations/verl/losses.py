@@ -91,7 +91,8 @@ def _bypass_settings(config) -> dict:
     return dict(loss_type=loss_type, rollout_is=settings.get("rollout_is", None),
                 rollout_is_threshold=settings.get("rollout_is_threshold", 2.0),
                 rollout_is_batch_normalize=settings.get("rollout_is_batch_normalize", False),
-                rollout_rs=settings.get("rollout_rs", None), rollout_rs_threshold=settings.get("rollout_rs_threshold", None))
+                rollout_rs=settings.get("rollout_rs", None),
+                rollout_rs_threshold=settings.get("rollout_rs_threshold", None))
 
 
 def loss_config(loss_mode: str, config) -> GRPOLossConfig:
@@ -295,9 +296,9 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
             _policy_option(config, "clip_cov_ub"))
         weights = _times(weights, (~selected).to(log_prob.dtype))
     elif loss_mode == "geo_mean" and weights is not None:
-        # verl's per-sequence geometric mean of the token IS weights (its 1e-10 and 1e-8 included).
-        mask = response_mask.to(weights.dtype)
-        weights = torch.exp((torch.log(weights + 1e-10) * mask).sum(-1) / (mask.sum(-1) + 1e-8))
+        # verl's per-sequence geometric mean of the token IS weights, its expression as it is (with a
+        # bool, int or fp32 mask, n + 1e-8 rounds to n in fp32).
+        weights = torch.exp((torch.log(weights + 1e-10) * response_mask).sum(-1) / (response_mask.sum(-1) + 1e-8))
     if loss_mode == "kl_cov":
         # Two passes of the kl_cov term: coefficient ppo_kl_coef on the selected tokens, 0 on the others.
         selected = kl_cov_selection(log_prob, advantages, response_mask, _policy_option(config, "kl_cov_ratio"))
