@@ -113,7 +113,7 @@ def test_every_loss_on_every_backend_matches_verl(mode, backend):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("mode", MODES)
 def test_every_loss_and_aggregation_matches_verl_in_fp64(mode, agg, batch):
-    """verl's 1e-8 in its per-sequence token-mean and GMPO denominators is the only difference here."""
+    """fp64 on both sides: only the order of sums differs (verl's n + 1e-8 is an fp32 n for a bool mask)."""
     info = LOCAL_INFO if batch == "local" else GLOBAL_INFO
     check_against_verl(mode, agg, info, batch != "local", torch.float64, "torch", tol=1e-8)
 

@@ -7,7 +7,8 @@ through cu_seqlens (padded is the special case arange·T). One program per seque
 pass's rows of it:
   pass 1 over its tokens: sequence sums (GSPO log-ratio mean, off-policy KL, sequence IS weight);
   pass 2: per-token loss and gradients, plus per-sequence partial sums of the loss and metrics;
-  pass 3 (GSPO only): the gradient through the sequence mean, ρ_b · m_s / n_b · Σ_t ∂L/∂ρ_b.
+  pass 3 (GSPO, GMPO): the gradient through the sequence mean, ρ_b · m_s / n_b · Σ_t ∂L/∂ρ_b
+  (GMPO: times each token's clipped log-ratio derivative).
 The kernel reads and writes O(N) floats, nothing of size V, and reduces metrics on the
 device: per-sequence partials, then a deterministic sum over sequences (no atomics).
 
@@ -253,14 +254,17 @@ def _grpo_objective_kernel(
         acc_cispo += tl.sum(((rho > eps_high) & (adv > 0)).to(tl.float32) * mf, axis=0)
         acc_phi += tl.sum(phi * mf, axis=0)
 
-    # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
+    # Pass 3 (GSPO, GMPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence
+    # (GMPO: times the derivative of the token's clipped log-ratio).
     if LEVEL == LEVEL_SEQUENCE:
         scale = acc_drho * rho_seq * seq_inside / n_b
         for t0 in range(start, end, BLOCK_T):
             offs = t0 + lanes
-            inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
+            inb = offs < end
+            m = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
             through_mean = tl.zeros((BLOCK_T,), tl.float32) + scale
             if PG_KIND == PG_GEO_MEAN:  # times the derivative of each token's clipped log-ratio
+                inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
                 _, d_clipped = geo_mean_log_ratio(
                     logp - old, _token_advantages(adv_ptr, offs, m, adv_seq, ADV_PER_TOKEN, BLOCK_T), eps_low, eps_high)
                 through_mean = through_mean * d_clipped
