@@ -10,6 +10,9 @@ functions (core_algos, on the CPU): loss, gradient w.r.t. log_prob and every met
   read) agrees wherever covariances are not tied;
 - the new option kinds packed as padded, on every backend.
 """
+import os
+import sys
+
 import pytest
 import torch
 from conftest import BACKENDS
@@ -176,6 +179,26 @@ def test_kl_cov_accelerator_path_selects_as_the_cpu_path():
     tied = covariance.kl_cov_selection_sorted(log_prob, torch.zeros(B, T, dtype=torch.float64), mask, 0.1)
     k = max(1, int(0.1 * mask.sum()))
     assert torch.equal(tied.reshape(-1).nonzero().squeeze(1), mask.reshape(-1).nonzero().squeeze(1)[:k])
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_host_reads_per_call(validate):
+    """One host read for the metrics (verl returns floats), one per fused pass with validation,
+    clip_cov's randperm length; no other, whatever the loss (bypass_mode: verl's rollout correction)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.host_overhead import count_host_reads
+
+    log_prob, old, adv, mask, weights = policy_inputs(seed=2, dtype=torch.float32)
+    config = actor_config(GLOBAL_INFO)
+    for mode in MODES:
+        if mode in ("bypass_mode", "kl_cov"):  # verl's rollout correction; kl_cov's CPU path is verl's own
+            continue
+        loss = gk_verl.policy_loss_fn(mode, "torch", validate=validate)
+        call = lambda: loss(old, log_prob, adv, mask, "token-mean", config, weights)  # noqa: E731, B023
+        expected = (mode != "gpg") + int(validate) + (mode == "clip_cov")
+        assert count_host_reads(call) == expected, mode
+    sorted_selection = lambda: covariance.kl_cov_selection_sorted(log_prob, adv, mask, 0.1)  # noqa: E731
+    assert count_host_reads(sorted_selection) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -262,7 +262,7 @@ def as_floats(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
 
 
 def _fused(cfg: GRPOLossConfig, loss_agg_mode: str, old_log_prob, log_prob, advantages, response_mask, weights,
-           global_batch_info, backend: str):
+           global_batch_info, backend: str, validate: bool):
     """(verl's aggregated loss, the kernel's metrics) of cfg's per-token term by our fused objective."""
     if cfg.pg_loss == "geo_mean":  # verl: torch.mean over the micro-batch's rows, whatever the mode
         ours, factor = "seq-mean-token-mean", torch.ones((), dtype=torch.float64, device=log_prob.device)
@@ -271,7 +271,7 @@ def _fused(cfg: GRPOLossConfig, loss_agg_mode: str, old_log_prob, log_prob, adva
     out = grpo_loss_from_logprobs(
         log_prob, advantages, mask=response_mask, old_logps=old_log_prob, is_weights=weights,
         num_items_in_batch=1 if ours == "token-mean" else None, config=cfg.replace(loss_agg_mode=ours),
-        backend=backend,
+        backend=backend, validate=validate,
     )
     return out.loss * factor.to(out.loss.dtype), out.metrics
 
@@ -281,7 +281,7 @@ def _times(weights, factor):
 
 
 def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                 rollout_is_weights, backend):
+                 rollout_is_weights, backend, validate):
     """(loss, metrics as 0-d tensors) of verl's `loss_mode`."""
     info = _option(config, "global_batch_info", {})
     cfg = loss_config(loss_mode, config)
@@ -304,19 +304,19 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         selected = kl_cov_selection(log_prob, advantages, response_mask, _policy_option(config, "kl_cov_ratio"))
         chosen = selected.to(log_prob.dtype)
         loss, kernel_metrics = _fused(cfg, loss_agg_mode, old_log_prob, log_prob, advantages, response_mask,
-                                      _times(weights, chosen), info, backend)
+                                      _times(weights, chosen), info, backend, validate)
         rest, _ = _fused(cfg.replace(kl_cov_coef=0.0), loss_agg_mode, old_log_prob, log_prob, advantages,
-                         response_mask, _times(weights, 1.0 - chosen), info, backend)
+                         response_mask, _times(weights, 1.0 - chosen), info, backend, validate)
         loss = loss + rest
     else:
         loss, kernel_metrics = _fused(cfg, loss_agg_mode, old_log_prob, log_prob, advantages, response_mask, weights,
-                                      info, backend)
+                                      info, backend, validate)
     metrics = policy_metrics(loss_mode, cfg, kernel_metrics, old_log_prob, log_prob, advantages, response_mask,
                              selected)
     return loss, metrics
 
 
-def _bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, backend):
+def _bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, backend, validate):
     """verl's bypass_mode: old_log_prob is the rollout's. verl's rollout correction of (log_prob, rollout)
     gives the IS weights, the rejection mask and its metrics; then vanilla on the kept tokens without
     the weights ("ppo_clip", the ratio is already the IS ratio) or gpg with them ("reinforce")."""
@@ -329,19 +329,22 @@ def _bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
             old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask, **settings)
     if loss_type == "ppo_clip":
         loss, metrics = _policy_loss("vanilla", old_log_prob, log_prob, advantages, kept, loss_agg_mode, config, None,
-                                     backend)
+                                     backend, validate)
     else:
         weights = weights_proto.batch["rollout_is_weights"] if weights_proto else None
-        loss, _ = _policy_loss("gpg", old_log_prob, log_prob, advantages, kept, loss_agg_mode, config, weights, backend)
+        loss, _ = _policy_loss("gpg", old_log_prob, log_prob, advantages, kept, loss_agg_mode, config, weights, backend,
+                               validate)
         metrics = {"actor/ppo_kl": verl_masked_mean(old_log_prob - log_prob.detach(), kept)}
     return loss, metrics, rollout_metrics
 
 
-def policy_loss_fn(loss_mode: str, backend: str = "auto"):
+def policy_loss_fn(loss_mode: str, backend: str = "auto", validate: bool = True):
     """verl's `loss_mode` policy loss, computed by our fused objective, with verl's signature:
     (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
     -> (loss, metrics). All tensors (B, T); only `log_prob` is differentiated. The metrics come
-    back as Python floats, as verl's, in one host read.
+    back as Python floats, as verl's, in one host read. Host reads per call: that one, plus one
+    per fused pass with `validate` (as grpo_loss_from_logprobs; kl_cov makes two passes), plus
+    clip_cov's candidate count; bypass_mode adds verl's rollout correction's own.
     """
     _check_loss_mode(loss_mode)
 
@@ -351,10 +354,10 @@ def policy_loss_fn(loss_mode: str, backend: str = "auto"):
             if config is None:
                 raise ValueError("config (verl's actor config) is required by the grpo_kernels policy losses")
             loss, metrics, extra = _bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                                                config, backend)
+                                                config, backend, validate)
             return loss, {**as_floats(metrics), **extra}
         loss, metrics = _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                                     config, rollout_is_weights, backend)
+                                     config, rollout_is_weights, backend, validate)
         return loss, as_floats(metrics)
 
     policy_loss.__name__ = f"{LOSS_NAME_PREFIX}{loss_mode}"
