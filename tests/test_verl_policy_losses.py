@@ -8,7 +8,9 @@ functions (core_algos, on the CPU): loss, gradient w.r.t. log_prob and every met
   generator is left in verl's state, and another seed picks other tokens);
 - kl_cov's selection: verl's on the CPU, ties included; the accelerator path (stable, no host
   read) agrees wherever covariances are not tied;
-- the new option kinds packed as padded, on every backend.
+- the new option kinds packed as padded, on every backend;
+- the host reads per call.
+Our side runs on the test device (helpers.DEVICE), verl's on the CPU.
 """
 import os
 import sys
