@@ -139,9 +139,35 @@ struct PolicyTerm {
   float loss, d_rho, direct;  // ℓ_pg, ∂ℓ/∂ρ, ∂ℓ/∂logp through other paths (cispo)
 };
 
+// 1 where DPPO's trust region keeps the token, else 0: the total-variation (π − π_old) or binary-KL
+// divergence bound of the side A's sign pushes towards (ε_high for A > 0, ε_low otherwise), as verl.
+GK_HD float dppo_trust_region(float adv, float logp, float old, const LossParams& p) {
+  const float prob = expf(logp), old_prob = expf(old);
+  bool keep;
+  if (p.pg == PG_DPPO_TV) {
+    keep = adv > 0.f ? prob - old_prob <= p.eps_high : prob - old_prob >= -p.eps_low;
+  } else {
+    const float binary_kl = old_prob * (old - logp) + (1.f - old_prob) * logf((1.f - old_prob + 1e-8f) / (1.f - prob + 1e-8f));
+    keep = adv > 0.f ? (binary_kl <= p.eps_high || prob <= old_prob) : (binary_kl <= p.eps_low || prob >= old_prob);
+  }
+  return keep ? 1.f : 0.f;
+}
+
+// GMPO's token log-ratio before its sequence mean: min(δ, ε_high) for A > 0, max(δ, −ε_low) for A < 0,
+// 0 for A = 0 (sgn(A)·min(sgn(A)·δ, sgn(A)·clamp(δ, −ε_low, ε_high))), and its derivative (1 or 0).
+struct ClippedLogRatio {
+  float value, d;
+};
+
+GK_HD ClippedLogRatio geo_mean_log_ratio(float log_ratio, float adv, const LossParams& p) {
+  if (adv > 0.f) return {fminf(log_ratio, p.eps_high), log_ratio <= p.eps_high ? 1.f : 0.f};
+  if (adv < 0.f) return {fmaxf(log_ratio, -p.eps_low), log_ratio >= -p.eps_low ? 1.f : 0.f};
+  return {0.f, 0.f};
+}
+
 // ℓ_pg and its derivatives, matching autograd on reference.py: torch.minimum splits the
-// gradient in half at ties, clamp passes it at the (inclusive) bounds.
-GK_HD PolicyTerm policy_term(float rho, float adv, float logp, const LossParams& p) {
+// gradient in half at ties, clamp passes it at the (inclusive) bounds. old: the old log-prob.
+GK_HD PolicyTerm policy_term(float rho, float adv, float logp, float old, const LossParams& p) {
   PolicyTerm out{0.f, 0.f, 0.f};
   if (p.pg == PG_CLIP) {
     float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
@@ -162,6 +188,22 @@ GK_HD PolicyTerm policy_term(float rho, float adv, float logp, const LossParams&
     float w = fminf(fmaxf(rho, p.cispo_lo), p.eps_high);
     out.loss = -w * adv * logp;
     out.direct = -w * adv;
+  } else if (p.pg == PG_DPPO_TV || p.pg == PG_DPPO_KL) {
+    float w = fminf(rho, p.ratio_cap) * dppo_trust_region(adv, logp, old, p);
+    out.loss = -w * adv * logp;
+    out.direct = -w * adv;
+  } else if (p.pg == PG_DRO) {
+    float log_ratio = logp - old;
+    out.loss = -(logp * adv - 0.5f * p.dro_beta * log_ratio * log_ratio);
+    out.direct = -adv + p.dro_beta * log_ratio;
+  } else if (p.pg == PG_KL_COV) {
+    float log_ratio = logp - old;
+    out.loss = -adv * rho + p.kl_cov_coef * fabsf(log_ratio);
+    out.d_rho = -adv;
+    out.direct = p.kl_cov_coef * (log_ratio > 0.f ? 1.f : (log_ratio < 0.f ? -1.f : 0.f));
+  } else if (p.pg == PG_GEO_MEAN) {
+    out.loss = -adv * rho;
+    out.d_rho = -adv;
   } else {
     float s = adv > 0.f ? p.sapo_pos : p.sapo_neg;
     float sig = 1.f / (1.f + expf(-s * (rho - 1.f)));
@@ -289,14 +331,17 @@ GK_HD SequenceSums merge_sums(const SequenceSums& x, const SequenceSums& y) {
           x.vespo_log + y.vespo_log};
 }
 
-// (a) Row i's contribution to pass 1's sums.
-GK_HD void add_token_sums(SequenceSums& s, const ObjectiveArgs& a, int64_t i) {
+// (a) Row i's (of sequence b) contribution to pass 1's sums.
+GK_HD void add_token_sums(SequenceSums& s, const ObjectiveArgs& a, int64_t b, int64_t i) {
   const LossParams& p = a.p;
   if (!a.mask[i]) return;
   float logp = a.logp[i];
   float old = a.old ? a.old[i] : logp;
   s.n_tok += 1.0;
-  s.sum_delta += logp - old;
+  if (p.pg == PG_GEO_MEAN)  // GMPO clips each token's log-ratio before the mean
+    s.sum_delta += geo_mean_log_ratio(logp - old, a.adv_per_token ? a.advantages[i] : a.advantages[b], p).value;
+  else
+    s.sum_delta += logp - old;
   if (p.has_off_policy) {
     float behaviour = a.sampling ? a.sampling[i] : old;
     s.sum_off += nan_to_zero(behaviour - logp);
@@ -383,7 +428,7 @@ GK_HD void objective_token(const ObjectiveArgs& a, const SequenceContext& c, int
     pg.loss = -phi * adv * logp;
     pg.direct = -phi * adv;
   } else {
-    pg = policy_term(rho, adv, logp, p);
+    pg = policy_term(rho, adv, logp, old, p);
   }
   float mult = 1.f;
   if (p.has_off_policy && adv < 0.f && c.off_kl > p.off_thresh) mult = 0.f;
@@ -443,8 +488,15 @@ GK_HD float sequence_ratio_grad(const LossParams& p, const SequenceContext& c, c
   return p.level == LEVEL_SEQUENCE ? static_cast<float>(acc.drho) * c.rho_seq * c.seq_inside / c.n_b : 0.f;
 }
 
-GK_HD void add_sequence_ratio_grad(const ObjectiveArgs& a, int64_t i, float scale) {
-  if (a.mask[i]) a.g_logp[i] += scale;
+// GMPO's sequence ratio is the mean of clipped token log-ratios: each row's share is scaled by its clip's
+// derivative (c: the sequence's context, for its advantage).
+GK_HD void add_sequence_ratio_grad(const ObjectiveArgs& a, const SequenceContext& c, int64_t i, float scale) {
+  if (!a.mask[i]) return;
+  if (a.p.pg == PG_GEO_MEAN) {
+    const float old = a.old ? a.old[i] : a.logp[i];
+    scale *= geo_mean_log_ratio(a.logp[i] - old, a.adv_per_token ? a.advantages[i] : c.adv_seq, a.p).d;
+  }
+  a.g_logp[i] += scale;
 }
 
 // (e) Adds the whole sequence's sums to partials[b] (one writer per sequence and pass).
@@ -480,7 +532,7 @@ GK_HD void objective_sequence_by(const ObjectiveArgs& a, int64_t b, const Team& 
   const SequenceSums s = team.reduce(
       [&](int64_t first, int64_t stride) {
         SequenceSums mine{};
-        for (int64_t i = r.lo + first; i < r.hi; i += stride) add_token_sums(mine, a, i);
+        for (int64_t i = r.lo + first; i < r.hi; i += stride) add_token_sums(mine, a, b, i);
         return mine;
       },
       [](const SequenceSums& x, const SequenceSums& y) { return merge_sums(x, y); });
@@ -495,7 +547,7 @@ GK_HD void objective_sequence_by(const ObjectiveArgs& a, int64_t b, const Team& 
   if (a.p.level == LEVEL_SEQUENCE) {
     const float scale = sequence_ratio_grad(a.p, c, acc);
     team.for_each([&](int64_t first, int64_t stride) {
-      for (int64_t i = r.lo + first; i < r.hi; i += stride) add_sequence_ratio_grad(a, i, scale);
+      for (int64_t i = r.lo + first; i < r.hi; i += stride) add_sequence_ratio_grad(a, c, i, scale);
     });
   }
   if (team.leader()) write_partials(a, b, s, c, acc);

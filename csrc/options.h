@@ -6,7 +6,7 @@
 
 namespace gk {
 
-enum PolicyLoss : int { PG_CLIP = 0, PG_CISPO = 1, PG_SAPO = 2, PG_VESPO = 3 };
+enum PolicyLoss : int { PG_CLIP = 0, PG_CISPO = 1, PG_SAPO = 2, PG_VESPO = 3, PG_DPPO_TV = 4, PG_DPPO_KL = 5, PG_DRO = 6, PG_KL_COV = 7, PG_GEO_MEAN = 8 };
 enum Level : int { LEVEL_TOKEN = 0, LEVEL_SEQUENCE = 1, LEVEL_SEQUENCE_TOKEN = 2 };
 enum KlKind : int { KL_NONE = 0, KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 };
 enum IsMode : int { IS_NONE = 0, IS_TOKEN_TRUNCATE = 1, IS_TOKEN_MASK = 2, IS_SEQUENCE_TRUNCATE = 3, IS_SEQUENCE_MASK = 4 };
@@ -58,6 +58,9 @@ struct LossParams {
   float vespo_k_neg;
   float vespo_lambda_neg;
   float top_entropy_quantile;
+  float ratio_cap;
+  float dro_beta;
+  float kl_cov_coef;
   float transform_scale;
   float transform_cap;
 };
@@ -99,13 +102,16 @@ inline LossParams loss_params_from(const int64_t* ints, const double* floats) {
   p.vespo_k_neg = static_cast<float>(floats[17]);
   p.vespo_lambda_neg = static_cast<float>(floats[18]);
   p.top_entropy_quantile = static_cast<float>(floats[19]);
-  p.transform_scale = static_cast<float>(floats[20]);
-  p.transform_cap = static_cast<float>(floats[21]);
+  p.ratio_cap = static_cast<float>(floats[20]);
+  p.dro_beta = static_cast<float>(floats[21]);
+  p.kl_cov_coef = static_cast<float>(floats[22]);
+  p.transform_scale = static_cast<float>(floats[23]);
+  p.transform_cap = static_cast<float>(floats[24]);
   return p;
 }
 
 constexpr int NUM_LOSS_INT_FIELDS = 14;
-constexpr int NUM_LOSS_FLOAT_FIELDS = 22;
+constexpr int NUM_LOSS_FLOAT_FIELDS = 25;
 
 // The objective's buffers (ops/objective_inputs.py), same order; nullptr for an absent optional one.
 struct ObjectiveBuffers {

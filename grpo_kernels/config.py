@@ -52,7 +52,10 @@ _NUMBERS = {
     "vespo_lambda_neg": (0, False, False), "entropy_coef": (None, False, False),
     "off_policy_mask_threshold": (None, False, True), "top_entropy_quantile": (0, True, False),
     "is_clip_min": (0, False, True), "is_clip_max": (0, True, True),
+    "ratio_cap": (0, True, True), "dro_beta": (0, True, True), "kl_cov_coef": (None, False, False),
 }
+# Fields that only one family of policy losses reads: setting one for another loss is a mistake.
+_LOSS_SPECIFIC = {"ratio_cap": ("dppo_tv", "dppo_kl"), "dro_beta": ("dro",)}
 
 
 @dataclass
@@ -61,7 +64,8 @@ class GRPOLossConfig:
 
     Attributes mirror TRL's `GRPOConfig` where TRL has the concept:
         loss_type: preset among grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo, vespo.
-        policy_loss / loss_agg_mode: override the preset ("clip" | "cispo" | "sapo" | "vespo";
+        policy_loss / loss_agg_mode: override the preset ("clip" | "cispo" | "sapo" | "vespo" | "dppo_tv" |
+            "dppo_kl" | "dro" | "kl_cov" | "geo_mean", docs/math.md;
             "seq-mean-token-mean" | "token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm").
         epsilon, epsilon_high: lower / upper clip range (epsilon_high defaults to epsilon;
             for cispo it is the absolute cap on the ratio, e.g. 5.0).
@@ -86,6 +90,10 @@ class GRPOLossConfig:
         top_entropy_quantile: keep only the top-q entropy tokens in the policy term (1.0 = all).
         is_correction: rollout importance-sampling correction mode, or None (off).
         is_clip_min / is_clip_max: its truncation / masking bounds.
+        ratio_cap: dppo_tv / dppo_kl's cap of their detached ratio weight min(ρ, ratio_cap) (None:
+            no cap); for these losses epsilon / epsilon_high are the trust region's bounds.
+        dro_beta: dro's quadratic log-ratio penalty ½·dro_beta·(logp − old)² (required by dro).
+        kl_cov_coef: kl_cov's |logp − old| penalty coefficient.
     """
 
     loss_type: str = "dapo"
@@ -119,6 +127,9 @@ class GRPOLossConfig:
     is_correction: Optional[str] = None
     is_clip_min: Optional[float] = None
     is_clip_max: Optional[float] = 3.0
+    ratio_cap: Optional[float] = None
+    dro_beta: Optional[float] = None
+    kl_cov_coef: float = 0.1
 
     def __post_init__(self) -> None:
         # One loop over the tables below (no call per field: a config is built on every call
@@ -146,6 +157,15 @@ class GRPOLossConfig:
                 f"GRPOLossConfig.cispo_weight_min ({self.cispo_weight_min}) must be <= the cispo cap "
                 f"epsilon_high ({self.eps_high})"
             )
+        for field, losses in _LOSS_SPECIFIC.items():
+            if getattr(self, field) is not None and self.pg_loss not in losses:
+                raise ValueError(f"GRPOLossConfig.{field} only applies to the {' / '.join(losses)} policy loss, "
+                                 f"not {self.pg_loss!r}")
+        if self.pg_loss == "dro" and self.dro_beta is None:
+            raise ValueError("GRPOLossConfig.dro_beta is required by policy_loss='dro' (a positive number)")
+        if self.pg_loss == "geo_mean" and self.importance_sampling_level != "sequence":
+            raise ValueError("GRPOLossConfig(policy_loss='geo_mean') is a sequence-level loss: it needs "
+                             f"importance_sampling_level='sequence', got {self.importance_sampling_level!r}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise ValueError(
                 f"GRPOLossConfig.use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
@@ -233,9 +253,10 @@ class GRPOLossConfig:
         inf, pg, agg = math.inf, self.pg_loss, self.agg_mode
         transform = kernel_transform(self.temperature, self.logit_scale, self.final_logit_softcapping)
         # Absent bounds are ±inf: every clamp then needs no flag.
-        delta, dual_clip, kl_clamp, off_thresh, is_hi, log_ratio_hi = [inf if x is None else float(x) for x in (
-            self.delta, self.dual_clip, self.kl_clamp, self.off_policy_mask_threshold, self.is_clip_max,
-            self.log_ratio_max)]
+        delta, dual_clip, kl_clamp, off_thresh, is_hi, log_ratio_hi, ratio_cap = [
+            inf if x is None else float(x) for x in (self.delta, self.dual_clip, self.kl_clamp,
+                                                     self.off_policy_mask_threshold, self.is_clip_max,
+                                                     self.log_ratio_max, self.ratio_cap)]
         is_lo, log_ratio_lo, cispo_lo = [-inf if x is None else float(x) for x in (
             self.is_clip_min, self.log_ratio_min, self.cispo_weight_min)]
         return LossParams(
@@ -255,6 +276,7 @@ class GRPOLossConfig:
             log_ratio_hi=log_ratio_hi, cispo_lo=cispo_lo, vespo_k_pos=float(self.vespo_k_pos),
             vespo_lambda_pos=float(self.vespo_lambda_pos), vespo_k_neg=float(self.vespo_k_neg),
             vespo_lambda_neg=float(self.vespo_lambda_neg), top_entropy_quantile=float(self.top_entropy_quantile),
+            ratio_cap=ratio_cap, dro_beta=float(self.dro_beta or 0.0), kl_cov_coef=float(self.kl_cov_coef),
             transform_scale=transform.scale, transform_cap=transform.cap,
         )
 

@@ -51,6 +51,11 @@ class PolicyLoss(Option):
     CISPO = 1, "cispo"
     SAPO = 2, "sapo"
     VESPO = 3, "vespo"
+    DPPO_TV = 4, "dppo_tv"  # DPPO: detached min(ρ, ratio_cap)·A·logp inside a total-variation trust region
+    DPPO_KL = 5, "dppo_kl"  # ... inside a binary-KL trust region
+    DRO = 6, "dro"  # −A·logp + ½β(logp − old)²
+    KL_COV = 7, "kl_cov"  # −A·ρ + c·|logp − old| (KL-Cov's term on its selected tokens)
+    GEO_MEAN = 8, "geo_mean"  # GMPO: −A·exp(mean of sign-clipped token log-ratios), sequence level
 
 
 class Level(Option):
@@ -177,6 +182,9 @@ class LossParams(NamedTuple):
     vespo_k_neg: float
     vespo_lambda_neg: float
     top_entropy_quantile: float
+    ratio_cap: float  # DPPO's cap of its detached ratio weight (inf: none)
+    dro_beta: float  # DRO's quadratic log-ratio penalty
+    kl_cov_coef: float  # KL-Cov's |log-ratio| penalty
     transform_scale: float  # the logit transform as every log-prob kernel takes it (transform.KernelTransform)
     transform_cap: float
 

@@ -272,7 +272,12 @@ def policy_objective(
     if level == "token":
         rho = torch.exp(clamp_log(log_ratio))
     elif level == "sequence":
-        rho = torch.exp(clamp_log(log_ratio.sum(-1, keepdim=True) / n_b))
+        token_log_ratio = log_ratio
+        if cfg.pg_loss == "geo_mean":  # GMPO: sgn(A)·min(sgn(A)·δ, sgn(A)·clamp(δ, −ε_low, ε_high)), as verl
+            sign = torch.sign(adv)
+            clipped = torch.clamp(log_ratio, -cfg.eps_low, cfg.eps_high)
+            token_log_ratio = sign * torch.min(sign * log_ratio, sign * clipped)
+        rho = torch.exp(clamp_log(token_log_ratio.sum(-1, keepdim=True) / n_b))
     else:  # sequence_token: value exp(w_b), gradient per token
         w_b = (log_ratio.sum(-1, keepdim=True) / n_b).detach()
         rho = torch.exp(clamp_log(logp_m - logp_m.detach() + w_b))
@@ -304,6 +309,25 @@ def policy_objective(
             loss_pg = torch.where(adv < 0, torch.minimum(loss_pg, -cfg.dual_clip * adv), loss_pg)
     elif pg == "cispo":
         loss_pg = -rho.clamp(min=cfg.cispo_weight_min, max=cfg.eps_high).detach() * adv * logp_m
+    elif pg in ("dppo_tv", "dppo_kl"):
+        old_m = torch.where(m, old, 0)
+        prob, old_prob = torch.exp(logp_m.detach()), torch.exp(old_m)
+        if pg == "dppo_tv":
+            keep = torch.where(adv > 0, prob - old_prob <= cfg.eps_high, prob - old_prob >= -cfg.eps_low)
+        else:
+            binary_kl = old_prob * (old_m - logp_m.detach()) + (1 - old_prob) * torch.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            keep = torch.where(adv > 0, (binary_kl <= cfg.eps_high) | (prob <= old_prob),
+                               (binary_kl <= cfg.eps_low) | (prob >= old_prob))
+        weight = rho.detach() if cfg.ratio_cap is None else rho.detach().clamp(max=cfg.ratio_cap)
+        weight = weight * keep.to(logp.dtype)
+        loss_pg = -weight * adv * logp_m
+    elif pg == "dro":
+        loss_pg = -(logp_m * adv - 0.5 * cfg.dro_beta * log_ratio.square())
+    elif pg == "kl_cov":
+        loss_pg = -adv * rho + cfg.kl_cov_coef * log_ratio.abs()
+    elif pg == "geo_mean":
+        loss_pg = -adv * rho
     elif pg == "sapo":
         # Tensors, not Python floats: torch.where would make the temperatures fp32.
         s = torch.where(adv > 0, adv.new_tensor(cfg.sapo_temperature_pos), adv.new_tensor(cfg.sapo_temperature_neg))

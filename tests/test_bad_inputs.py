@@ -54,6 +54,10 @@ def call(case, **changes):
     (lambda c: dict(cispo_weight_min=0.5), ValueError, "cispo_weight_min only applies to the cispo"),
     (lambda c: dict(loss_type="cispo", epsilon_high=2.0, cispo_weight_min=3.0), ValueError,
      "cispo_weight_min (3.0) must be <= the cispo cap"),
+    (lambda c: dict(ratio_cap=2.0), ValueError, "ratio_cap only applies to the dppo_tv / dppo_kl policy loss"),
+    (lambda c: dict(policy_loss="dppo_tv", ratio_cap=0.0), ValueError, "ratio_cap must be > 0"),
+    (lambda c: dict(policy_loss="dro"), ValueError, "dro_beta is required by policy_loss='dro'"),
+    (lambda c: dict(policy_loss="geo_mean"), ValueError, "needs importance_sampling_level='sequence'"),
 ])
 def test_bad_input_is_named(case, changes, error, words):
     with pytest.raises(error) as info:

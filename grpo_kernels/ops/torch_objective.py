@@ -87,8 +87,33 @@ def vespo_phi(log_w, adv, p: LossParams):
     return torch.where(torch.isfinite(phi), phi, 0)
 
 
-def policy_term(rho, adv, logp, p: LossParams):
-    """ℓ_pg of the clip, CISPO and SAPO losses with ∂ℓ/∂ρ and the direct ∂ℓ/∂logp (CISPO's)."""
+def dppo_trust_region(adv, logp, old, p: LossParams):
+    """1 where DPPO's trust region keeps the token, else 0 (docs/math.md): the total-variation
+    |π − π_old| or binary-KL divergence bound of the side A's sign pushes towards (ε_high for A > 0,
+    ε_low otherwise), as verl computes it."""
+    prob, old_prob = torch.exp(logp), torch.exp(old)
+    if p.pg == PolicyLoss.DPPO_TV:
+        keep = torch.where(adv > 0, prob - old_prob <= p.eps_high, prob - old_prob >= -p.eps_low)
+    else:
+        binary_kl = old_prob * (old - logp) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        keep = torch.where(adv > 0, (binary_kl <= p.eps_high) | (prob <= old_prob),
+                           (binary_kl <= p.eps_low) | (prob >= old_prob))
+    return keep.to(logp.dtype)
+
+
+def geo_mean_log_ratio(log_ratio, adv, p: LossParams):
+    """GMPO's token log-ratio before the sequence mean, sgn(A)·min(sgn(A)·δ, sgn(A)·clamp(δ, −ε_low, ε_high)),
+    and its derivative (torch.min's half-and-half at ties, clamp's inclusive bounds: 1 or 0)."""
+    positive, negative = adv > 0, adv < 0
+    value = torch.where(positive, log_ratio.clamp(max=p.eps_high),
+                        torch.where(negative, log_ratio.clamp(min=-p.eps_low), 0))
+    d = torch.where(positive, log_ratio <= p.eps_high, torch.where(negative, log_ratio >= -p.eps_low, False))
+    return value, d.to(log_ratio.dtype)
+
+
+def policy_term(rho, adv, logp, old, p: LossParams):
+    """ℓ_pg of every loss kind but VESPO with ∂ℓ/∂ρ and the direct ∂ℓ/∂logp (CISPO's, DPPO's, DRO's, KL-Cov's).
+    old: the old log-probs (logp itself on policy)."""
     zero = torch.zeros_like(rho)
     if p.pg == PolicyLoss.CLIP:
         lo, hi = 1.0 - p.eps_low, 1.0 + p.eps_high
@@ -109,6 +134,17 @@ def policy_term(rho, adv, logp, p: LossParams):
     if p.pg == PolicyLoss.CISPO:
         weight = rho.clamp(p.cispo_lo, p.eps_high)
         return -weight * adv * logp, zero, -weight * adv
+    if p.pg in (PolicyLoss.DPPO_TV, PolicyLoss.DPPO_KL):
+        weight = rho.clamp(max=p.ratio_cap) * dppo_trust_region(adv, logp, old, p)
+        return -weight * adv * logp, zero, -weight * adv
+    if p.pg == PolicyLoss.DRO:
+        log_ratio = logp - old
+        return -(logp * adv - 0.5 * p.dro_beta * log_ratio * log_ratio), zero, -adv + p.dro_beta * log_ratio
+    if p.pg == PolicyLoss.KL_COV:
+        log_ratio = logp - old
+        return -adv * rho + p.kl_cov_coef * log_ratio.abs(), -adv, p.kl_cov_coef * torch.sign(log_ratio)
+    if p.pg == PolicyLoss.GEO_MEAN:
+        return -adv * rho, -adv, zero
     s = by_sign(adv > 0, p.sapo_pos, p.sapo_neg, rho)
     sig = torch.sigmoid(s * (rho - 1))
     return -sig * 4 / s * adv, -4 * adv * sig * (1 - sig), zero
@@ -160,7 +196,11 @@ def _objective_rows(prep: io.PreparedObjective, p: LossParams, r: _Rows, seq_lo:
         rho = torch.exp(log_ratio.clamp(p.log_ratio_lo, p.log_ratio_hi))
         d_rho_direct = rho * inside(log_ratio, p.log_ratio_lo, p.log_ratio_hi)
     else:  # sequence: the gradient goes through the sequence mean (pass 3); sequence_token: per token
-        w_seq = sequence_mean(log_ratio)
+        if p.pg == PolicyLoss.GEO_MEAN:  # GMPO clips each token's log-ratio before the mean
+            token_log_ratio, d_token_log_ratio = geo_mean_log_ratio(log_ratio, adv, p)
+            w_seq = sequence_mean(r.masked(token_log_ratio))
+        else:
+            w_seq = sequence_mean(log_ratio)
         rho_seq = torch.exp(w_seq.clamp(p.log_ratio_lo, p.log_ratio_hi))
         seq_inside = inside(w_seq, p.log_ratio_lo, p.log_ratio_hi)
         rho = rho_seq[seq]
@@ -197,7 +237,7 @@ def _objective_rows(prep: io.PreparedObjective, p: LossParams, r: _Rows, seq_lo:
             phi = phi_seq[seq]
         pg, d_pg_rho, d_pg_direct = -phi * adv * logp, torch.zeros_like(rho), -phi * adv
     else:
-        pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, p)
+        pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, old, p)
 
     mult = torch.ones_like(rho)
     if p.has_off_policy:
@@ -235,7 +275,10 @@ def _objective_rows(prep: io.PreparedObjective, p: LossParams, r: _Rows, seq_lo:
     g_logp = r.masked(g * agg_w)
     if p.level == Level.SEQUENCE:  # pass 3: dρ_b/dlogp_s = ρ_b·m_s/n_b, shared by the sequence's tokens
         acc_drho = r.per_sequence_sum(r.masked(agg_w * d_seq_rho)).to(dtype)
-        g_logp = g_logp + r.masked((acc_drho * rho_seq * seq_inside / n_b)[seq])
+        through_mean = (acc_drho * rho_seq * seq_inside / n_b)[seq]
+        if p.pg == PolicyLoss.GEO_MEAN:
+            through_mean = through_mean * d_token_log_ratio
+        g_logp = g_logp + r.masked(through_mean)
     prep.per_token_loss[r.lo:r.hi] = loss
     prep.g_logp[r.lo:r.hi] = g_logp
     prep.g_entropy[r.lo:r.hi] = -ent_w * keep

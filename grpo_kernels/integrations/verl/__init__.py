@@ -2,13 +2,14 @@
 log-probs as verl's `FusedLinearForPPO` / `linear_cross_entropy` (`fused_linear.py`).
 
     from grpo_kernels.integrations import verl as gk_verl
-    gk_verl.register()          # policy_loss.loss_mode = "grpo_kernels_vanilla" | _gspo | _cispo | _sapo
+    gk_verl.register()          # policy_loss.loss_mode = "grpo_kernels_<name>" for verl's 12 policy losses
     gk_verl.patch_fused_linear()  # with actor_rollout_ref.model.use_fused_kernels=True
 
 Installing grpo_kernels also declares a `verl.plugins` entry point (`..verl_plugin`), so verl
 registers the losses in every worker process when it is imported (and patches the fused-linear
 path there when GRPO_KERNELS_VERL_FUSED_LINEAR=1).
 """
+from .covariance import clip_cov_selection, kl_cov_selection
 from .fused_linear import FusedLinearForPPO, linear_cross_entropy, patch_fused_linear
 from .losses import (
     GLOBAL_BATCH_KEYS,
@@ -32,4 +33,5 @@ __all__ = [
     "GLOBAL_BATCH_KEYS", "GSPO_LOG_RATIO_MAX", "KL_LOSS_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "LOSS_NAME_PREFIX",
     "LOW_VAR_KL_CLAMP", "TOKEN_LOG_RATIO_BOUND",
     "aggregation", "kl_loss", "loss_config", "policy_loss_fn", "policy_metrics", "register",
+    "clip_cov_selection", "kl_cov_selection",
 ]

@@ -7,8 +7,9 @@ import triton
 import triton.language as tl
 
 from .options import (
-    KL_K1, KL_K2, KL_LOG_RATIO_CLAMP, P_CISPO_LO, P_DELTA, P_DUAL_CLIP, P_EPS_HIGH, P_EPS_LOW, P_SAPO_NEG, P_SAPO_POS,
-    PG_CISPO, PG_CLIP, VESPO_LAMBDA_MIN, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_W_MIN,
+    KL_K1, KL_K2, KL_LOG_RATIO_CLAMP, P_CISPO_LO, P_DELTA, P_DRO_BETA, P_DUAL_CLIP, P_EPS_HIGH, P_EPS_LOW,
+    P_KL_COV_COEF, P_RATIO_CAP, P_SAPO_NEG, P_SAPO_POS, PG_CISPO, PG_CLIP, PG_DPPO_KL, PG_DPPO_TV, PG_DRO,
+    PG_GEO_MEAN, PG_KL_COV, VESPO_LAMBDA_MIN, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_W_MIN,
 )
 
 
@@ -18,11 +19,39 @@ def nan_to_zero(x):
 
 
 @triton.jit
-def policy_term(rho, adv, logp, params_ptr, PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr,
+def dppo_trust_region(adv, logp, old, eps_low, eps_high, PG_KIND: tl.constexpr):
+    """1.0 where DPPO's trust region keeps the token (total variation or binary KL, by A's sign), else 0."""
+    prob = tl.exp(logp)
+    old_prob = tl.exp(old)
+    if PG_KIND == PG_DPPO_TV:
+        keep = tl.where(adv > 0, prob - old_prob <= eps_high, prob - old_prob >= -eps_low)
+    else:
+        # log of a ratio <= 0 (a log-prob > 0) is NaN in verl, and NaN <= ε is false: the same without
+        # forming the NaN (Triton's interpreter raises on numpy's warning).
+        odds = (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+        binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log(tl.where(odds > 0, odds, 1.0))
+        keep = tl.where(adv > 0, ((odds > 0) & (binary_kl <= eps_high)) | (prob <= old_prob),
+                        ((odds > 0) & (binary_kl <= eps_low)) | (prob >= old_prob))
+    return tl.where(keep, 1.0, 0.0)
+
+
+@triton.jit
+def geo_mean_log_ratio(log_ratio, adv, eps_low, eps_high):
+    """GMPO's sign-clipped token log-ratio (min(δ, ε_high) for A > 0, max(δ, −ε_low) for A < 0, 0 for
+    A = 0) and its derivative (1 or 0, as autograd through torch.min and clamp)."""
+    value = tl.where(adv > 0, tl.minimum(log_ratio, eps_high),
+                     tl.where(adv < 0, tl.maximum(log_ratio, -eps_low), 0.0))
+    d = tl.where(adv > 0, tl.where(log_ratio <= eps_high, 1.0, 0.0),
+                 tl.where((adv < 0) & (log_ratio >= -eps_low), 1.0, 0.0))
+    return value, d
+
+
+@triton.jit
+def policy_term(rho, adv, logp, old, params_ptr, PG_KIND: tl.constexpr, HAS_DELTA: tl.constexpr,
                 HAS_DUAL: tl.constexpr):
-    """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp.
-    Each loss kind loads the LossParams floats it uses from the parameter buffer, so a new kind
-    is one branch here (and its fields in options.py), nothing in the kernel."""
+    """Per-token policy loss, its derivative w.r.t. rho, and the direct derivative w.r.t. logp
+    (old: the old log-probs). Each loss kind loads the LossParams floats it uses from the parameter
+    buffer, so a new kind is one branch here (and its fields in options.py), nothing in the kernel."""
     direct = tl.zeros_like(rho)
     if PG_KIND == PG_CLIP:
         eps_low = tl.load(params_ptr + P_EPS_LOW)
@@ -54,6 +83,27 @@ def policy_term(rho, adv, logp, params_ptr, PG_KIND: tl.constexpr, HAS_DELTA: tl
         loss = -weight * adv * logp
         d_rho = tl.zeros_like(rho)
         direct = -weight * adv
+    elif (PG_KIND == PG_DPPO_TV) or (PG_KIND == PG_DPPO_KL):
+        weight = tl.minimum(rho, tl.load(params_ptr + P_RATIO_CAP)) * dppo_trust_region(
+            adv, logp, old, tl.load(params_ptr + P_EPS_LOW), tl.load(params_ptr + P_EPS_HIGH), PG_KIND)
+        loss = -weight * adv * logp
+        d_rho = tl.zeros_like(rho)
+        direct = -weight * adv
+    elif PG_KIND == PG_DRO:
+        beta = tl.load(params_ptr + P_DRO_BETA)
+        log_ratio = logp - old
+        loss = -(logp * adv - 0.5 * beta * log_ratio * log_ratio)
+        d_rho = tl.zeros_like(rho)
+        direct = -adv + beta * log_ratio
+    elif PG_KIND == PG_KL_COV:
+        coef = tl.load(params_ptr + P_KL_COV_COEF)
+        log_ratio = logp - old
+        loss = -adv * rho + coef * tl.abs(log_ratio)
+        d_rho = -adv
+        direct = coef * tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))
+    elif PG_KIND == PG_GEO_MEAN:
+        loss = -adv * rho
+        d_rho = -adv
     else:
         s = tl.where(adv > 0, tl.load(params_ptr + P_SAPO_POS), tl.load(params_ptr + P_SAPO_NEG))
         sig = tl.sigmoid(s * (rho - 1.0))

@@ -7,7 +7,8 @@ through cu_seqlens (padded is the special case arange·T). One program per seque
 pass's rows of it:
   pass 1 over its tokens: sequence sums (GSPO log-ratio mean, off-policy KL, sequence IS weight);
   pass 2: per-token loss and gradients, plus per-sequence partial sums of the loss and metrics;
-  pass 3 (GSPO only): the gradient through the sequence mean, ρ_b · m_s / n_b · Σ_t ∂L/∂ρ_b.
+  pass 3 (GSPO, GMPO): the gradient through the sequence mean, ρ_b · m_s / n_b · Σ_t ∂L/∂ρ_b
+  (GMPO: times each token's clipped log-ratio derivative).
 The kernel reads and writes O(N) floats, nothing of size V, and reduces metrics on the
 device: per-sequence partials, then a deterministic sum over sequences (no atomics).
 
@@ -25,15 +26,15 @@ import triton.language as tl
 from ...options import LOSS_FLOAT_FIELDS, OBJECTIVE_BUFFER_NAMES, LossParams
 from .. import objective_inputs as io
 from .math import (
-    clamp_log_ratio, clamp_vespo_log, is_clip, kl_term, nan_to_zero, policy_term, token_is_weight, vespo_log_of,
-    vespo_phi,
+    clamp_log_ratio, clamp_vespo_log, geo_mean_log_ratio, is_clip, kl_term, nan_to_zero, policy_term,
+    token_is_weight, vespo_log_of, vespo_phi,
 )
 from .options import (
     AGG_SEQ_MEAN_TOKEN_MEAN, IS_NONE, IS_SEQUENCE_MASK, IS_SEQUENCE_TRUNCATE, IS_TOKEN_MASK, IS_TOKEN_TRUNCATE,
     KL_NONE, LEVEL_SEQUENCE, LEVEL_TOKEN, NUM_SLOTS, P_BETA, P_ENTROPY_COEF, P_EPS_HIGH, P_EPS_LOW, P_IS_HI, P_IS_LO,
     P_KL_CLAMP, P_LOG_RATIO_HI, P_LOG_RATIO_LO, P_OFF_THRESH, P_VESPO_K_NEG, P_VESPO_K_POS, P_VESPO_LAMBDA_NEG,
-    P_VESPO_LAMBDA_POS, PG_VESPO, SLOT_CISPO_CLIP, SLOT_COUNT, SLOT_ENTROPY, SLOT_HIGH, SLOT_IS, SLOT_KL, SLOT_LOSS,
-    SLOT_LOW, SLOT_RATIO_MAX, SLOT_RATIO_SUM, SLOT_REGION, SLOT_VESPO_PHI, VESPO_TOKEN_LOG_RATIO,
+    P_VESPO_LAMBDA_POS, PG_GEO_MEAN, PG_VESPO, SLOT_CISPO_CLIP, SLOT_COUNT, SLOT_ENTROPY, SLOT_HIGH, SLOT_IS, SLOT_KL,
+    SLOT_LOSS, SLOT_LOW, SLOT_RATIO_MAX, SLOT_RATIO_SUM, SLOT_REGION, SLOT_VESPO_PHI, VESPO_TOKEN_LOG_RATIO,
 )
 
 
@@ -50,6 +51,14 @@ def _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY: tl.constexpr
     if not ON_POLICY:
         old = tl.where(m, tl.load(old_ptr + offs, mask=m, other=0.0), 0.0)
     return inb, m, logp, old
+
+
+@triton.jit
+def _token_advantages(adv_ptr, offs, m, adv_seq, ADV_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The advantage of each token of a block (0 where masked when given per token)."""
+    if ADV_PER_TOKEN:
+        return tl.where(m, tl.load(adv_ptr + offs, mask=m, other=0.0), 0.0)
+    return tl.zeros((BLOCK_T,), tl.float32) + adv_seq
 
 
 @triton.jit
@@ -108,7 +117,12 @@ def _grpo_objective_kernel(
         offs = t0 + lanes
         inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
         n_tok += tl.sum(m.to(tl.float32), axis=0)
-        sum_delta += tl.sum(logp - old, axis=0)
+        if PG_KIND == PG_GEO_MEAN:  # GMPO clips each token's log-ratio before the mean
+            clipped, _ = geo_mean_log_ratio(
+                logp - old, _token_advantages(adv_ptr, offs, m, adv_seq, ADV_PER_TOKEN, BLOCK_T), eps_low, eps_high)
+            sum_delta += tl.sum(tl.where(m, clipped, 0.0), axis=0)
+        else:
+            sum_delta += tl.sum(logp - old, axis=0)
         if HAS_OFF_POLICY:
             behaviour = old
             if HAS_SAMPLING:
@@ -165,10 +179,7 @@ def _grpo_objective_kernel(
         inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
         mf = m.to(tl.float32)
         ent = tl.where(m, tl.load(ent_ptr + offs, mask=m, other=0.0), 0.0)
-        if ADV_PER_TOKEN:
-            adv = tl.where(m, tl.load(adv_ptr + offs, mask=m, other=0.0), 0.0)
-        else:
-            adv = tl.zeros((BLOCK_T,), tl.float32) + adv_seq
+        adv = _token_advantages(adv_ptr, offs, m, adv_seq, ADV_PER_TOKEN, BLOCK_T)
         if LEVEL == LEVEL_TOKEN:
             w_tok, inside = clamp_log_ratio(logp - old, log_ratio_lo, log_ratio_hi)
             rho = tl.exp(w_tok)
@@ -186,7 +197,7 @@ def _grpo_objective_kernel(
             d_pg_rho = tl.zeros((BLOCK_T,), tl.float32)
             d_pg_direct = -phi * adv
         else:
-            pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, params_ptr, PG_KIND, HAS_DELTA, HAS_DUAL)
+            pg, d_pg_rho, d_pg_direct = policy_term(rho, adv, logp, old, params_ptr, PG_KIND, HAS_DELTA, HAS_DUAL)
         mult = tl.full((BLOCK_T,), 1.0, tl.float32)
         if HAS_OFF_POLICY:
             stale = tl.zeros((BLOCK_T,), tl.float32) + off_kl > off_thresh
@@ -243,15 +254,22 @@ def _grpo_objective_kernel(
         acc_cispo += tl.sum(((rho > eps_high) & (adv > 0)).to(tl.float32) * mf, axis=0)
         acc_phi += tl.sum(phi * mf, axis=0)
 
-    # Pass 3 (GSPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence.
+    # Pass 3 (GSPO, GMPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence
+    # (GMPO: times the derivative of the token's clipped log-ratio).
     if LEVEL == LEVEL_SEQUENCE:
         scale = acc_drho * rho_seq * seq_inside / n_b
         for t0 in range(start, end, BLOCK_T):
             offs = t0 + lanes
             inb = offs < end
             m = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+            through_mean = tl.zeros((BLOCK_T,), tl.float32) + scale
+            if PG_KIND == PG_GEO_MEAN:  # times the derivative of each token's clipped log-ratio
+                inb, m, logp, old = _load_tokens(mask_ptr, logp_ptr, old_ptr, offs, end, ON_POLICY)
+                _, d_clipped = geo_mean_log_ratio(
+                    logp - old, _token_advantages(adv_ptr, offs, m, adv_seq, ADV_PER_TOKEN, BLOCK_T), eps_low, eps_high)
+                through_mean = through_mean * d_clipped
             g = tl.load(g_logp_ptr + offs, mask=inb, other=0.0)
-            tl.store(g_logp_ptr + offs, tl.where(m, g + scale, 0.0), mask=inb)
+            tl.store(g_logp_ptr + offs, tl.where(m, g + through_mean, 0.0), mask=inb)
 
     # Add this pass's sums to the sequence's partials (the ratio max: keep the larger).
     part = part_ptr + b * NUM_SLOTS
