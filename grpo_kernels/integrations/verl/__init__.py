@@ -9,6 +9,7 @@ Installing grpo_kernels also declares a `verl.plugins` entry point (`..verl_plug
 registers the losses in every worker process when it is imported (and patches the fused-linear
 path there when GRPO_KERNELS_VERL_FUSED_LINEAR=1).
 """
+from .advantages import ESTIMATORS, advantage_estimator_fn, patch_compute_advantage, register_estimators
 from .fused_linear import FusedLinearForPPO, linear_cross_entropy, patch_fused_linear
 from .losses import (
     GLOBAL_BATCH_KEYS,
@@ -28,6 +29,7 @@ from .losses import (
 )
 
 __all__ = [
+    "ESTIMATORS", "advantage_estimator_fn", "patch_compute_advantage", "register_estimators",
     "FusedLinearForPPO", "linear_cross_entropy", "patch_fused_linear",
     "GLOBAL_BATCH_KEYS", "GSPO_LOG_RATIO_MAX", "KL_LOSS_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "LOSS_NAME_PREFIX",
     "LOW_VAR_KL_CLAMP", "TOKEN_LOG_RATIO_BOUND",
