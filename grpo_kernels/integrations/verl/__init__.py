@@ -10,6 +10,7 @@ registers the losses in every worker process when it is imported (and patches th
 path there when GRPO_KERNELS_VERL_FUSED_LINEAR=1).
 """
 from .advantages import ESTIMATORS, advantage_estimator_fn, patch_compute_advantage, register_estimators
+from .rollout_correction import patch_rollout_correction, rollout_correction
 from .fused_linear import FusedLinearForPPO, linear_cross_entropy, patch_fused_linear
 from .losses import (
     GLOBAL_BATCH_KEYS,
@@ -30,6 +31,7 @@ from .losses import (
 
 __all__ = [
     "ESTIMATORS", "advantage_estimator_fn", "patch_compute_advantage", "register_estimators",
+    "patch_rollout_correction", "rollout_correction",
     "FusedLinearForPPO", "linear_cross_entropy", "patch_fused_linear",
     "GLOBAL_BATCH_KEYS", "GSPO_LOG_RATIO_MAX", "KL_LOSS_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "LOSS_NAME_PREFIX",
     "LOW_VAR_KL_CLAMP", "TOKEN_LOG_RATIO_BOUND",

@@ -1,0 +1,164 @@
+"""Our rollout correction (grpo_kernels.integrations.verl.rollout_correction) against verl 0.9.1's
+compute_rollout_correction_and_rejection_mask on fresh random inputs, fp64 and fp32: every IS
+level and threshold form (TIS float / float string, IcePop "lower_upper"), with and without batch
+normalisation; every rejection option alone and chained; the same weights, mask and metrics (keys
+and values); one host read per call; verl's errors; and verl's call site gets ours once patched.
+"""
+import importlib
+
+import pytest
+import torch
+from helpers import assert_close
+
+rollout_corr_helper = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper",
+                                          reason="verl is installed by the README's test command")
+from verl.protocol import DataProto  # noqa: E402
+
+from benchmarks.host_overhead import count_host_reads  # noqa: E402
+from grpo_kernels.integrations import verl as gk_verl  # noqa: E402
+# the package's `rollout_correction` is the function; the module is reached by its full name
+gk_rc = importlib.import_module("grpo_kernels.integrations.verl.rollout_correction")
+
+VERL = gk_rc.VERL_FUNCTION
+B, T = 8, 10
+IS_THRESHOLDS = (2.0, "1.5", "0.7_1.6")  # TIS float, TIS string, IcePop lower_upper
+# One threshold per option, at the scale of the inputs' divergences, so each rejects some and keeps some.
+RS_THRESHOLDS = {
+    "token_k1": "0.8_1.25", "token_k2": "0.05", "token_k3": "0.05",
+    "seq_sum_k1": "0.6_1.7", "seq_sum_k2": "1.0", "seq_sum_k3": "0.3",
+    "seq_mean_k1": "0.9_1.1", "seq_mean_k2": "0.04", "seq_mean_k3": "0.04",
+    "seq_max_k2": "0.15", "seq_max_k3": "0.15",
+}
+RS_OPTIONS = tuple(RS_THRESHOLDS)
+
+
+def make_inputs(seed, dtype, mask_dtype=torch.float32):
+    """(old_log_prob, rollout_log_prob, response_mask): a drifted rollout policy, a token past
+    verl's ±20 safety clamp, a sequence whose log-ratio sum passes it, an empty sequence."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    rollout = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    rollout[1, 2] = old[1, 2] - 23.0  # token log-ratio +23
+    rollout[5, :] = old[5, :] + 2.5  # sequence log-ratio sum ≈ −2.5·len (< −20)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[:, 0] = True
+    mask[1, 2] = True
+    mask[6] = False  # an empty response
+    return old.to(dtype), rollout.to(dtype), mask.to(mask_dtype)
+
+
+def run_both(inputs, **options):
+    expected = VERL(*inputs, **options)
+    ours = gk_verl.rollout_correction(*inputs, **options)
+    return expected, ours
+
+
+def assert_same(expected, ours, dtype):
+    (e_w, e_mask, e_metrics), (o_w, o_mask, o_metrics) = expected, ours
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    assert (e_w is None) == (o_w is None)
+    if e_w is not None:
+        assert isinstance(o_w, DataProto) and list(o_w.batch.keys()) == ["rollout_is_weights"]
+        assert o_w.batch["rollout_is_weights"].dtype == e_w.batch["rollout_is_weights"].dtype
+        assert_close(o_w.batch["rollout_is_weights"], e_w.batch["rollout_is_weights"], name="weights", **tol)
+    assert o_mask.dtype == e_mask.dtype
+    assert torch.equal(o_mask, e_mask)
+    assert list(o_metrics) == list(e_metrics)
+    for key, value in e_metrics.items():
+        assert isinstance(o_metrics[key], float)
+        assert o_metrics[key] == pytest.approx(value, rel=tol["rtol"] * 10, abs=tol["atol"] * 10), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("batch_normalize", [False, True], ids=["raw", "batch_norm"])
+@pytest.mark.parametrize("threshold", IS_THRESHOLDS, ids=["tis_float", "tis_str", "icepop"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_importance_weights_match_verl(level, threshold, batch_normalize, dtype):
+    inputs = make_inputs(seed=IS_THRESHOLDS.index(threshold) + 3 * (level == "token"), dtype=dtype)
+    expected, ours = run_both(inputs, rollout_is=level, rollout_is_threshold=threshold,
+                              rollout_is_batch_normalize=batch_normalize)
+    assert_same(expected, ours, dtype)
+    weights = expected[0].batch["rollout_is_weights"]
+    assert weights.unique().numel() > 2  # 0 and >= 2 distinct weights: the comparison sees them
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("option", RS_OPTIONS)
+def test_each_rejection_option_matches_verl(option, dtype):
+    inputs = make_inputs(seed=RS_OPTIONS.index(option), dtype=dtype)
+    expected, ours = run_both(inputs, rollout_is=None, rollout_rs=option, rollout_rs_threshold=RS_THRESHOLDS[option])
+    assert_same(expected, ours, dtype)
+    mask, kept = inputs[2].bool(), expected[1].bool()
+    assert kept.any() and (mask & ~kept).any(), "the threshold must reject some tokens and keep some"
+
+
+@pytest.mark.parametrize("option", ["token_k1", "seq_sum_k1", "seq_mean_k1"])
+def test_k1_single_upper_bound_means_reciprocal_lower(option):
+    inputs = make_inputs(seed=11, dtype=torch.float32)
+    assert_same(*run_both(inputs, rollout_rs=option, rollout_rs_threshold=1.3), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("chain,threshold", [
+    ("token_k1,seq_mean_k3,seq_max_k2", "0.8_1.25,0.04,0.15"),
+    ("seq_sum_k2, token_k3 ,seq_max_k3,seq_sum_k2", "0.3,0.05,0.15"),  # spaces, a repeated option
+    ("token_k2,seq_mean_k2", 0.05),  # one threshold shared by every option
+    (",".join(RS_OPTIONS), ",".join(RS_THRESHOLDS.values())),
+], ids=["three", "repeat", "shared", "all"])
+def test_chained_rejection_with_importance_weights_matches_verl(chain, threshold, dtype):
+    inputs = make_inputs(seed=len(chain), dtype=dtype, mask_dtype=torch.int64)
+    expected, ours = run_both(inputs, rollout_is="sequence", rollout_is_threshold="0.5_3.0",
+                              rollout_is_batch_normalize=True, rollout_rs=chain, rollout_rs_threshold=threshold)
+    assert_same(expected, ours, dtype)
+
+
+def test_one_host_read_per_call_where_verl_reads_dozens():
+    inputs = make_inputs(seed=1, dtype=torch.float32)
+    options = dict(rollout_is="token", rollout_is_threshold="0.7_1.6", rollout_is_batch_normalize=True,
+                   rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.8_1.25,0.04")
+    assert count_host_reads(lambda: gk_verl.rollout_correction(*inputs, **options)) == 1
+    assert count_host_reads(lambda: VERL(*inputs, **options)) > 30
+
+
+def test_verls_errors():
+    old, rollout, mask = make_inputs(seed=2, dtype=torch.float32)
+    for fn in (VERL, gk_verl.rollout_correction):
+        with pytest.raises(ValueError, match="at least one valid token"):
+            fn(old, rollout, torch.zeros_like(mask), rollout_is="token")
+        with pytest.raises(ValueError, match="does not match"):
+            fn(old[:, 1:], rollout, mask)
+        with pytest.raises(ValueError, match="Invalid rollout_is"):
+            fn(old, rollout, mask, rollout_is="tokens")
+        with pytest.raises(ValueError, match="Invalid rollout_rs option"):
+            fn(old, rollout, mask, rollout_rs="token_k4", rollout_rs_threshold=1.0)
+        with pytest.raises(ValueError, match="explicitly provided"):
+            fn(old, rollout, mask, rollout_rs="token_k1")
+        with pytest.raises(ValueError, match="lower bound must be <= upper"):
+            fn(old, rollout, mask, rollout_is="token", rollout_is_threshold="2.0_1.0")
+
+
+def test_patched_call_site_gets_ours():
+    """verl's trainer calls compute_rollout_correction_and_add_to_batch, which looks the function
+    up in rollout_corr_helper at call time: once patched, the trainer's path runs ours (one host
+    read) and gives verl's results."""
+    old, rollout, mask = make_inputs(seed=4, dtype=torch.float32)
+    config = dict(rollout_is="token", rollout_is_threshold=2.0, rollout_rs="seq_mean_k3", rollout_rs_threshold=0.04)
+
+    def trainer_step():
+        batch = DataProto.from_dict(tensors={"old_log_probs": old, "rollout_log_probs": rollout,
+                                             "response_mask": mask.clone()})
+        return rollout_corr_helper.compute_rollout_correction_and_add_to_batch(batch, config)
+
+    expected_batch, expected_metrics = trainer_step()
+    verl_reads = count_host_reads(trainer_step)
+    try:
+        gk_verl.patch_rollout_correction()
+        assert rollout_corr_helper.compute_rollout_correction_and_rejection_mask is gk_verl.rollout_correction
+        batch, metrics = trainer_step()
+        assert count_host_reads(trainer_step) == 1 < verl_reads
+    finally:
+        gk_rc.unpatch_rollout_correction()
+    assert rollout_corr_helper.compute_rollout_correction_and_rejection_mask is VERL
+    assert torch.equal(batch.batch["response_mask"], expected_batch.batch["response_mask"])
+    assert_close(batch.batch["rollout_is_weights"], expected_batch.batch["rollout_is_weights"])
+    assert metrics == pytest.approx(expected_metrics, rel=2e-5, abs=1e-6)
