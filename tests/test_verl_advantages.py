@@ -4,7 +4,9 @@ produces (uuid strings in consecutive equal groups, shuffled groups of unequal s
 singletons, integer labels), with verl's config fields; the registry entries, the host reads (none
 for a numpy index), the trainer's kwargs for our names and our errors.
 """
+import sys
 import uuid
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -147,7 +149,8 @@ def test_gdpo_reward_keys_as_verls_trainer_passes_them():
     non_tensor_batch = {"uid": index, "fmt": gen.integers(0, 2, B).astype(np.float32),
                         "acc": gen.standard_normal(B).astype(np.float32)}
     prompt_len = 3
-    batch = {"prompts": torch.zeros(B, prompt_len), "attention_mask": torch.cat([torch.ones(B, prompt_len), mask], 1).long()}
+    batch = {"prompts": torch.zeros(B, prompt_len),
+             "attention_mask": torch.cat([torch.ones(B, prompt_len), mask], 1).long()}
     config = AlgoConfig(gdpo_reward_keys=["fmt", "acc"], gdpo_reward_weights=[0.7, 1.3])
     kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=index, config=config,
                   non_tensor_batch=non_tensor_batch, batch=batch)
@@ -237,3 +240,90 @@ def test_wrapped_compute_advantage_gives_our_names_verls_arguments(name):
     wrapped(data, "grpo", config=config)  # verl's own names go to verl's function
     assert calls == ["grpo"]
     assert gk_adv.wrap_compute_advantage(wrapped) is wrapped
+
+
+# ------------------------------------------------------------------------ Σπ² for the OTB estimators
+def _import_fsdp_engine(monkeypatch):
+    """verl's FSDP engine module; it imports peft at the top, which the CPU test environment lacks
+    and the Σπ² path never uses: a stand-in module for the import only (restored after the test)."""
+    import importlib
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("peft") is None:
+        for name in ("peft", "peft.utils", "peft.utils.save_and_load"):
+            stub = types.ModuleType(name)
+            stub.__path__ = []
+            stub.__getattr__ = lambda attr: type(attr, (), {})
+            monkeypatch.setitem(sys.modules, name, stub)
+    try:
+        with warnings.catch_warnings():  # verl's engine package warns about every engine it cannot load
+            warnings.simplefilter("ignore")
+            return importlib.import_module("verl.workers.engine.fsdp.transformer_impl")
+    except ImportError as exc:  # pragma: no cover - a verl without its FSDP engine
+        pytest.skip(f"verl's FSDP engine does not import here: {exc}")
+
+
+@pytest.mark.parametrize("remove_padding", [True, False], ids=["packed", "padded"])
+def test_fsdp_engine_gives_sum_pi_squared_with_fused_kernels(monkeypatch, remove_padding):
+    """verl refuses calculate_sum_pi_squared with use_fused_kernels (it needs the logits); with
+    patch_sum_pi_squared the engine's fused forward returns Σπ² from our fused-linear pass, laid out
+    as the log-probs (nested, per sequence), equal to verl's Σπ² from the materialised logits."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.utils import torch_functional as verl_F
+    from verl.utils.experimental import torch_functional as verl_fused
+    from verl.utils.kernel import linear_cross_entropy as verl_lce
+
+    from grpo_kernels.integrations.verl import sum_pi_squared as gk_spsq
+
+    impl = _import_fsdp_engine(monkeypatch)
+    monkeypatch.setattr(verl_fused, "FusedLinearForPPO", verl_fused.FusedLinearForPPO)  # restored after
+    monkeypatch.setattr(verl_lce, "linear_cross_entropy", verl_lce.linear_cross_entropy)
+
+    class Engine(impl.FSDPEngineWithLMHead):
+        """verl's LM-head engine without a model: prepare_model_inputs gives the output args only."""
+
+        def __init__(self):
+            self.use_ulysses_sp = False
+
+        def prepare_model_inputs(self, micro_batch):
+            flat = micro_batch["input_ids"].values()
+            return {}, {"pad_size": 0, "temperature_is_one": False, "input_ids_rmpad_rolled": flat,
+                        "temperature_rmpad": torch.full(flat.shape, temperature)}
+
+    gen = torch.Generator().manual_seed(0)
+    lengths, hidden_size, vocab, temperature = [3, 5, 2], 8, 13, 0.7
+    weight = torch.randn(vocab, hidden_size, generator=gen)
+    hidden = [torch.randn(n, hidden_size, generator=gen) for n in lengths]
+    labels = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
+    input_ids = torch.nested.nested_tensor(labels, layout=torch.jagged)
+    micro_batch = TensorDict({"input_ids": input_ids}, batch_size=[len(lengths)])
+    tu.assign_non_tensor(micro_batch, use_remove_padding=remove_padding, use_fused_kernels=True,
+                         calculate_entropy=True, calculate_sum_pi_squared=True)
+    if remove_padding:  # verl's packed forward: (1, total tokens, H)
+        hidden_in, labels_in = torch.cat(hidden).unsqueeze(0), torch.cat(labels).unsqueeze(0)
+    else:  # padded (batch, max length, H)
+        hidden_in = torch.nn.utils.rnn.pad_sequence(hidden, batch_first=True)
+        labels_in = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True)
+
+    def forward(engine):
+        """What verl's fused model forward (dense_common.forward_with_torch_backend) does."""
+        _, output_args = engine.prepare_model_inputs(micro_batch)
+        log_probs, entropy = verl_fused.FusedLinearForPPO(impl_backend="torch")(
+            hidden_states=hidden_in, vocab_weights=weight, input_ids=labels_in, temperature=temperature)
+        return engine.prepare_model_outputs(SimpleNamespace(log_probs=log_probs, entropy=entropy), output_args,
+                                            micro_batch, None)
+
+    with pytest.raises(NotImplementedError, match="Σπ²"):  # verl alone
+        forward(Engine())
+    gk_spsq.patch_sum_pi_squared(backend="torch", engine_class=Engine)
+    out = forward(Engine())
+    expected = verl_F.calculate_sum_pi_squared_from_logits(torch.cat(hidden) @ weight.T / temperature)
+    assert out["sum_pi_squared"].is_nested and out["sum_pi_squared"].offsets().tolist() == [0, 3, 8, 10]
+    assert_close(out["sum_pi_squared"].values(), expected, rtol=1e-5, atol=1e-6)
+    assert_close(out["log_probs"].values(), torch.log_softmax(torch.cat(hidden) @ weight.T / temperature, -1)
+                 .gather(-1, torch.cat(labels).unsqueeze(-1)).squeeze(-1), rtol=1e-5, atol=1e-5)
+    # a micro-batch that does not ask for Σπ² gets none, and the fused pass keeps none
+    tu.assign_non_tensor(micro_batch, calculate_sum_pi_squared=False)
+    assert "sum_pi_squared" not in forward(Engine()) and gk_spsq.take_sum_pi_squared() is None

@@ -5,6 +5,9 @@ normalisation; every rejection option alone and chained; the same weights, mask 
 and values); one host read per call; verl's errors; and verl's call site gets ours once patched.
 """
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,16 +152,58 @@ def test_patched_call_site_gets_ours():
                                              "response_mask": mask.clone()})
         return rollout_corr_helper.compute_rollout_correction_and_add_to_batch(batch, config)
 
-    expected_batch, expected_metrics = trainer_step()
-    verl_reads = count_host_reads(trainer_step)
+    installed = rollout_corr_helper.compute_rollout_correction_and_rejection_mask  # ours if the plugin loaded
     try:
+        gk_rc.unpatch_rollout_correction()
+        assert rollout_corr_helper.compute_rollout_correction_and_rejection_mask is VERL
+        expected_batch, expected_metrics = trainer_step()
+        verl_reads = count_host_reads(trainer_step)
         gk_verl.patch_rollout_correction()
         assert rollout_corr_helper.compute_rollout_correction_and_rejection_mask is gk_verl.rollout_correction
         batch, metrics = trainer_step()
         assert count_host_reads(trainer_step) == 1 < verl_reads
     finally:
-        gk_rc.unpatch_rollout_correction()
-    assert rollout_corr_helper.compute_rollout_correction_and_rejection_mask is VERL
+        rollout_corr_helper.compute_rollout_correction_and_rejection_mask = installed
     assert torch.equal(batch.batch["response_mask"], expected_batch.batch["response_mask"])
     assert_close(batch.batch["rollout_is_weights"], expected_batch.batch["rollout_is_weights"])
     assert metrics == pytest.approx(expected_metrics, rel=2e-5, abs=1e-6)
+
+
+def test_plugin_installs_ours_in_a_fresh_process():
+    """`import verl` alone (as in a Ray worker) loads our entry point: the estimators are registered
+    and verl's rollout correction is ours; GRPO_KERNELS_VERL_ROLLOUT_CORRECTION=0 keeps verl's (one
+    process for both: the plugin is imported with 0, then reloaded with 1)."""
+    code = "\n".join([
+        "import importlib, os",
+        "os.environ['GRPO_KERNELS_VERL_ROLLOUT_CORRECTION'] = '0'",
+        "import verl",
+        "from verl.trainer.ppo import core_algos, rollout_corr_helper as h",
+        "import grpo_kernels.integrations.verl_plugin as plugin",
+        "print(h.compute_rollout_correction_and_rejection_mask.__module__)",
+        "os.environ['GRPO_KERNELS_VERL_ROLLOUT_CORRECTION'] = '1'",
+        "importlib.reload(plugin)",
+        "print(h.compute_rollout_correction_and_rejection_mask.__module__)",
+        "print(sum(k.startswith('grpo_kernels_') for k in core_algos.ADV_ESTIMATOR_REGISTRY))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["verl.trainer.ppo.rollout_corr_helper",
+                                       "grpo_kernels.integrations.verl.rollout_correction",
+                                       str(len(gk_verl.ESTIMATORS))]
+
+
+def test_plugin_patches_a_module_when_it_is_imported(tmp_path, monkeypatch):
+    """verl's trainer and engine modules are imported after the plugin: their patches wait for it."""
+    from grpo_kernels.integrations import verl_plugin
+
+    (tmp_path / "gk_late_module.py").write_text("value = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gk_late_module", raising=False)
+    seen = []
+    verl_plugin.when_imported("gk_late_module", lambda m: seen.append(m.value))
+    assert seen == []
+    import gk_late_module  # noqa: F401
+
+    assert seen == [1]
+    verl_plugin.when_imported("gk_late_module", lambda m: seen.append(m.value + 1))  # imported: runs now
+    assert seen == [1, 2]

@@ -538,7 +538,8 @@ def wrap_compute_advantage(compute_advantage: Callable, backend: str = "auto") -
     return wrapped
 
 
-TRAINER_MODULES = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils", "verl.experimental.separation.ray_trainer")
+TRAINER_MODULES = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils",
+                   "verl.experimental.separation.ray_trainer")
 
 
 def patch_compute_advantage(modules=None) -> Tuple[str, ...]:

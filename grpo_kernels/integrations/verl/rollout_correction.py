@@ -180,7 +180,8 @@ def _rs_options(rollout_rs) -> List[str]:
         if not opt:
             continue
         if opt not in SUPPORTED_ROLLOUT_RS_OPTIONS:
-            raise ValueError(f"Invalid rollout_rs option: {opt}. Must be one of {sorted(SUPPORTED_ROLLOUT_RS_OPTIONS)}.")
+            raise ValueError(f"Invalid rollout_rs option: {opt}. "
+                             f"Must be one of {sorted(SUPPORTED_ROLLOUT_RS_OPTIONS)}.")
         if opt not in options:
             options.append(opt)
     if not options:
