@@ -483,17 +483,19 @@ def register_estimators(backend: str = "auto", prefix: str = LOSS_NAME_PREFIX) -
 
 
 # ------------------------------------------------------------------------------------------ trainer
+def _is_ours(name) -> bool:
+    return isinstance(name, str) and name.startswith(LOSS_NAME_PREFIX) and name[len(LOSS_NAME_PREFIX):] in ESTIMATORS
+
+
 def estimator_kwargs(name: str, batch: Any, non_tensor_batch: Dict[str, Any], config,
                      norm_adv_by_std_in_grpo: bool = True) -> Optional[Dict[str, Any]]:
     """The arguments verl's `ray_trainer.compute_advantage` gives verl's estimator `name`, for our
     estimator of that name: verl picks them by name (grpo gets norm_adv_by_std_in_grpo, the OTB
     estimators sum_pi_squared / old_log_probs / rollout_is_weights, gdpo the raw batch), which
     a `grpo_kernels_` name would otherwise miss. None for a name that is not ours."""
-    if not (isinstance(name, str) and name.startswith(LOSS_NAME_PREFIX)):
+    if not _is_ours(name):
         return None
     base = name[len(LOSS_NAME_PREFIX):]
-    if base not in ESTIMATOR_FUNCTIONS:
-        return None
     kwargs = dict(token_level_rewards=batch["token_level_rewards"], response_mask=batch["response_mask"])
     if base == "grpo":  # verl's own grpo branch: no config, the trainer's norm_adv_by_std_in_grpo
         kwargs.update(index=non_tensor_batch["uid"], norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo)
@@ -524,11 +526,11 @@ def wrap_compute_advantage(compute_advantage: Callable, backend: str = "auto") -
     def wrapped(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0, num_repeat: int = 1,
                 norm_adv_by_std_in_grpo: bool = True, config=None):
         name = adv_estimator.value if hasattr(adv_estimator, "value") else adv_estimator
-        if "response_mask" not in data.batch.keys():
+        if not _is_ours(name):
             return compute_advantage(data, adv_estimator, gamma, lam, num_repeat, norm_adv_by_std_in_grpo, config)
+        if "response_mask" not in data.batch.keys():  # as verl's compute_advantage: from its module
+            data.batch["response_mask"] = compute_advantage.__globals__["compute_response_mask"](data)
         kwargs = estimator_kwargs(name, data.batch, data.non_tensor_batch, config, norm_adv_by_std_in_grpo)
-        if kwargs is None:
-            return compute_advantage(data, adv_estimator, gamma, lam, num_repeat, norm_adv_by_std_in_grpo, config)
         advantages, returns = core_algos.get_adv_estimator_fn(name)(**kwargs)
         data.batch["advantages"] = advantages
         data.batch["returns"] = returns
