@@ -5,7 +5,6 @@ normalisation; every rejection option alone and chained; the same weights, mask 
 and values); one host read per call; verl's errors; and verl's call site gets ours once patched.
 """
 import importlib
-import os
 import subprocess
 import sys
 
