@@ -101,10 +101,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row (interleaved rounds)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared machine more threads time the neighbours)")
     output.add_arguments(parser)
     args = parser.parse_args(argv)
     if importlib.util.find_spec("verl") is None:
         raise SystemExit("verl is not installed")
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     label = device_name(device)
     provenance = output.provenance(label)
@@ -121,7 +124,7 @@ def main(argv=None) -> None:
             rows.append((name, impl, timing, reads[impl]))
     output.finish_provenance(provenance)
     lines = [f"# verl rollout correction: ours vs verl's ({label})", "",
-             output.provenance_line(provenance), "",
+             output.provenance_line(provenance) + f" {torch.get_num_threads()} torch thread(s).", "",
              f"B = {NUM_SEQUENCES} sequences × T = {args.seq_len} tokens, fp32 log-probs, int64 response mask "
              f"(random lengths T/8..T). One call of `compute_rollout_correction_and_rejection_mask` (verl) or "
              f"`grpo_kernels.integrations.verl.rollout_correction` with the same arguments: weights, rejection "
