@@ -187,11 +187,16 @@ def _scores(token_level_rewards: Tensor) -> Tensor:
     return token_level_rewards.sum(dim=-1)
 
 
+def _scores_and_groups(token_level_rewards: Tensor, index) -> Tuple[Tensor, GroupLayout]:
+    """Each response's outcome score (its token rewards summed, as verl sums them) and the groups."""
+    scores = _scores(token_level_rewards)
+    return scores, group_layout(index, scores.shape[0], scores.device)
+
+
 # ------------------------------------------------------------------------------------------ estimators
 def _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, backend):
     with torch.no_grad():
-        scores = _scores(token_level_rewards)
-        layout = group_layout(index, scores.shape[0], scores.device)
+        scores, layout = _scores_and_groups(token_level_rewards, index)
         adv = _rows_to_tokens(grpo_normalise(scores, layout, epsilon, norm_adv_by_std_in_grpo, backend), response_mask)
     return adv, adv
 
@@ -258,8 +263,7 @@ def compute_grpo_passk(token_level_rewards, response_mask, index, epsilon: float
         raise ValueError("grpo_passk needs config (verl's algorithm config, for norm_adv_by_std_in_grpo)")
     norm = _option(config, "norm_adv_by_std_in_grpo", True)
     with torch.no_grad():
-        scores = _scores(token_level_rewards)
-        layout = group_layout(index, scores.shape[0], scores.device)
+        scores, layout = _scores_and_groups(token_level_rewards, index)
         if (layout.counts_host < 2).any():
             raise ValueError(f"Pass@k requires at least 2 samples per group; {int((layout.counts_host < 2).sum())} "
                              "group(s) have 1")
@@ -280,39 +284,36 @@ def compute_reinforce_plus_plus_baseline(token_level_rewards, response_mask, ind
     """verl's `reinforce_plus_plus_baseline`: r − μ_g per row over the tokens, whitened over the
     valid tokens."""
     with torch.no_grad():
-        scores = _scores(token_level_rewards)
-        layout = group_layout(index, scores.shape[0], scores.device)
+        scores, layout = _scores_and_groups(token_level_rewards, index)
         mean, _ = verl_group_mean_std(scores, layout, backend)
         adv = _rows_to_tokens(scores - mean, response_mask)
         adv = masked_whiten(adv, response_mask) * response_mask
     return adv, adv
 
 
+def _rloo(token_level_rewards, response_mask, index, singleton_keeps_score: bool, backend: str):
+    """RLOO per row: r minus the mean of the group's other rows, n/(n−1)·(r − μ_g); a group of
+    one keeps its score (verl's rloo) or gets 0 (verl's rloo_vectorized)."""
+    with torch.no_grad():
+        scores, layout = _scores_and_groups(token_level_rewards, index)
+        mean, _ = group_mean_std(scores, layout, backend)
+        n = layout.counts[layout.group].to(scores.dtype)
+        adv = (scores - mean[layout.group]) * n / (n - 1).clamp(min=1)
+        adv = torch.where(n > 1, adv, scores if singleton_keeps_score else torch.zeros_like(scores))
+        adv = _rows_to_tokens(adv, response_mask)
+    return adv, adv
+
+
 def compute_rloo(token_level_rewards, response_mask, index, epsilon: float = 1e-6, config=None,
                  *, backend: str = "auto", **kwargs):
     """verl's `rloo`: n/(n−1)·(r − μ_g); a group of one keeps its score."""
-    with torch.no_grad():
-        scores = _scores(token_level_rewards)
-        layout = group_layout(index, scores.shape[0], scores.device)
-        mean, _ = verl_group_mean_std(scores, layout, backend)
-        n = layout.counts[layout.group].to(scores.dtype)
-        factor = n / (n - 1).clamp(min=1)
-        adv = torch.where(n > 1, scores * factor - mean * factor, scores)
-        adv = _rows_to_tokens(adv, response_mask)
-    return adv, adv
+    return _rloo(token_level_rewards, response_mask, index, True, backend)
 
 
 def compute_rloo_vectorized(token_level_rewards, response_mask, index, epsilon: float = 1e-6, config=None,
                             *, backend: str = "auto", **kwargs):
     """verl's `rloo_vectorized`: (n·r − Σ_g r)/(n − 1); a group of one gets 0."""
-    with torch.no_grad():
-        scores = _scores(token_level_rewards)
-        layout = group_layout(index, scores.shape[0], scores.device)
-        mean, _ = group_mean_std(scores, layout, backend)
-        n = layout.counts[layout.group].to(scores.dtype)
-        adv = (n * scores - mean[layout.group] * n) / (n - 1).clamp_min(1) * (n > 1)
-        adv = _rows_to_tokens(adv, response_mask)
-    return adv, adv
+    return _rloo(token_level_rewards, response_mask, index, False, backend)
 
 
 def compute_opo(token_level_rewards, response_mask, index, epsilon: float = 1e-6, config=None,
@@ -356,8 +357,7 @@ def compute_gpg(token_level_rewards, response_mask, index, epsilon: float = 1e-6
     """verl's `gpg`: α(r − μ_g)/f_norm with α = B / max(#nonzero scores, 1) (verl ignores the
     `alpha` argument; so do we)."""
     with torch.no_grad():
-        scores = _scores(token_level_rewards)
-        layout = group_layout(index, scores.shape[0], scores.device)
+        scores, layout = _scores_and_groups(token_level_rewards, index)
         alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)  # fp32, as verl's
         mean, _ = verl_group_mean_std(scores, layout, backend)
         adv = (alpha * (scores - mean) / f_norm).to(scores.dtype)
