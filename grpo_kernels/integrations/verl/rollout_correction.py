@@ -189,8 +189,9 @@ def _rs_options(rollout_rs) -> List[str]:
     return options
 
 
-def _rs_statistic(option: str, divergences: Dict[str, Tensor], mask: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    """(per-token statistic (B, T), per-sequence statistic (B,) or None) of one option."""
+def _rs_statistic(option: str, divergences: Dict[str, Tensor], mask: Tensor) -> Tuple[Optional[Tensor],
+                                                                                      Optional[Tensor]]:
+    """One option's statistic: (per token (B, T), None) for token_*, (None, per sequence (B,)) else."""
     estimator = divergences[option[-2:]]
     if option in TOKEN_LEVEL_ROLLOUT_RS_OPTIONS:
         return estimator, None
@@ -201,13 +202,35 @@ def _rs_statistic(option: str, divergences: Dict[str, Tensor], mask: Tensor) -> 
     else:  # seq_max: the largest valid token's divergence, 0 for a sequence without valid tokens
         seq = estimator.masked_fill(~mask.bool(), float("-inf")).max(dim=-1).values
         seq = torch.where(seq == float("-inf"), torch.zeros_like(seq), seq)
-    return seq.unsqueeze(-1).expand_as(mask), seq
+    return None, seq
+
+
+class _TokenWeights:
+    """Masked token means of a per-sequence value broadcast over its tokens, from (B,) values:
+    Σ_b v_b·len_b / (Σ len + 1e-8), verl's masked_mean of the broadcast (B, T) tensor without
+    building it."""
+
+    def __init__(self, mask: Tensor, dtype: torch.dtype):
+        self.lengths = mask.sum(dim=-1).to(dtype)
+        self.count = mask.sum()
+        self.total = self.count + 1e-8  # verl's masked_mean denominator, in the same dtype
+
+    def mean(self, per_sequence: Tensor) -> Tensor:
+        return (per_sequence * self.lengths).sum() / self.total
+
+    def clamped_std(self, per_sequence: Tensor, low: float, high: float) -> Tensor:
+        clamped = per_sequence.clamp(min=low, max=high)
+        var = self.mean(clamped.square()) - self.mean(clamped).square()
+        std = torch.sqrt(torch.clamp(var, min=0.0))
+        return torch.where(self.count > 1, std, torch.zeros_like(std))
 
 
 def _rejection_mask(log_ratio: Tensor, mask: Tensor, rollout_rs: str, rollout_rs_threshold,
                     metrics: _Metrics) -> Tensor:
     """verl's compute_rollout_rejection_mask (+ compute_rs_metrics): the response mask with the
-    rejected tokens (every option must pass) set to 0, in the mask's dtype."""
+    rejected tokens (every option must pass) set to 0, in the mask's dtype. A sequence-level
+    option's keep flag and statistics stay per sequence (B,): its token means are length-weighted
+    sums, not passes over a broadcast (B, T) tensor."""
     if rollout_rs_threshold is None:
         raise ValueError("rollout_rs_threshold must be provided for rejection sampling.")
     if log_ratio.shape[0] == 0:
@@ -216,63 +239,79 @@ def _rejection_mask(log_ratio: Tensor, mask: Tensor, rollout_rs: str, rollout_rs
     thresholds = _parse_rollout_rs_thresholds(options, rollout_rs_threshold)
     safe = torch.clamp(log_ratio, min=-SAFETY_BOUND, max=SAFETY_BOUND)
     divergences = {"k1": -safe, "k2": 0.5 * safe ** 2, "k3": torch.exp(safe) - 1.0 - safe}
-    keep_mask = mask.bool()
+    valid = mask.bool()
     seq_valid = mask.sum(dim=-1) > 0
-    combined = torch.ones_like(mask, dtype=log_ratio.dtype)
+    n_valid = seq_valid.sum()
+    per_token = _TokenWeights(mask, log_ratio.dtype)
+    token_combined = torch.ones_like(mask, dtype=log_ratio.dtype)  # the token options' keep, multiplied
+    seq_combined = torch.ones(mask.shape[0], dtype=log_ratio.dtype, device=mask.device)  # the sequence options'
     for option in options:
         is_k1 = option.endswith("k1")
         upper, lower = thresholds[option]["upper"], thresholds[option]["lower"]
         if is_k1:  # bounds on the log-ratio
             upper, lower = math.log(upper), math.log(lower)
         token_stat, seq_stat = _rs_statistic(option, divergences, mask)
-        token_keep = token_stat <= upper
+        stat = token_stat if seq_stat is None else seq_stat
+        keep = stat <= upper
         if is_k1:
-            token_keep = token_keep & (token_stat >= lower)
+            keep = keep & (stat >= lower)
         metric_lower = lower if is_k1 else 0.0
-        _rs_metrics(metrics, f"rollout_rs_{option}", token_stat, seq_stat, mask, seq_valid, upper, metric_lower, is_k1)
-        token_keep_float = token_keep.to(dtype=log_ratio.dtype)
-        combined = combined * token_keep_float
-        seq_keep = (~((~token_keep) & keep_mask)).all(dim=-1)
-        metrics[f"rollout_rs_{option}_masked_fraction"] = _masked_mean(1 - token_keep_float, mask)
-        seq_valid_float = seq_valid.float()
-        metrics[f"rollout_rs_{option}_seq_masked_fraction"] = (
-            ((1.0 - seq_keep.to(dtype=log_ratio.dtype)) * seq_valid_float).sum() / seq_valid_float.sum())
+        _rs_metrics(metrics, f"rollout_rs_{option}", token_stat, seq_stat, mask, seq_valid, per_token, upper,
+                    metric_lower, is_k1)
+        keep_float = keep.to(dtype=log_ratio.dtype)
+        if seq_stat is None:
+            token_combined = token_combined * keep_float
+            metrics[f"rollout_rs_{option}_masked_fraction"] = _masked_mean(1 - keep_float, mask)
+            rejected_seq = (~keep & valid).any(dim=-1)
+        else:
+            seq_combined = seq_combined * keep_float
+            metrics[f"rollout_rs_{option}_masked_fraction"] = per_token.mean(1 - keep_float)
+            rejected_seq = ~keep & seq_valid
+        metrics[f"rollout_rs_{option}_seq_masked_fraction"] = rejected_seq.to(log_ratio.dtype).sum() / n_valid
+    combined = token_combined * seq_combined.unsqueeze(-1)
     metrics["rollout_rs_masked_fraction"] = _masked_mean(1 - combined, mask)
-    final_keep = (combined > 0.5) & keep_mask
-    metrics["rollout_rs_seq_masked_fraction"] = (~final_keep & keep_mask).any(dim=-1).float().mean()
+    final_keep = (combined > 0.5) & valid
+    metrics["rollout_rs_seq_masked_fraction"] = (~final_keep & valid).any(dim=-1).float().mean()
     return (mask * combined).to(dtype=mask.dtype)
 
 
-def _rs_metrics(metrics: _Metrics, prefix: str, token_stat: Tensor, seq_stat: Optional[Tensor], mask: Tensor,
-                seq_valid: Tensor, upper: float, lower: float, use_lower: bool) -> None:
-    """verl's compute_rs_metrics for one option (the caller guarantees a valid token, as verl's
-    raise does: so some sequence is valid)."""
-    keep = mask.bool()
-    seq_values = seq_stat if seq_stat is not None else _masked_mean(token_stat, mask, axis=-1)
-    metrics[f"{prefix}_mean"] = _masked_mean(token_stat, mask)
-    if seq_stat is not None:  # sequence level: over the valid sequences
+def _rs_metrics(metrics: _Metrics, prefix: str, token_stat: Optional[Tensor], seq_stat: Optional[Tensor],
+                mask: Tensor, seq_valid: Tensor, per_token: _TokenWeights, upper: float, lower: float,
+                use_lower: bool) -> None:
+    """verl's compute_rs_metrics for one option, token_stat (B, T) or seq_stat (B,) given (the
+    caller guarantees a valid token, as verl's raise does: so some sequence is valid)."""
+    n_valid = seq_valid.sum()
+
+    def fraction_of_valid_sequences(flags):
+        return (flags & seq_valid).sum() / n_valid
+
+    if seq_stat is not None:  # sequence level: token means from the sequences, max/min/fractions over them
+        seq_values = seq_stat
+        metrics[f"{prefix}_mean"] = per_token.mean(seq_stat)
         metrics[f"{prefix}_max"] = _masked_max(seq_values, seq_valid)
         metrics[f"{prefix}_min"] = _masked_min(seq_values, seq_valid)
-        n_valid = seq_valid.sum()
-        metrics[f"{prefix}_fraction_high"] = ((seq_values > upper) & seq_valid).sum() / n_valid
-        metrics[f"{prefix}_fraction_low"] = (((seq_values < lower) & seq_valid).sum() / n_valid if use_lower
-                                             else 0.0)
+        metrics[f"{prefix}_fraction_high"] = fraction_of_valid_sequences(seq_values > upper)
+        metrics[f"{prefix}_fraction_low"] = fraction_of_valid_sequences(seq_values < lower) if use_lower else 0.0
+        metrics[f"{prefix}_std"] = per_token.clamped_std(seq_stat, lower if use_lower else 0.0, upper)
     else:
+        keep = mask.bool()
+        seq_values = _masked_mean(token_stat, mask, axis=-1)
+        metrics[f"{prefix}_mean"] = _masked_mean(token_stat, mask)
         metrics[f"{prefix}_max"] = _masked_max(token_stat, keep)
         metrics[f"{prefix}_min"] = _masked_min(token_stat, keep)
         metrics[f"{prefix}_fraction_high"] = _masked_mean((token_stat > upper).float(), mask)
         metrics[f"{prefix}_fraction_low"] = (_masked_mean((token_stat < lower).float(), mask) if use_lower
                                              else 0.0)
-    metrics[f"{prefix}_std"] = _clamped_std(token_stat, mask, lower if use_lower else 0.0, upper)
-    mean, std, n_valid = _subset_mean_std(seq_values, seq_valid)
+        metrics[f"{prefix}_std"] = _clamped_std(token_stat, mask, lower if use_lower else 0.0, upper)
+    mean, std, _ = _subset_mean_std(seq_values, seq_valid)
     metrics[f"{prefix}_seq_mean"] = mean
     metrics[f"{prefix}_seq_std"] = std
     metrics[f"{prefix}_seq_max"] = _masked_max(seq_values, seq_valid)
     metrics[f"{prefix}_seq_min"] = _masked_min(seq_values, seq_valid)
     metrics[f"{prefix}_seq_max_deviation"] = _masked_max(seq_values.abs(), seq_valid)
-    metrics[f"{prefix}_seq_fraction_high"] = ((seq_values > upper) & seq_valid).sum() / n_valid
+    metrics[f"{prefix}_seq_fraction_high"] = fraction_of_valid_sequences(seq_values > upper)
     if use_lower:
-        metrics[f"{prefix}_seq_fraction_low"] = ((seq_values < lower) & seq_valid).sum() / n_valid
+        metrics[f"{prefix}_seq_fraction_low"] = fraction_of_valid_sequences(seq_values < lower)
 
 
 # --------------------------------------------------------------------------------- off-policy metrics
