@@ -178,31 +178,17 @@ def _kept_stats(src, n, threshold, scale, cap, MASKED: tl.constexpr, HAS_CAP: tl
 
 
 @triton.jit
-def _pivot_pass(src, n, pivots, m_ref, min_p_bound, scale, cap, HAS_CAP: tl.constexpr,
-                HAS_MIN_P: tl.constexpr, WITH_MASS: tl.constexpr, KEY_SHIFT: tl.constexpr,
-                NPIV: tl.constexpr, BLOCK: tl.constexpr):
-    """For each pivot key c (pivots (NPIV,) int32, pivots[0] the smallest): the count and the mass
-    Σ exp(z' − m_ref) of the entries of src[0:n] in K1 (z' >= min_p_bound) with key >= c.
-    Tiles without an entry at or above the smallest pivot skip the pivot work."""
-    cols = tl.arange(0, BLOCK)
-    count = tl.zeros((NPIV,), tl.int32)
-    mass = tl.zeros((NPIV,), tl.float32)
-    lowest = tl.min(pivots, axis=0)
-    for start in range(0, n, BLOCK):
-        offs = start + cols
-        x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
-        key = _key(x, KEY_SHIFT)
-        live = (offs < n) & (key >= lowest)
-        z = _transform(x, scale, cap, HAS_CAP)
-        if HAS_MIN_P:
-            live = live & (z >= min_p_bound)
-        if tl.max(live.to(tl.int32), axis=0) > 0:
-            above = (key[None, :] >= pivots[:, None]) & live[None, :]
-            count += tl.sum(above.to(tl.int32), axis=1)
-            if WITH_MASS:
-                e = tl.exp(z - m_ref)
-                mass += tl.sum(tl.where(above, e[None, :], 0.0), axis=1)
-    return count, mass
+def _pivot_stats(key, live, e, pivots, WITH_MASS: tl.constexpr):
+    """For each pivot key c (pivots (NPIV,)) over the live entries of a tile (key, e): the count and
+    the mass Σe at or above c, the smallest key at or above c and the largest key below c."""
+    above = (key[None, :] >= pivots[:, None]) & live[None, :]
+    count = tl.sum(above.to(tl.int32), axis=1)
+    mass = tl.zeros(pivots.shape, tl.float32)
+    if WITH_MASS:
+        mass = tl.sum(tl.where(above, e[None, :], 0.0), axis=1)
+    above_min = tl.min(tl.where(above, key[None, :], 2147483647), axis=1)
+    below_max = tl.max(tl.where(live[None, :] & ~above, key[None, :], -2147483648), axis=1)
+    return count, mass, above_min, below_max
 
 
 @triton.jit
@@ -214,31 +200,69 @@ def _pivots(lo, hi, NPIV: tl.constexpr):
 
 
 @triton.jit
+def _narrow(lo, hi, reached, mass, above_min, below_max, NPIV: tl.constexpr):
+    """The bracket [lo, hi) after one pass: from the last pivot that reached the target (pivot 0, lo,
+    always does) to the first that did not, both moved onto keys present (the answer is one of
+    them: the count and mass change only at present keys). Returns lo, hi and the mass at lo."""
+    j = tl.arange(0, NPIV)
+    reached = reached | (j == 0)
+    a = tl.max(tl.where(reached, j, 0), axis=0)
+    b = tl.min(tl.where(reached, NPIV, j), axis=0)
+    new_lo = tl.minimum(tl.sum(tl.where(j == a, above_min, 0).to(tl.int64), axis=0), hi - 1)
+    new_hi = tl.where(b < NPIV, tl.sum(tl.where(j == b, below_max, 0).to(tl.int64), axis=0) + 1, hi)
+    return new_lo, tl.maximum(new_hi, new_lo + 1), tl.sum(tl.where(j == a, mass, 0.0), axis=0)
+
+
+@triton.jit
+def _kth_largest(keys, k, lo, hi, NPIV: tl.constexpr):
+    """The k-th largest of `keys` (a register vector, all in [lo, hi), k <= its size), by pivots."""
+    while hi - lo > 1:
+        pivots = _pivots(lo, hi, NPIV)
+        count, mass, above_min, below_max = _pivot_stats(keys, keys == keys, keys, pivots, False)
+        lo, hi, _ = _narrow(lo, hi, count >= k, mass, above_min, below_max, NPIV)
+    return lo
+
+
+@triton.jit
 def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, IS_COUNT: tl.constexpr,
             HAS_CAP: tl.constexpr, HAS_MIN_P: tl.constexpr, WITH_MASS: tl.constexpr,
             KEY_SHIFT: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
     """The largest key c in [lo, hi) whose count (IS_COUNT; target capped at the count at lo, the
-    size of K1 ∩ src) or mass (else) at or above c reaches `target`, and the mass at that key.
-    Invariants: lo reaches the target, hi does not (the key above the row's maximum)."""
+    size of K1 ∩ src) or mass Σ exp(z' − m_ref) (else) over the entries of src[0:n] in K1
+    (z' >= min_p_bound) at or above c reaches `target`, and the mass at that key.
+    Invariants: lo reaches the target, hi does not (hi − 1 is the row's largest key).
+    Tiles without an entry at or above lo skip the pivot work."""
+    cols = tl.arange(0, BLOCK)
     j = tl.arange(0, NPIV)
     target = tl.zeros((), tl.float32) + target
-    lo_mass = tl.full((), float("inf"), tl.float32)
+    lo_mass = tl.zeros((), tl.float32)
     while hi - lo > 1:
         pivots = _pivots(lo, hi, NPIV)
-        count, mass = _pivot_pass(src, n, pivots, m_ref, min_p_bound, scale, cap, HAS_CAP, HAS_MIN_P,
-                                  WITH_MASS, KEY_SHIFT, NPIV, BLOCK)
+        count = tl.zeros((NPIV,), tl.int32)
+        mass = tl.zeros((NPIV,), tl.float32)
+        above_min = tl.full((NPIV,), 2147483647, tl.int32)
+        below_max = tl.full((NPIV,), -2147483648, tl.int32)
+        for start in range(0, n, BLOCK):
+            offs = start + cols
+            x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+            key = _key(x, KEY_SHIFT)
+            z = _transform(x, scale, cap, HAS_CAP)
+            live = (offs < n) & (key >= lo)
+            if HAS_MIN_P:
+                live = live & (z >= min_p_bound)
+            if tl.max(live.to(tl.int32), axis=0) > 0:
+                c, w, a, b = _pivot_stats(key, live, tl.exp(z - m_ref), pivots, WITH_MASS)
+                count += c
+                mass += w
+                above_min = tl.minimum(above_min, a)
+                below_max = tl.maximum(below_max, b)
         if IS_COUNT:
             target = tl.minimum(target, tl.max(tl.where(j == 0, count, 0), axis=0).to(tl.float32))
             reached = count.to(tl.float32) >= target
         else:
             reached = mass >= target
-        lo_mass = tl.minimum(lo_mass, tl.min(tl.where(j == 0, mass, float("inf")), axis=0))
-        inner = j > 0
-        new_lo = tl.max(tl.where(inner & reached, pivots, lo.to(tl.int32)), axis=0).to(tl.int64)
-        hi = tl.min(tl.where(inner & ~reached, pivots.to(tl.int64), hi), axis=0)
-        lo_mass = tl.minimum(lo_mass, tl.min(tl.where(inner & reached, mass, float("inf")), axis=0))
-        lo = new_lo
-    return lo, tl.where(lo_mass == float("inf"), 0.0, lo_mass)
+        lo, hi, lo_mass = _narrow(lo, hi, reached, mass, above_min, below_max, NPIV)
+    return lo, lo_mass
 
 
 @triton.jit
@@ -287,8 +311,9 @@ def _logprobs_fwd_kernel(
             # Pass 2: candidates into the row's scratch (bounds in the header).
             key_bound = key_lowest
             if HAS_TOP_K:
-                ranked = tl.sort(class_max, dim=0, descending=True)
-                key_bound = tl.max(tl.where(tl.arange(0, KB) == top_k - 1, ranked, key_lowest), axis=0)
+                if top_k <= KB:
+                    key_bound = _kth_largest(class_max, top_k, key_lowest.to(tl.int64),
+                                             tl.max(class_max, axis=0).to(tl.int64) + 1, NPIV).to(tl.int32)
             z_bound = min_p_bound
             if HAS_TOP_P and not HAS_TOP_K:
                 if HAS_MIN_P:
