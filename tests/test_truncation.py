@@ -199,6 +199,8 @@ def test_grpo_loss_through_the_config(backend):
     assert_close(got.loss, want.loss, rtol=2e-5, atol=1e-6, name="loss")
     assert_close(got.logps, want_logp, rtol=2e-5, atol=2e-5, name="logps")
     assert_grad_close(x.grad.double().cpu(), leaf.grad, rel=5e-5, name="d_logits")
+    if backend in SLOW:  # the module and fused-linear forms only pass the settings on: wiring, not kernels
+        return
     module = gk.GRPOLoss(gk.GRPOLossConfig(temperature=0.9, **setting), backend=backend)
     assert_close(module(logits.to(DEVICE), ids.to(DEVICE), adv, **common).loss, want.loss, rtol=2e-5, atol=1e-6,
                  name="GRPOLoss")
