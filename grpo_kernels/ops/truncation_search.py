@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..transform import KernelTransform
 from ..truncation import Truncation
 
 DIGIT_BITS = 8
