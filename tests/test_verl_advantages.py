@@ -268,8 +268,9 @@ def _import_fsdp_engine(monkeypatch):
         pytest.skip(f"verl's FSDP engine does not import here: {exc}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("remove_padding", [True, False], ids=["packed", "padded"])
-def test_fsdp_engine_gives_sum_pi_squared_with_fused_kernels(monkeypatch, remove_padding):
+def test_fsdp_engine_gives_sum_pi_squared_with_fused_kernels(monkeypatch, remove_padding, backend):
     """verl refuses calculate_sum_pi_squared with use_fused_kernels (it needs the logits); with
     patch_sum_pi_squared the engine's fused forward returns Σπ² from our fused-linear pass, laid out
     as the log-probs (nested, per sequence), equal to verl's Σπ² from the materialised logits."""
@@ -321,7 +322,7 @@ def test_fsdp_engine_gives_sum_pi_squared_with_fused_kernels(monkeypatch, remove
 
     with pytest.raises(NotImplementedError, match="Σπ²"):  # verl alone
         forward(Engine())
-    gk_spsq.patch_sum_pi_squared(backend="torch", engine_class=Engine)
+    gk_spsq.patch_sum_pi_squared(backend=backend, engine_class=Engine)
     out = forward(Engine())
     expected = verl_F.calculate_sum_pi_squared_from_logits(torch.cat(hidden) @ weight.T / temperature)
     assert out["sum_pi_squared"].is_nested and out["sum_pi_squared"].offsets().tolist() == [0, 3, 8, 10]
