@@ -110,7 +110,7 @@ def test_each_rejection_option_matches_verl(option, dtype):
 
 @pytest.mark.parametrize("option", ["token_k1", "seq_sum_k1", "seq_mean_k1"])
 def test_k1_single_upper_bound_means_reciprocal_lower(option):
-    inputs = make_inputs(seed=11, dtype=torch.float32)
+    inputs = make_inputs(seed=11, dtype=torch.float32, mask_dtype=torch.bool)  # and a bool mask
     assert_same(*run_both(inputs, rollout_rs=option, rollout_rs_threshold=1.3), torch.float32)
 
 
