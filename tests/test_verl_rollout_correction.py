@@ -5,6 +5,7 @@ normalisation; every rejection option alone and chained; the same weights, mask 
 and values); one host read per call; verl's errors; and verl's call site gets ours once patched.
 """
 import importlib
+import json
 import subprocess
 import sys
 
@@ -184,27 +185,72 @@ def test_patched_call_site_gets_ours():
         assert metrics[key] == pytest.approx(value, **metric_tolerance(key, expected_metrics, torch.float32)), key
 
 
-def test_plugin_installs_ours_in_a_fresh_process():
-    """`import verl` alone (as in a Ray worker) loads our entry point: the estimators are registered
-    and verl's rollout correction is ours; GRPO_KERNELS_VERL_ROLLOUT_CORRECTION=0 keeps verl's (one
-    process for both: the plugin is imported with 0, then reloaded with 1)."""
-    code = "\n".join([
-        "import importlib, os",
-        "os.environ['GRPO_KERNELS_VERL_ROLLOUT_CORRECTION'] = '0'",
-        "import verl",
-        "from verl.trainer.ppo import core_algos, rollout_corr_helper as h",
-        "import grpo_kernels.integrations.verl_plugin as plugin",
-        "print(h.compute_rollout_correction_and_rejection_mask.__module__)",
-        "os.environ['GRPO_KERNELS_VERL_ROLLOUT_CORRECTION'] = '1'",
-        "importlib.reload(plugin)",
-        "print(h.compute_rollout_correction_and_rejection_mask.__module__)",
-        "print(sum(k.startswith('grpo_kernels_') for k in core_algos.ADV_ESTIMATOR_REGISTRY))",
-    ])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-3:] == ["verl.trainer.ppo.rollout_corr_helper",
-                                       "grpo_kernels.integrations.verl.rollout_correction",
-                                       str(len(gk_verl.ESTIMATORS))]
+# Run in a fresh process: `import verl` loads our plugin there as in a Ray worker.
+PLUGIN_SCRIPT = """
+import importlib, importlib.util, json, os, sys, types, warnings
+os.environ["GRPO_KERNELS_VERL_ROLLOUT_CORRECTION"] = "0"
+import verl
+from verl.trainer.ppo import core_algos, rollout_corr_helper as helper
+import grpo_kernels.integrations.verl_plugin as plugin
+out = {"rollout_correction_off": helper.compute_rollout_correction_and_rejection_mask.__module__}
+os.environ["GRPO_KERNELS_VERL_ROLLOUT_CORRECTION"] = "1"
+importlib.reload(plugin)
+out["rollout_correction_on"] = helper.compute_rollout_correction_and_rejection_mask.__module__
+out["estimators"] = sum(k.startswith("grpo_kernels_") for k in core_algos.ADV_ESTIMATOR_REGISTRY)
+# verl's trainer modules, imported after the plugin. Third-party modules they import at the top
+# and the advantage path never uses are stood in for where this environment lacks them.
+names = ("transfer_queue", "cachetools", "uvicorn", "fastapi", "torchdata", "torchdata.stateful_dataloader",
+         "aiohttp", "peft", "peft.utils", "peft.utils.save_and_load")
+missing = {top for top in {n.split(".")[0] for n in names} if importlib.util.find_spec(top) is None}
+for name in names:
+    if name.split(".")[0] in missing:
+        stub = types.ModuleType(name)
+        stub.__path__ = []
+        stub.__getattr__ = lambda attr: type(attr, (), {})
+        sys.modules[name] = stub
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import verl.trainer.ppo.ray_trainer as trainer
+    import verl.trainer.ppo.v1.utils as v1
+import numpy as np, torch
+from verl.protocol import DataProto
+from verl.trainer.config import AlgoConfig
+g = torch.Generator().manual_seed(0)
+B, T = 8, 6
+tensors = dict(token_level_rewards=torch.randn(B, T, generator=g), response_mask=torch.ones(B, T),
+               old_log_probs=-torch.rand(B, T, generator=g), sum_pi_squared=torch.rand(B, T, generator=g) * 0.3)
+uid = np.array(["p"] * 4 + ["q"] * 4, dtype=object)
+keys = [f"{u}_{i // 2}_{i % 2}" for i, u in enumerate(uid)]  # agent sessions of two outputs each
+def advantages(estimator, multi):
+    data = DataProto.from_dict(tensors={k: v.clone() for k, v in tensors.items()}, non_tensors={"uid": uid.copy()})
+    if multi:
+        data = v1.compute_advantage_for_multi_trajectories(data, keys, estimator, config=AlgoConfig())
+    else:
+        data = trainer.compute_advantage(data, estimator, norm_adv_by_std_in_grpo=False, config=AlgoConfig())
+    return data.batch["advantages"]
+for name, multi in (("grpo", True), ("grpo", False), ("rloo", False), ("optimal_token_baseline", False)):
+    theirs, ours = advantages(name, multi), advantages("grpo_kernels_" + name, multi)
+    out[f"{name}{'_multi' if multi else ''}"] = [float((theirs - ours).abs().max()), float(theirs.abs().max())]
+print(json.dumps(out))
+"""
+
+
+def test_plugin_in_a_fresh_process():
+    """`import verl` alone loads our entry point: the estimators are registered and verl's
+    rollout correction is ours (GRPO_KERNELS_VERL_ROLLOUT_CORRECTION=0 keeps verl's: the plugin is
+    imported with 0, then reloaded with 1). verl's trainer modules imported afterwards give
+    grpo_kernels_<name> what they give <name>: the trainer's compute_advantage (grpo with
+    norm_adv_by_std_in_grpo=False, rloo, optimal_token_baseline with its Σπ² and old log-probs)
+    and v1's multi-trajectory GRPO (the final output of each agent session, broadcast)."""
+    out = subprocess.run([sys.executable, "-c", PLUGIN_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result.pop("rollout_correction_off") == "verl.trainer.ppo.rollout_corr_helper"
+    assert result.pop("rollout_correction_on") == "grpo_kernels.integrations.verl.rollout_correction"
+    assert result.pop("estimators") == len(gk_verl.ESTIMATORS)
+    assert set(result) == {"grpo_multi", "grpo", "rloo", "optimal_token_baseline"}
+    for name, (difference, scale) in result.items():
+        assert scale > 0.1 and difference < 1e-5, name
 
 
 def test_plugin_patches_a_module_when_it_is_imported(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
   - our policy losses, as `grpo_kernels_vanilla`, `_gspo`, `_cispo`, `_sapo`;
   - our advantage estimators, as `grpo_kernels_<name>` for every verl estimator but gae, and
     verl's trainer `compute_advantage` made to give them the arguments verl gives its own
-    estimator of that name (patched when verl's ray_trainer is imported);
+    estimator of that name (patched when verl's ray_trainer and v1 trainer utils are imported);
   - our rollout correction (one host read) in place of verl's
     `rollout_corr_helper.compute_rollout_correction_and_rejection_mask`
     (GRPO_KERNELS_VERL_ROLLOUT_CORRECTION=0 keeps verl's);
@@ -48,7 +48,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-_HOOK = _AfterImport()
+# One hook per process, also when this module is reloaded (its class is then a new one).
+_HOOK = next((f for f in sys.meta_path if type(f).__name__ == "_AfterImport" and type(f).__module__ == __name__),
+             None) or _AfterImport()
 
 
 def when_imported(module_name: str, callback: Callable) -> None:
@@ -64,7 +66,8 @@ def when_imported(module_name: str, callback: Callable) -> None:
 
 REGISTERED = _verl.register(BACKEND)
 REGISTERED_ESTIMATORS = _verl.register_estimators(BACKEND)
-when_imported("verl.trainer.ppo.ray_trainer", lambda m: _verl.patch_compute_advantage([m.__name__]))
+for _trainer in ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils"):  # each binds the names at import
+    when_imported(_trainer, lambda m: _verl.patch_compute_advantage([m.__name__]))
 if os.environ.get("GRPO_KERNELS_VERL_ROLLOUT_CORRECTION", "1") != "0":
     _verl.patch_rollout_correction()
 if os.environ.get("GRPO_KERNELS_VERL_FUSED_LINEAR", "0") == "1":

@@ -23,6 +23,7 @@ token) we do not read the device to raise: the whitened values are 0 there.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -516,7 +517,17 @@ def estimator_kwargs(name: str, batch: Any, non_tensor_batch: Dict[str, Any], co
     return kwargs
 
 
-def wrap_compute_advantage(compute_advantage: Callable, backend: str = "auto") -> Callable:
+# Set while verl's v1 multi-trajectory GRPO runs for grpo_kernels_grpo: its inner compute_advantage
+# calls (made with verl's "grpo") then run ours.
+_GRPO_IS_OURS = contextvars.ContextVar("grpo_kernels_grpo_is_ours", default=False)
+OUR_GRPO = f"{LOSS_NAME_PREFIX}grpo"
+
+
+def _estimator_name(adv_estimator) -> str:
+    return adv_estimator.value if hasattr(adv_estimator, "value") else adv_estimator
+
+
+def wrap_compute_advantage(compute_advantage: Callable) -> Callable:
     """verl's `ray_trainer.compute_advantage`, giving our `grpo_kernels_<name>` estimators the
     arguments verl gives `<name>` (see estimator_kwargs); every other estimator goes to verl's."""
     if getattr(compute_advantage, "grpo_kernels_wrapped", False):
@@ -525,7 +536,9 @@ def wrap_compute_advantage(compute_advantage: Callable, backend: str = "auto") -
     @functools.wraps(compute_advantage)
     def wrapped(data, adv_estimator, gamma: float = 1.0, lam: float = 1.0, num_repeat: int = 1,
                 norm_adv_by_std_in_grpo: bool = True, config=None):
-        name = adv_estimator.value if hasattr(adv_estimator, "value") else adv_estimator
+        name = _estimator_name(adv_estimator)
+        if name == "grpo" and _GRPO_IS_OURS.get():
+            name = OUR_GRPO
         if not _is_ours(name):
             return compute_advantage(data, adv_estimator, gamma, lam, num_repeat, norm_adv_by_std_in_grpo, config)
         if "response_mask" not in data.batch.keys():  # as verl's compute_advantage: from its module
@@ -540,20 +553,48 @@ def wrap_compute_advantage(compute_advantage: Callable, backend: str = "auto") -
     return wrapped
 
 
+def wrap_multi_trajectories(compute_advantage_for_multi_trajectories: Callable) -> Callable:
+    """verl's v1 `compute_advantage_for_multi_trajectories`, which treats GRPO apart (advantages
+    from each agent session's final output, broadcast to the session): grpo_kernels_grpo takes
+    that path too, with our estimator inside it."""
+    if getattr(compute_advantage_for_multi_trajectories, "grpo_kernels_wrapped", False):
+        return compute_advantage_for_multi_trajectories
+
+    @functools.wraps(compute_advantage_for_multi_trajectories)
+    def wrapped(data, batch_keys, adv_estimator, *args, **kwargs):
+        if _estimator_name(adv_estimator) != OUR_GRPO:
+            return compute_advantage_for_multi_trajectories(data, batch_keys, adv_estimator, *args, **kwargs)
+        token = _GRPO_IS_OURS.set(True)
+        try:
+            return compute_advantage_for_multi_trajectories(data, batch_keys, core_algos.AdvantageEstimator.GRPO,
+                                                            *args, **kwargs)
+        finally:
+            _GRPO_IS_OURS.reset(token)
+
+    wrapped.grpo_kernels_wrapped = True
+    return wrapped
+
+
 TRAINER_MODULES = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils",
                    "verl.experimental.separation.ray_trainer")
 
 
 def patch_compute_advantage(modules=None) -> Tuple[str, ...]:
-    """Install `wrap_compute_advantage` as `compute_advantage` in verl's trainer modules that are
-    imported (by default TRAINER_MODULES, looked up in sys.modules: each binds the name at import).
-    Returns the patched module names."""
+    """Install `wrap_compute_advantage` as `compute_advantage` (and `wrap_multi_trajectories` as
+    v1's `compute_advantage_for_multi_trajectories`) in verl's trainer modules that are imported
+    (by default TRAINER_MODULES, looked up in sys.modules: each binds the names at its import, so
+    the plugin patches each as it is imported). Returns the patched module names."""
     import sys
 
     patched = []
     for module_name in modules or TRAINER_MODULES:
         module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, "compute_advantage"):
+        if module is None:
+            continue
+        if hasattr(module, "compute_advantage"):
             module.compute_advantage = wrap_compute_advantage(module.compute_advantage)
             patched.append(module_name)
+        if hasattr(module, "compute_advantage_for_multi_trajectories"):
+            module.compute_advantage_for_multi_trajectories = wrap_multi_trajectories(
+                module.compute_advantage_for_multi_trajectories)
     return tuple(patched)
