@@ -13,8 +13,13 @@ read; a torch index on a GPU costs the one read). The group statistics (mean, Be
 from the backend `group_advantages` op (ops/advantages.py) in one call, with the rows laid out as
 consecutive equal groups when every group has the same size (the op then never reads the device);
 per-group sums and top-2 of per-row or per-token values are taken on a (groups, members, ...)
-grid gathered on the device. No `.item()` and no Python loop over rows or groups: verl's loops
-(one `.item()`-free but per-row torch op each) become a handful of batched ops.
+grid gathered on the device. No `.item()` and no Python loop over rows or groups, where verl's
+loop estimators run torch ops per row and per group (and read the device per group in
+grpo_passk and the OTB estimators, per row in tir_optimal_token_baseline).
+
+Also here: the trainer wiring (`estimator_kwargs`, `wrap_compute_advantage`,
+`wrap_multi_trajectories`, `patch_compute_advantage`), since verl's trainer chooses an
+estimator's arguments by its name.
 
 Where verl has a rule for a corner, it is kept: a singleton group has mean 0 and std 1 (grpo,
 gpg, rloo keeps the raw score, rloo_vectorized gives 0, OTB uses no baseline); grpo_passk raises
@@ -203,14 +208,15 @@ def _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in
 
 
 def compute_grpo(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
-                 norm_adv_by_std_in_grpo: bool = True, config=None, *, backend: str = "auto"):
+                 norm_adv_by_std_in_grpo: bool = True, config=None, *, backend: str = "auto", **kwargs):
     """verl's `grpo`: (r − μ_g)/(σ_g + ε) (or r − μ_g with norm_adv_by_std_in_grpo=False) per row,
     broadcast over the response mask; a group of one has μ 0, σ 1."""
     return _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, backend)
 
 
 def compute_grpo_vectorized(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
-                            norm_adv_by_std_in_grpo: bool = True, config=None, *, backend: str = "auto"):
+                            norm_adv_by_std_in_grpo: bool = True, config=None, *, backend: str = "auto",
+                            **kwargs):
     """verl's `grpo_vectorized`: verl computes its group statistics in fp32 (verl.utils.group_mean_std);
     ours are in the rewards' dtype, so in fp64 they agree to fp32 rounding."""
     return _grpo(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, backend)
