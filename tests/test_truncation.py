@@ -411,3 +411,28 @@ def test_config_fields_accept_none_as_off():
     config = gk.GRPOLossConfig(top_k=None, top_p=None, min_p=None)
     assert not config.truncation.active
     assert gk.GRPOLossConfig(top_p=0.9).truncation.top_p == 0.9
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in SLOW])
+def test_compiles_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) of the truncated log-probs with Σπ² and the truncated loss:
+    the settings are constants of the graph, the thresholds stay on the device."""
+    logits, ids, kw, _ = layout_inputs("packed", torch.float32, seed=5)
+    logits, ids = logits.to(DEVICE), ids.to(DEVICE)
+    adv = torch.tensor([1.0, -0.5, 0.7], device=DEVICE)
+    setting = dict(top_k=12, top_p=0.8, min_p=0.03)
+
+    def step(x):
+        logp, sum_pi_sq = gk.selective_logprobs(x, ids, return_sum_pi_squared=True, backend=backend, validate=False,
+                                                **setting)
+        loss = gk.grpo_loss(x, ids, adv, backend=backend, validate=False, **setting, **kw).loss
+        return logp, sum_pi_sq, loss
+
+    torch._dynamo.reset()
+    eager_x, compiled_x = (logits.clone().requires_grad_(True) for _ in range(2))
+    eager, traced = step(eager_x), torch.compile(step, backend="aot_eager", fullgraph=True)(compiled_x)
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    eager[2].backward()
+    traced[2].backward()
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-6, atol=1e-8)
