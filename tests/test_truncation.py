@@ -413,10 +413,11 @@ def test_config_fields_accept_none_as_off():
     assert gk.GRPOLossConfig(top_p=0.9).truncation.top_p == 0.9
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in SLOW])
-def test_compiles_without_graph_breaks(backend):
+def test_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) of the truncated log-probs with Σπ² and the truncated loss:
-    the settings are constants of the graph, the thresholds stay on the device."""
+    the settings are constants of the graph, the thresholds stay on the device (one backend: the
+    wrapper code traced is the same for all)."""
+    backend = [b for b in BACKENDS if b not in SLOW][-1]
     logits, ids, kw, _ = layout_inputs("packed", torch.float32, seed=5)
     logits, ids = logits.to(DEVICE), ids.to(DEVICE)
     adv = torch.tensor([1.0, -0.5, 0.7], device=DEVICE)
