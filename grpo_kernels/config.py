@@ -16,6 +16,7 @@ import torch
 
 from .options import Agg, IsMode, KlKind, Level, LossParams, PolicyLoss
 from .transform import LogitTransform, kernel_transform
+from .truncation import Truncation, make_truncation
 
 LOSS_TYPE_PRESETS = {
     # loss_type: (policy_loss, loss_agg_mode)
@@ -86,6 +87,10 @@ class GRPOLossConfig:
         top_entropy_quantile: keep only the top-q entropy tokens in the policy term (1.0 = all).
         is_correction: rollout importance-sampling correction mode, or None (off).
         is_clip_min / is_clip_max: its truncation / masking bounds.
+        top_k, top_p, min_p: the rollout sampler's truncation (vLLM's and `generate`'s settings;
+            0 / 1.0 / 0.0 or None: off). The log-probs, entropy and gradient are then those of the
+            distribution the tokens were sampled from: the softmax renormalised over the kept set
+            (docs/math.md "Truncated sampling"). They steer the log-prob pass, not the objective.
     """
 
     loss_type: str = "dapo"
@@ -119,6 +124,9 @@ class GRPOLossConfig:
     is_correction: Optional[str] = None
     is_clip_min: Optional[float] = None
     is_clip_max: Optional[float] = 3.0
+    top_k: Optional[int] = 0
+    top_p: Optional[float] = 1.0
+    min_p: Optional[float] = 0.0
 
     def __post_init__(self) -> None:
         # One loop over the tables below (no call per field: a config is built on every call
@@ -176,6 +184,10 @@ class GRPOLossConfig:
             raise ValueError(
                 f"GRPOLossConfig.is_correction={self.is_correction!r} needs is_clip_min and/or is_clip_max"
             )
+        try:
+            make_truncation(self.top_k, self.top_p, self.min_p)
+        except ValueError as exc:
+            raise ValueError(f"GRPOLossConfig.{exc}") from None
 
     # Resolved views: what the math actually uses once presets and aliases are applied.
     @property
@@ -197,6 +209,11 @@ class GRPOLossConfig:
     @property
     def logit_transform(self) -> "LogitTransform":
         return LogitTransform(self.temperature, self.logit_scale, self.final_logit_softcapping)
+
+    @property
+    def truncation(self) -> Truncation:
+        """The sampler's truncation (top_k, top_p, min_p) as the log-prob pass takes it."""
+        return make_truncation(self.top_k, self.top_p, self.min_p)
 
     @property
     def kl_kind(self) -> str:

@@ -30,12 +30,13 @@ from .inputs import (
 )
 from .ops import objective_inputs as io
 from .ops.dispatch import resolve_backend, stats_dtype
-from .ops.logprobs import logits_grad, safe_ids
+from .ops.logprobs import RowStats, logits_grad, safe_ids
 from .ops.normalizers import batch_totals
 from .ops.objective import objective_pass
 from .outputs import GRPOLossOutput
 from .options import LossParams
 from .transform import KernelTransform, LogitTransform
+from .truncation import Truncation, make_truncation
 from .validation import (
     FLOAT_DTYPES, LOGITS_FROM_HIDDEN, DeferredChecks, check_ids, check_logp_finite, require_device, require_tensor,
 )
@@ -213,6 +214,7 @@ class LinearPlan(NamedTuple):
     weights_per_seq: bool
     shard: Optional[VocabShard]  # this rank's slice of a vocabulary-parallel lm_head (vocab_parallel.py)
     reduce_hidden_grad: bool
+    truncation: Truncation  # the sampler's top-k / top-p / min-p (the log-probs of its kept set)
 
 
 class _FusedLinearGRPO(torch.autograd.Function):
@@ -235,10 +237,15 @@ class _FusedLinearGRPO(torch.autograd.Function):
         logits_of = _LogitsBuffer(min(rows, max(n, 1)), weight, bias, h_rows)
         logp_all = torch.zeros(n, dtype=stats_dtype(hidden), device=hidden.device)
         ent_all, lse_all = torch.zeros_like(logp_all), torch.zeros_like(logp_all)
+        truncation = plan.truncation
+        # Each chunk's rows are whole rows of the vocabulary (or of this rank's slice): the kernel
+        # finds their thresholds from the chunk's logits; the backward takes them back.
+        threshold_all = torch.full_like(logp_all, float("-inf")) if truncation.active else None
 
         if params.has_entropy_mask:  # the quantile is batch-wide: one forward pass first
             for s0, s1 in row_blocks(0, n, rows):
-                _, ent_all[s0:s1], _ = rows_stats(logits_of(s0, s1), ids[s0:s1], tau, backend, shard)
+                ent_all[s0:s1] = rows_stats(logits_of(s0, s1), ids[s0:s1], tau, backend, shard,
+                                            truncation=truncation).entropy
         totals = batch_totals(ent_all, mask, tokens.cu_seqlens, params, num_items)
         prep = io.prepare(logp_all, ent_all, mask, advantages, tokens.cu_seqlens, params, old_logp=old, ref_logp=ref,
                           sampling_logp=sampling, is_weights=is_weights, totals=totals,
@@ -253,14 +260,18 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         def forward_rows(s0, s1):
             logits = logits_of(s0, s1)
-            logp_all[s0:s1], ent_all[s0:s1], lse_all[s0:s1] = rows_stats(logits, ids[s0:s1], tau, backend, shard)
+            stats = rows_stats(logits, ids[s0:s1], tau, backend, shard, truncation=truncation)
+            logp_all[s0:s1], ent_all[s0:s1], lse_all[s0:s1] = stats.logp, stats.entropy, stats.lse
+            if threshold_all is not None:
+                threshold_all[s0:s1] = stats.threshold
             return logits
 
         def backward_rows(logits, s0, s1):
             # Without an entropy bonus dL/dH is 0: the cheaper backward without the entropy term.
             g_ent = prep.g_entropy[s0:s1] if params.entropy_coef != 0.0 else None
             dlogits = logits_grad(logits, gradient_ids(ids[s0:s1], shard), lse_all[s0:s1], ent_all[s0:s1],
-                                  prep.g_logp[s0:s1], g_ent, tau, backend, inplace=True)
+                                  prep.g_logp[s0:s1], g_ent, tau, backend, inplace=True,
+                                  threshold=None if threshold_all is None else threshold_all[s0:s1])
             accumulate_input_grads(dlogits, h_rows[s0:s1], weight, None if d_hidden is None else d_hidden[s0:s1],
                                    d_weight, d_bias)
 
@@ -377,7 +388,7 @@ def fused_linear_grpo_loss(
     plan = LinearPlan(params, name, _chunk_rows(chunk_size, vocab, hidden, shard), bool(accumulate_weight_grad_fp32),
                       cu_seqlens is not None, token_shape, advantages_per_token(advantages, tokens),
                       is_weights is not None and weights_per_sequence(is_weights, tokens), shard,
-                      bool(reduce_hidden_grad))
+                      bool(reduce_hidden_grad), cfg.truncation)
     batch = LossBatch(_kernel_ids(ids, vocab, shard), flat_mask, flat(advantages), flat(old_logps), flat(ref_logps),
                       flat(sampling_logps), flat(is_weights), num_items_in_batch, tokens.cu_seqlens)
     loss, logp, entropy, per_token_loss, vector = _FusedLinearGRPO.apply(hidden, weight, bias, plan, *batch)
@@ -395,27 +406,31 @@ def _kernel_ids(ids, vocab: int, shard: Optional[VocabShard]):
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
-    """Chunked logp/entropy; the backward recomputes each chunk's logits (nothing of size V is kept)."""
+    """Chunked logp/entropy (and Σp²); the backward recomputes each chunk's logits (nothing of
+    size V is kept; with truncation, each row's threshold is)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, transform, rows, backend, shard, reduce_hidden_grad):
+    def forward(ctx, hidden, weight, bias, ids, transform, rows, backend, shard, reduce_hidden_grad,
+                truncation: Truncation, with_sum_pi_sq: bool):
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         n = ids.numel()
         logits_of = _LogitsBuffer(min(rows, max(n, 1)), weight, bias, h_rows)
-        logp = torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device)
-        ent, lse = torch.empty_like(logp), torch.empty_like(logp)
+        stats = RowStats(*(torch.empty(n, dtype=stats_dtype(hidden), device=hidden.device) for _ in RowStats._fields))
         for r0, r1 in row_blocks(0, n, rows):
-            logp[r0:r1], ent[r0:r1], lse[r0:r1] = rows_stats(logits_of(r0, r1), ids[r0:r1], transform, backend,
-                                                             shard)
-        ctx.save_for_backward(hidden, weight, bias, gradient_ids(ids, shard), lse, ent)
+            chunk = rows_stats(logits_of(r0, r1), ids[r0:r1], transform, backend, shard, True, truncation,
+                               with_sum_pi_sq)
+            for whole, part in zip(stats, chunk):
+                whole[r0:r1] = part
+        ctx.save_for_backward(hidden, weight, bias, gradient_ids(ids, shard), stats.lse, stats.entropy,
+                              stats.threshold if truncation.active else None)
         ctx.transform, ctx.rows, ctx.backend = transform, rows, backend
         ctx.shard, ctx.reduce_hidden_grad = shard, reduce_hidden_grad
-        ctx.mark_non_differentiable(lse)
-        return logp, ent, lse
+        ctx.mark_non_differentiable(stats.lse, stats.sum_pi_sq)
+        return stats.logp, stats.entropy, stats.lse, stats.sum_pi_sq
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, _):
-        hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
+    def backward(ctx, g_logp, g_ent, _, _sum_pi_sq):
+        hidden, weight, bias, ids, lse, ent, threshold = ctx.saved_tensors
         h_rows = hidden.reshape(-1, hidden.shape[-1])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_hidden = torch.empty_like(h_rows) if need_h else None
@@ -427,14 +442,15 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         logits_of = _LogitsBuffer(min(ctx.rows, max(ids.numel(), 1)), weight, bias, h_rows)
         for r0, r1 in row_blocks(0, ids.numel(), ctx.rows):
             dlogits = logits_grad(logits_of(r0, r1), ids[r0:r1], lse[r0:r1], ent[r0:r1], g_logp[r0:r1],
-                                  None if g_ent is None else g_ent[r0:r1], ctx.transform, ctx.backend, inplace=True)
+                                  None if g_ent is None else g_ent[r0:r1], ctx.transform, ctx.backend, inplace=True,
+                                  threshold=None if threshold is None else threshold[r0:r1])
             accumulate_input_grads(dlogits, h_rows[r0:r1], weight, None if d_hidden is None else d_hidden[r0:r1],
                                    d_weight, d_bias)
         if ctx.shard is not None and ctx.reduce_hidden_grad and d_hidden is not None:
             ctx.shard.all_reduce(d_hidden)
         return (None if d_hidden is None else d_hidden.view(hidden.shape),
                 None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None, None, None)
+                None if d_bias is None else d_bias.to(bias.dtype)) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def fused_linear_selective_logprobs(
@@ -454,6 +470,10 @@ def fused_linear_selective_logprobs(
     process_group=None,
     vocab_start: Optional[int] = None,
     reduce_hidden_grad: bool = True,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    return_sum_pi_squared: bool = False,
 ):
     """Per-token log-probs (and entropy) of `ids` under softmax(z'), z' the transformed logits
     c·tanh(s·(hidden @ weight.T + bias)/c)/τ (s = logit_scale, c = final_logit_softcapping; without
@@ -466,8 +486,12 @@ def fused_linear_selective_logprobs(
     An empty batch (no rows) is not an error: empty log-probs, zero gradients.
     `process_group`, `vocab_start`, `reduce_hidden_grad`: a vocabulary-parallel lm_head, as in
     `fused_linear_grpo_loss` (weight holds this rank's (V_local, H) rows).
+    `top_k`, `top_p`, `min_p` (the sampler's truncation) and `return_sum_pi_squared` (Σ_v p_v² per
+    token, appended last) as in `selective_logprobs`; each chunk finds its rows' thresholds from
+    its own logits (a chunk holds whole rows), across ranks when vocabulary-parallel.
     """
     checks = DeferredChecks(validate)
+    truncation = make_truncation(top_k, top_p, min_p)
     _check_linear_inputs(hidden, weight, bias, None)
     transform = LogitTransform(temperature, logit_scale, final_logit_softcapping).kernel
     mask = check_ids_and_mask(ids, mask, tuple(hidden.shape[:-1]), hidden.device, checks, "hidden")
@@ -475,6 +499,8 @@ def fused_linear_selective_logprobs(
     shard = _sharded_vocab(hidden, weight, process_group, vocab_start, validate)
     check_ids(ids, weight.shape[0] if shard is None else shard.total, mask, checks)
     rows = _chunk_rows(chunk_size, weight.shape[0], hidden, shard)
-    logp, ent, _ = _FusedLinearLogprobs.apply(hidden, weight, bias, _kernel_ids(ids, weight.shape[0], shard),
-                                              transform, rows, name, shard, bool(reduce_hidden_grad))
-    return masked_logprobs(logp, ent, mask, ids.shape, return_entropy, checks, LOGITS_FROM_HIDDEN)
+    logp, ent, _, sum_pi_sq = _FusedLinearLogprobs.apply(
+        hidden, weight, bias, _kernel_ids(ids, weight.shape[0], shard), transform, rows, name, shard,
+        bool(reduce_hidden_grad), truncation, bool(return_sum_pi_squared))
+    return masked_logprobs(logp, ent, mask, ids.shape, return_entropy, checks, LOGITS_FROM_HIDDEN,
+                           sum_pi_sq=sum_pi_sq if return_sum_pi_squared else None)

@@ -186,14 +186,14 @@ def loss_output(loss, logp, entropy, per_token_loss, metrics, mask: torch.Tensor
 
 
 def masked_logprobs(logp, entropy, mask, shape, return_entropy: bool, checks: DeferredChecks,
-                    logits: str = LOGITS_GIVEN):
+                    logits: str = LOGITS_GIVEN, sum_pi_sq=None):
     """The end of the log-prob calls: the finiteness checks, the call's one host read, 0 where
-    masked, the caller's token shape."""
+    masked, the caller's token shape. `sum_pi_sq` (N,) or None: appended last when given."""
     flat_mask = flat(mask)
     check_logp_finite(logp, entropy, flat_mask, checks, logits)
     checks.raise_first()
+    outputs = [logp] + ([entropy] if return_entropy else []) + ([sum_pi_sq] if sum_pi_sq is not None else [])
     if flat_mask is not None:
-        logp, entropy = torch.where(flat_mask, logp, 0.0), torch.where(flat_mask, entropy, 0.0)
-    logp = logp.reshape(shape)
-    return (logp, entropy.reshape(shape)) if return_entropy else logp
-
+        outputs = [torch.where(flat_mask, x, 0.0) for x in outputs]
+    outputs = [x.reshape(shape) for x in outputs]
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)

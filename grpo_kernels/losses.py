@@ -21,10 +21,12 @@ from .inputs import (
 )
 from .ops import logprobs_with_entropy, resolve_backend
 from .ops.dispatch import stats_dtype
+from .ops.logprobs import RowStats
 from .ops.objective import fused_objective
 from .outputs import GRPOLossOutput
 from .options import LossParams
 from .transform import KernelTransform, LogitTransform
+from .truncation import NO_TRUNCATION, Truncation, make_truncation
 from .vocab_parallel import VocabShard, vocab_parallel_logprobs, vocab_shard
 from .validation import FLOAT_DTYPES, DeferredChecks, check_finite, check_ids, check_logp_finite, require_device, \
     require_shape, require_tensor
@@ -73,12 +75,16 @@ def logits_shard(logits, process_group, vocab_start, validate: bool) -> Optional
     return vocab_shard(process_group, vocab_start, logits.shape[-1], rows, 0, logits.device, validate)
 
 
-def _logprobs(logits, ids, transform, backend, inplace_backward, with_entropy, shard: Optional[VocabShard]):
-    """(logp, entropy, lse) (N,) over the whole vocabulary, from the whole logits or this rank's slice."""
+def _logprobs(logits, ids, transform, backend, inplace_backward, with_entropy, shard: Optional[VocabShard],
+              truncation: Truncation = NO_TRUNCATION, with_sum_pi_sq: bool = False) -> RowStats:
+    """RowStats (N,) over the whole vocabulary (its kept set when truncated), from the whole
+    logits or this rank's slice."""
     rows, flat_ids = _rows(logits), ids.reshape(-1)
     if shard is None:
-        return logprobs_with_entropy(rows, flat_ids, transform, backend, inplace_backward, with_entropy=with_entropy)
-    return vocab_parallel_logprobs(rows, flat_ids, shard, transform, backend, inplace_backward, with_entropy)
+        return logprobs_with_entropy(rows, flat_ids, transform, backend, inplace_backward, with_entropy, truncation,
+                                     with_sum_pi_sq)
+    return vocab_parallel_logprobs(rows, flat_ids, shard, transform, backend, inplace_backward, with_entropy,
+                                   truncation, with_sum_pi_sq)
 
 # ----------------------------------------------------------------------------------------
 # Public API
@@ -99,6 +105,10 @@ def selective_logprobs(
     validate: bool = True,
     process_group=None,
     vocab_start: Optional[int] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    return_sum_pi_squared: bool = False,
 ):
     """Log-probability of `ids` under softmax(z'), optionally with the entropy.
 
@@ -115,8 +125,15 @@ def selective_logprobs(
     the vocabulary, ids [vocab_start, vocab_start + V_local) (default rank · V_local); ids stay
     global. Every rank gets the full-vocabulary logp and entropy, and the gradient of its slice.
     An empty batch (no rows) is not an error: empty logp (and entropy) of ids' shape, zero gradients.
+    Truncated sampling (docs/math.md "Truncated sampling", vLLM V1's order): `min_p`, then `top_k`,
+    then `top_p` (None, 0 and 1 mean off) restrict the softmax to the tokens the sampler could
+    draw (the target always kept): logp, entropy and the gradient are those of that renormalised
+    distribution, the gradient 0 outside it. return_sum_pi_squared=True appends Σ_v p_v² per token
+    (ids' shape, fp32, detached, 0 where masked; over the kept set when truncated) from the same pass.
+    Returns logp, or (logp, entropy) with return_entropy, with sum_pi_squared last when asked.
     """
     checks = DeferredChecks(validate)
+    truncation = make_truncation(top_k, top_p, min_p)
     require_tensor("logits", logits, dtypes=FLOAT_DTYPES, kind="a float tensor (fp32, bf16, fp16 or fp64)")
     if cu_seqlens is not None:
         token_layout(tuple(logits.shape[:-1]), logits.device, cu_seqlens, checks)
@@ -127,8 +144,10 @@ def selective_logprobs(
     name = resolve_backend(backend, logits.device, logits.dtype)
     shard = logits_shard(logits, process_group, vocab_start, validate)
     check_ids(ids, logits.shape[-1] if shard is None else shard.total, mask, checks)
-    logp, entropy, _ = _logprobs(logits, ids, transform, name, inplace_backward, return_entropy, shard)
-    return masked_logprobs(logp, entropy, mask, ids.shape, return_entropy, checks)
+    stats = _logprobs(logits, ids, transform, name, inplace_backward, return_entropy, shard, truncation,
+                      bool(return_sum_pi_squared))
+    return masked_logprobs(stats.logp, stats.entropy, mask, ids.shape, return_entropy, checks,
+                           sum_pi_sq=stats.sum_pi_sq if return_sum_pi_squared else None)
 
 
 def grpo_loss(
@@ -183,7 +202,7 @@ def grpo_loss(
     check_ids(ids, logits.shape[-1] if shard is None else shard.total, mask, checks)
     params = cfg.params
     transform = KernelTransform(params.transform_scale, params.transform_cap)
-    logp, entropy, _ = _logprobs(logits, ids, transform, name, inplace_backward, True, shard)
+    logp, entropy = _logprobs(logits, ids, transform, name, inplace_backward, True, shard, cfg.truncation)[:2]
     check_logp_finite(logp, entropy, None if mask is None else mask.reshape(-1), checks)
     out = objective_from_logprobs(
         logp, entropy, tokens, mask, advantages, params, name, checks, old_logps=old_logps, ref_logps=ref_logps,

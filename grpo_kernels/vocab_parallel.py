@@ -18,16 +18,31 @@ logits: each rank's gradient of its slice is the usual kernel's, given the globa
 with the one-hot term only on the rank that owns the target (ids outside the slice are passed
 as −1). The lm_head path's gradient w.r.t. hidden is a sum over slices: one all-reduce of N·H.
 The logits and the weights are never gathered.
+
+Σp² (verl's sum_pi_squared) adds a fourth row to the packed sum: Σ_k Σp²_k · w_k², over S².
+Truncated sampling (top-k, top-p, min-p): the thresholds are found first by the single-rank radix
+search with its per-row reductions all-reduced (a max and a min per row, a 256-bin histogram per
+row and pass), then each rank runs its kernel with them and the combine above, over the kept set.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .ops.logprobs import LogprobsBackward, logprobs_rows
+from .ops.dispatch import stats_dtype
+from .ops.logprobs import LogprobsBackward, RowStats, logprobs_rows
+from .ops.torch_backend import row_chunks
+from .ops.truncation_search import RowReduce, find_threshold
 from .transform import KernelTransform
+from .truncation import NO_TRUNCATION, Truncation
+
+# Rows per chunk of the cross-rank threshold search (the same on every rank): its temporaries are a
+# few (rows, V_local) tensors, and each chunk costs ~4 + 2·passes all-reduces of O(rows) values.
+SEARCH_ROWS = {"cpu": 16}
+DEVICE_SEARCH_ROWS = 256
 
 # The per-rank layout entries compared before any per-row collective: a disagreement raises on
 # every rank (they all see the same gathered table) instead of hanging in a mismatched all-reduce.
@@ -53,8 +68,9 @@ class VocabShard:
     def backward_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.split_ids(ids)[1]
 
-    def combine(self, logp, entropy, lse, owned, with_entropy: bool = True):
-        """The slice's (logp_k, H_k, lse_k) per row -> the full vocabulary's (logp, H, lse)."""
+    def combine(self, local: RowStats, owned, with_entropy: bool = True, with_sum_pi_sq: bool = False) -> RowStats:
+        """The slice's RowStats per row -> the full vocabulary's (the threshold passes through)."""
+        logp, entropy, lse = local.logp, local.entropy, local.lse
         peak = lse.clone()
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
         shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # no finite logit anywhere: 0
@@ -64,13 +80,46 @@ class VocabShard:
         spread = torch.where(present, weight * (entropy - offset), 0.0) if with_entropy else torch.zeros_like(weight)
         # The owner's target logit relative to M (−inf when it is −inf, or its slice has no finite logit).
         target = torch.where(owned, torch.where(present, logp + offset, float("-inf")), 0.0)
-        sums = torch.stack([weight, spread, target])
+        parts = [weight, spread, target]
+        if with_sum_pi_sq:  # Σ_v e^{2(z'_v − M)} = Σ_k Σp²_k · w_k², divided by S² below
+            parts.append(torch.where(present, local.sum_pi_sq * weight * weight, 0.0))
+        sums = torch.stack(parts)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
-        total, spread_sum, target_sum = sums.unbind(0)
+        total, spread_sum, target_sum = sums[0], sums[1], sums[2]
         log_total = torch.log(total)
         full_entropy = (torch.where(total > 0, log_total + spread_sum / total, 0.0) if with_entropy
                         else torch.zeros_like(total))
-        return target_sum - log_total, full_entropy, shift + log_total
+        sum_pi_sq = (torch.where(total > 0, sums[3] / (total * total), 0.0) if with_sum_pi_sq
+                     else torch.zeros_like(total))
+        return RowStats(target_sum - log_total, full_entropy, shift + log_total, local.threshold, sum_pi_sq)
+
+    def thresholds(self, logits: torch.Tensor, transform: KernelTransform, truncation: Truncation) -> torch.Tensor:
+        """(N,) truncation thresholds (raw-logit units) over the whole vocabulary, from this rank's
+        slice (N, V_local) or (B, T, V_local): the single-rank search (ops/truncation_search.py) with
+        its per-row maxima, minima and 256-bin histograms all-reduced over the group, a fixed
+        number of rows at a time (the same chunks on every rank, whatever its slice's width)."""
+        dtype = stats_dtype(logits)
+        n = logits.numel() // max(logits.shape[-1], 1)
+        out = torch.empty(n, dtype=dtype, device=logits.device)
+        reduce = RowReduce(self.group)
+        vocab = self.total if self.total is not None else sys.maxsize  # unknown: searched whatever k is
+        step = SEARCH_ROWS.get(logits.device.type, DEVICE_SEARCH_ROWS)
+        for r0, r1, rows in row_chunks(logits, step):
+            out[r0:r1] = find_threshold(rows, transform.apply(rows.to(dtype)), truncation, reduce, vocab)
+        return out
+
+    def local_stats(self, logits, ids, transform: KernelTransform, backend: str, with_entropy: bool,
+                    truncation: Truncation, with_sum_pi_sq: bool):
+        """(the full vocabulary's RowStats, the ids the gradient kernel takes) from this rank's slice:
+        the thresholds across ranks when truncated, this slice's kernel with them, the combine."""
+        read_ids, grad_ids, owned = self.split_ids(ids)
+        threshold = None
+        if truncation.active:
+            threshold = self.thresholds(logits, transform, truncation)
+            read_ids = grad_ids  # the kept set adds the target only on the rank that owns it
+        local = logprobs_rows(logits, read_ids, transform, backend, with_entropy, threshold=threshold,
+                              with_sum_pi_sq=with_sum_pi_sq)
+        return self.combine(local, owned, with_entropy, with_sum_pi_sq), grad_ids
 
     def fewest(self, value: int, device) -> int:
         """The smallest of the ranks' `value` (one all-reduce and a host read)."""
@@ -144,36 +193,38 @@ def _check_layout(layout, what: str) -> None:
 
 
 class _VocabParallelLogprobs(LogprobsBackward):
-    """(logp, H, lse) over the full vocabulary from this rank's (N, V_local) logits; the backward
+    """RowStats over the full vocabulary from this rank's (N, V_local) logits; the backward
     (LogprobsBackward's) writes the gradient of this rank's slice only (no communication)."""
 
     @staticmethod
     def forward(ctx, logits, ids, shard: VocabShard, transform: KernelTransform, backend: str, inplace: bool,
-                with_entropy: bool):
-        read_ids, grad_ids, owned = shard.split_ids(ids)
-        local = logprobs_rows(logits, read_ids, transform, backend, with_entropy)
-        logp, entropy, lse = shard.combine(*local, owned, with_entropy)
-        LogprobsBackward.save(ctx, logits, grad_ids, lse, entropy, transform, backend, inplace, with_entropy)
-        return logp, entropy, lse
+                with_entropy: bool, truncation: Truncation, with_sum_pi_sq: bool):
+        stats, grad_ids = shard.local_stats(logits, ids, transform, backend, with_entropy, truncation, with_sum_pi_sq)
+        LogprobsBackward.save(ctx, logits, grad_ids, stats, transform, backend, inplace, with_entropy,
+                              truncation.active)
+        return tuple(stats)
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, ids: torch.Tensor, shard: VocabShard, transform: KernelTransform,
-                            backend: str, inplace_backward: bool = False, with_entropy: bool = True):
-    """logits (N, V_local) or (B, T, V_local) of this rank's slice, global ids (N,) -> (logp,
-    entropy, lse), each (N,) over the full vocabulary, identical on every rank; differentiable
-    w.r.t. this rank's logits. Two all-reduces of N and 3·N floats."""
-    return _VocabParallelLogprobs.apply(logits, ids, shard, transform, backend, bool(inplace_backward),
-                                        bool(with_entropy))
+                            backend: str, inplace_backward: bool = False, with_entropy: bool = True,
+                            truncation: Truncation = NO_TRUNCATION, with_sum_pi_sq: bool = False) -> RowStats:
+    """logits (N, V_local) or (B, T, V_local) of this rank's slice, global ids (N,) -> RowStats,
+    each (N,) over the full vocabulary, identical on every rank; differentiable w.r.t. this rank's
+    logits. Two all-reduces of N and 3·N floats (4·N with Σp²), and with truncation the search's
+    per-row reductions (ops/truncation_search.py)."""
+    return RowStats(*_VocabParallelLogprobs.apply(logits, ids, shard, transform, backend, bool(inplace_backward),
+                                                  bool(with_entropy), truncation, bool(with_sum_pi_sq)))
 
 
 def rows_stats(logits: torch.Tensor, ids: torch.Tensor, transform: KernelTransform, backend: str,
-               shard: Optional[VocabShard], with_entropy: bool = True):
-    """(logp, entropy, lse) of (rows, V or V_local) logits outside autograd (the fused-linear path):
-    the local kernel alone, or with the vocabulary-parallel combine."""
+               shard: Optional[VocabShard], with_entropy: bool = True, truncation: Truncation = NO_TRUNCATION,
+               with_sum_pi_sq: bool = False) -> RowStats:
+    """RowStats of (rows, V or V_local) logits outside autograd (the fused-linear path): the local
+    kernel alone (it finds the thresholds), or with the vocabulary-parallel search and combine."""
     if shard is None:
-        return logprobs_rows(logits, ids, transform, backend, with_entropy)
-    read_ids, _, owned = shard.split_ids(ids)
-    return shard.combine(*logprobs_rows(logits, read_ids, transform, backend, with_entropy), owned, with_entropy)
+        return logprobs_rows(logits, ids, transform, backend, with_entropy, truncation,
+                             with_sum_pi_sq=with_sum_pi_sq)
+    return shard.local_stats(logits, ids, transform, backend, with_entropy, truncation, with_sum_pi_sq)[0]
 
 
 def gradient_ids(ids: torch.Tensor, shard: Optional[VocabShard]) -> torch.Tensor:

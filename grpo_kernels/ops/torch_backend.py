@@ -7,10 +7,14 @@ logits (the validation path: fp64 in, fp64 out).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..transform import KernelTransform
+from ..truncation import NO_TRUNCATION, Truncation
 from .dispatch import stats_dtype
+from .truncation_search import find_threshold
 from .torch_objective import objective_pass  # noqa: F401 - the backend's objective op
 
 # Working set of one chunk of rows (fp32, or fp64 for fp64 logits). Two temporaries of this size
@@ -41,7 +45,7 @@ def _chunk_step(logits: torch.Tensor) -> int:
     return rows_per_chunk(logits.shape[-1], torch.finfo(stats_dtype(logits)).bits // 8, logits.device.type)
 
 
-def _chunks(logits: torch.Tensor, step: int):
+def row_chunks(logits: torch.Tensor, step: int):
     """(r0, r1, rows) chunks of at most `step` rows, in row order."""
     for offset, rows in _row_blocks(logits):
         for c0 in range(0, rows.shape[0], step):
@@ -49,36 +53,65 @@ def _chunks(logits: torch.Tensor, step: int):
             yield offset + c0, offset + c1, rows[c0:c1]
 
 
-def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelTransform, with_entropy: bool = True):
-    """logits (B, T, V) or (N, V), ids (N,) -> logp, entropy, lse, each (N,) fp32 (fp64 for fp64 logits).
+def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelTransform, with_entropy: bool = True,
+                     truncation: Truncation = NO_TRUNCATION, threshold: Optional[torch.Tensor] = None,
+                     with_sum_pi_sq: bool = False):
+    """logits (B, T, V) or (N, V), ids (N,) -> (logp, entropy, lse, threshold, sum_pi_sq), each (N,)
+    fp32 (fp64 for fp64 logits: the threshold too, so that it stays an exact input value).
 
     `transform` maps logits to z' (temperature, logit scale, softcap). Without `with_entropy`
-    the entropy is not computed (returned as zeros). Branch-free: −inf logits (top-k/top-p
-    masking) and rows without a finite logit are handled by the same arithmetic as any other
-    row, so nothing is read on the host.
+    (`with_sum_pi_sq`) that output is zeros. With `truncation` active and no `threshold`, each
+    chunk's rows find theirs (ops/truncation_search.py); the kept set is {z >= threshold} ∪ {y}
+    (y only when the id is in [0, V): vocabulary-parallel rows pass −1 for another rank's target).
+    Branch-free: −inf logits and rows without a finite logit are handled by the same arithmetic
+    as any other row, so nothing is read on the host.
     """
     n = ids.numel()
     logp = torch.empty(n, dtype=stats_dtype(logits), device=logits.device)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
+    sum_pi_sq = torch.empty_like(logp) if with_sum_pi_sq else torch.zeros_like(logp)
     lse = torch.empty_like(logp)
-    for r0, r1, chunk in _chunks(logits, _chunk_step(logits)):
-        _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy if with_entropy else None, lse)
-    return logp, entropy, lse
+    found = torch.full_like(logp, float("-inf")) if threshold is None else threshold.to(logp.dtype)
+    search = threshold is None and truncation.active
+    truncated = threshold is not None or truncation.active
+    for r0, r1, chunk in row_chunks(logits, _chunk_step(logits)):
+        z = _transformed(chunk, transform)
+        if search:
+            found[r0:r1] = find_threshold(chunk, z, truncation)
+        if truncated:
+            z = _truncated(z, chunk, ids[r0:r1], found[r0:r1])
+        _forward_chunk(z, ids, r0, r1, logp, entropy if with_entropy else None, lse,
+                       sum_pi_sq if with_sum_pi_sq else None)
+    return logp, entropy, lse, found, sum_pi_sq
 
 
 def _transformed(chunk, transform):
     return transform.apply(chunk.to(stats_dtype(chunk)))
 
 
-def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
+def _kept(chunk, ids, threshold):
+    """(rows, V) bool: the kept set {z >= threshold} ∪ {y}; a target id outside [0, V) (another
+    rank's) adds nothing. Compared on the raw logits, exactly as the threshold was found."""
+    kept = chunk.to(threshold.dtype) >= threshold.unsqueeze(-1)
+    target = ids.long().unsqueeze(-1)
+    owned = (target >= 0) & (target < chunk.shape[-1])
+    return kept.scatter_(-1, target.clamp(0, chunk.shape[-1] - 1), owned | kept.gather(-1, target.clamp(
+        0, chunk.shape[-1] - 1)))
+
+
+def _truncated(z, chunk, ids, threshold):
+    """z' with −inf outside the kept set: the softmax over K, renormalised."""
+    return torch.where(_kept(chunk, ids, threshold), z, float("-inf"))
+
+
+def _forward_chunk(z, ids, r0, r1, logp, entropy, lse, sum_pi_sq=None):
     """lse = m + log Σ exp(z' − m); H = log s − Σ p·(z' − m) / s (two non-negative terms, so no
-    cancellation when the logits are large). −inf entries are lifted to the lowest finite value
-    after the target is read: exp gives exactly 0 there and 0·(lowest) = 0 in the entropy."""
-    z = _transformed(chunk, transform)
+    cancellation when the logits are large); Σp² = Σ e² / s². −inf entries are lifted to the lowest
+    finite value after the target is read: exp gives exactly 0 there and 0·(lowest) = 0 in the entropy."""
     peak = z.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # a row of −inf: shift by 0
     shifted = z - peak
-    target = ids[r0:r1].long().unsqueeze(-1)
+    target = ids[r0:r1].long().clamp(0, z.shape[-1] - 1).unsqueeze(-1)
     # log p_y = (z'_y − m) − log s, from the shifted values: exact for large logits; −inf stays −inf.
     target_shifted = shifted.gather(-1, target).squeeze(-1)
     shifted.clamp_(min=torch.finfo(shifted.dtype).min)
@@ -90,19 +123,25 @@ def _forward_chunk(chunk, ids, r0, r1, transform, logp, entropy, lse):
     if entropy is not None:
         h = log_total - torch.linalg.vecdot(e, shifted) / total
         entropy[r0:r1] = torch.where(total > 0, h, torch.zeros_like(h))  # no finite logit: H = 0
+    if sum_pi_sq is not None:
+        squares = torch.linalg.vecdot(e, e) / (total * total)
+        sum_pi_sq[r0:r1] = torch.where(total > 0, squares, torch.zeros_like(squares))
 
 
-def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: KernelTransform, out):
+def logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy, transform: KernelTransform, out,
+                      threshold: Optional[torch.Tensor] = None):
     """Write dL/dlogits into `out` (which may be `logits` itself, for the in-place variant).
     An id outside [0, V) means the row's target is not in these logits (vocabulary-parallel).
 
-    dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H.
+    dz_v = [g_logp (1[v=y] − p_v) − g_H p_v (z'_v − E_p z')] · dz'_v/dz_v, with E_p z' = lse − H,
+    and p_v = 0 outside the kept set {z >= threshold} ∪ {y} (threshold None: every entry).
     Branch-free like the forward: a row without a finite logit (lse = −inf) gets p = 0.
     """
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     step = _chunk_step(logits)  # one step for both, so the chunks of logits and out line up
-    for (r0, r1, chunk), (_, _, out_rows) in zip(_chunks(logits, step), _chunks(out, step)):
-        _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows)
+    for (r0, r1, chunk), (_, _, out_rows) in zip(row_chunks(logits, step), row_chunks(out, step)):
+        _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows,
+                        None if threshold is None else threshold[r0:r1])
     return out
 
 
@@ -113,7 +152,7 @@ def _chain(grad, z, transform):
     return grad if transform.scale == 1.0 else grad.mul_(transform.scale)
 
 
-def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows):
+def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, transform, out_rows, threshold):
     z = _transformed(chunk, transform)
     dtype = z.dtype
     chunk_lse = lse[r0:r1].unsqueeze(-1)
@@ -124,6 +163,8 @@ def _backward_chunk(chunk, ids, r0, r1, lse, entropy, grad_logp, grad_entropy, t
     target, g_onehot = row_ids.clamp(0, vocab - 1), torch.where((row_ids >= 0) & (row_ids < vocab), g_logp, 0.0)
     direct = transform.is_identity and out_rows.dtype == dtype  # write the result straight into `out`
     p = torch.exp(z - chunk_lse)  # 0 at −inf logits and in rows without a finite logit
+    if threshold is not None:  # 0 outside the kept set: the set is piecewise constant in z
+        p = p.masked_fill_(~_kept(chunk, ids[r0:r1], threshold.to(dtype)), 0.0)
     if grad_entropy is None:
         grad = torch.mul(p, g_logp.neg(), out=out_rows if direct else None)
         grad.nan_to_num_(nan=0.0)  # a NaN row (masked garbage) with zero upstream: 0·NaN is NaN, the gradient 0
