@@ -64,22 +64,30 @@ PYBIND11_MODULE(GK_MODULE_NAME, m) {
 #define GK_STREAM
 #define GK_STREAM_ARG , uintptr_t /*stream*/
 #endif
+  // threshold_in 0: no given threshold (searched when truncation is on); top_k 0, top_p 1 and
+  // log_min_p −inf mean off.
   m.def("logprobs_forward",
         [](uintptr_t logits, int dtype, int64_t sb, int64_t st, int64_t T, int64_t N, int64_t V, uintptr_t ids,
-           float scale, float cap, bool with_entropy, uintptr_t logp, uintptr_t entropy, uintptr_t lse GK_STREAM_ARG) {
+           float scale, float cap, bool with_entropy, int64_t top_k, float top_p, float log_min_p,
+           uintptr_t threshold_in, bool with_sum_pi_sq, uintptr_t logp, uintptr_t entropy, uintptr_t lse,
+           uintptr_t threshold_out, uintptr_t sum_pi_sq GK_STREAM_ARG) {
           py::gil_scoped_release release;
-          impl::logprobs_forward(rows(logits, dtype, sb, st, T, N, V), ptr<const int64_t>(ids), gk::LogitTransform{scale, cap},
-                                 with_entropy, ptr<float>(logp), ptr<float>(entropy), ptr<float>(lse) GK_STREAM);
+          impl::logprobs_forward(rows(logits, dtype, sb, st, T, N, V), ptr<const int64_t>(ids),
+                                 gk::LogitTransform{scale, cap}, with_entropy, gk::Truncation{top_k, top_p, log_min_p},
+                                 threshold_in ? ptr<const float>(threshold_in) : nullptr, with_sum_pi_sq,
+                                 ptr<float>(logp), ptr<float>(entropy), ptr<float>(lse), ptr<float>(threshold_out),
+                                 ptr<float>(sum_pi_sq) GK_STREAM);
         });
   m.def("logprobs_backward",
         [](uintptr_t logits, int dtype, int64_t sb, int64_t st, int64_t T, int64_t N, int64_t V, uintptr_t ids,
-           uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t out,
-           int64_t out_sb, int64_t out_st, float scale, float cap GK_STREAM_ARG) {
+           uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp, uintptr_t grad_entropy, uintptr_t threshold,
+           uintptr_t out, int64_t out_sb, int64_t out_st, float scale, float cap GK_STREAM_ARG) {
           py::gil_scoped_release release;
           impl::logprobs_backward(rows(logits, dtype, sb, st, T, N, V), ptr<const int64_t>(ids),
                                   ptr<const float>(lse), ptr<const float>(entropy), ptr<const float>(grad_logp),
                                   grad_entropy ? ptr<const float>(grad_entropy) : nullptr,
-                                  reinterpret_cast<void*>(out), out_sb, out_st, gk::LogitTransform{scale, cap} GK_STREAM);
+                                  threshold ? ptr<const float>(threshold) : nullptr, reinterpret_cast<void*>(out),
+                                  out_sb, out_st, gk::LogitTransform{scale, cap} GK_STREAM);
         });
   m.def("objective",
         [](const std::vector<uintptr_t>& buffers, const std::vector<int64_t>& ints, const std::vector<double>& floats,

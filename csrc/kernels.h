@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "grpo_math.h"
+#include "logprob_math.h"
 
 namespace gk {
 
@@ -18,11 +18,17 @@ struct RowsView {
 };
 
 namespace cpu {
-void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
-                      float* entropy, float* lse);
+// Log-probs over the kept set K = {z >= threshold} ∪ {target} of each row (grpo_kernels/ops/contract.py):
+// threshold_in (N,) given, or nullptr: searched per row when tr.active(), else −inf (every entry).
+// Writes logp, entropy (0 without with_entropy), lse, threshold_out (as used) and sum_pi_sq
+// (Σ_K p², 0 without with_sum_pi_sq), each (N,) fp32.
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, Truncation tr,
+                      const float* threshold_in, bool with_sum_pi_sq, float* logp, float* entropy, float* lse,
+                      float* threshold_out, float* sum_pi_sq);
+// dL/dlogits; threshold (N,) or nullptr (every entry kept): p = 0, so the gradient is 0, outside K.
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
-                       const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
-                       int64_t out_stride_t, LogitTransform f);
+                       const float* grad_logp, const float* grad_entropy, const float* threshold, void* out,
+                       int64_t out_stride_b, int64_t out_stride_t, LogitTransform f);
 void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
@@ -30,11 +36,12 @@ void group_advantages(const float* total, const int64_t* order, const int64_t* o
 }  // namespace cpu
 
 namespace cuda {
-void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
-                      float* entropy, float* lse, uintptr_t stream);
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, Truncation tr,
+                      const float* threshold_in, bool with_sum_pi_sq, float* logp, float* entropy, float* lse,
+                      float* threshold_out, float* sum_pi_sq, uintptr_t stream);
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
-                       const float* grad_logp, const float* grad_entropy, void* out, int64_t out_stride_b,
-                       int64_t out_stride_t, LogitTransform f, uintptr_t stream);
+                       const float* grad_logp, const float* grad_entropy, const float* threshold, void* out,
+                       int64_t out_stride_b, int64_t out_stride_t, LogitTransform f, uintptr_t stream);
 void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi, uintptr_t stream);
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,

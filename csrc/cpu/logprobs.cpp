@@ -1,10 +1,30 @@
-// CPU log-probs + entropy and their backward: rows in parallel (OpenMP), inner loops over the
-// vocabulary vectorised (omp simd; softmax_exp is the branch-free exp_fast on the CPU). fp32, bf16
-// and fp16 storage; 16-bit values are converted in registers. A row's result does not depend on
-// any other row. The per-element and per-row math is logprob_math.h's, shared with the CUDA kernels.
-// CAP selects the softcapped logit transform (a tanh per logit); without it z' = scale·z.
+// CPU log-probs + entropy (+ Σπ²) and their backward, with truncated sampling (top-k, top-p,
+// min-p): rows in parallel (OpenMP), inner loops over the vocabulary vectorised (omp simd;
+// softmax_exp is the branch-free exp_fast on the CPU). fp32, bf16 and fp16 storage; 16-bit values
+// are converted in registers. A row's result does not depend on any other row. The per-element
+// and per-row math is logprob_math.h's, shared with the CUDA kernels. CAP selects the softcapped
+// logit transform (a tanh per logit); without it z' = scale·z.
+//
+// Passes over a row of V logits (b bytes each), and the bytes they touch:
+//   full vocabulary, no truncation (or a given threshold): 2 passes, 2·V·b bytes read
+//     1. max of the raw logits;  2. s, t, q over K = {z >= threshold} (e^(z'−m) computed here).
+//   truncation searched here: 4 passes over the logits (4·V·b bytes read) and 2 over a per-thread
+//   buffer of V fp32 e^(z'−m) and V uint16 bucket numbers (written once, 6·V bytes, read twice):
+//     1. max;  2. e_v = e^(z'_v − m) and the bucket of d_v = z'_v − m (kBucketsPerNat buckets per
+//        nat, top first; d < −kRangeNats in one tail bucket; min_p's dropped entries in their own);
+//     3. the histogram (count and mass Σe per bucket, a scalar scatter from the buffers);
+//     then the thresholds from the histogram: top-k's boundary bucket is the one where the count
+//     from the top reaches k, top-p's the one where the mass from the top reaches top_p · Z; only
+//     that bucket's entries (~V/1000 for real logit spreads) are gathered (a scan of the bucket
+//     numbers) and sorted to find the exact value, ties included;
+//     4. s, t, q over K, reading e from the buffer.
+// No row is sorted: the sorts are of one bucket's entries (all of the row only if every entry
+// falls in one bucket, e.g. a row of equal logits, or a top-k boundary more than kRangeNats below
+// the max: correct, and slower).
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../kernels.h"
 #include "../logprob_math.h"
@@ -18,52 +38,306 @@ constexpr int64_t kBlock = 2048;
 // machine and a scheduler quantum on a busy one, more than the work it would split.
 constexpr int64_t kParallelElements = int64_t{1} << 17;
 
+// The histogram over d = z' − max z' <= 0: bucket i holds d in (−(i+1)/W, −i/W], W buckets per nat,
+// down to −kRangeNats; below that the tail bucket kTail; entries min_p drops are not counted. The
+// bucket number never increases with z (d does not decrease), so each bucket is an interval of values.
+// An entry's slot is its bucket, but tail and dropped entries spread over kSpread slots each (by
+// v mod kSpread): the scatter's updates of one slot then do not wait on each other.
+constexpr float kBucketsPerNat = 32.f;
+constexpr int kRangeNats = 32;
+constexpr int kTail = static_cast<int>(kBucketsPerNat) * kRangeNats;
+constexpr int kSpread = 8;
+constexpr int kDroppedSlot = kTail + kSpread;
+constexpr int kSlots = kDroppedSlot + kSpread;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int slot_of(float d, float log_min_p, int64_t v) {
+  const float x = -d * kBucketsPerNat;  // >= 0; +inf for a −inf logit
+  const int spread = static_cast<int>(v & (kSpread - 1));
+  const int b = x < float(kTail) ? static_cast<int>(x) : kTail + spread;
+  return min_p_keeps(d, log_min_p) ? b : kDroppedSlot + spread;
+}
+
+struct Candidate {
+  float z, e;  // raw logit, e^(z' − m)
+};
+
+// A thread's scratch for the threshold search, reused across its rows. count and mass are per
+// slot; after the scatter, bucket kTail holds the tail's totals.
+struct Workspace {
+  std::vector<float> e;
+  std::vector<uint16_t> slot;
+  std::vector<int32_t> count;
+  std::vector<double> mass;
+  std::vector<Candidate> cand;
+};
+
 template <int DT, bool CAP>
-void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
-                  float* entropy, float* lse) {
+struct Row {
+  using S = Storage<DT>;
+  const typename S::T* p;
+  LogitTransform f;
+  float raw(int64_t v) const { return S::load(p[v]); }
+  float prime(int64_t v) const { return transform_logit<CAP>(S::load(p[v]), f); }
+};
+
+// The largest raw logit of a row (the transform is increasing: its z' is the largest z').
+template <int DT, bool CAP>
+float row_max(const Row<DT, CAP>& row, int64_t V) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t v = 0; v < V; ++v) {
+    const float z = row.raw(v);
+    m = z > m ? z : m;  // a ternary vectorises; fmaxf (NaN rules) does not without -ffast-math
+  }
+  return m;
+}
+
+// s, t, q over the entries with z >= threshold, about `shift`. fp32 blocks of kBlock entries merge
+// into fp64 totals. HAVE_E: the row's e^(z'−shift) are in `e` (the search computed them), else
+// computed here; MASK: some entry may be dropped (a finite threshold); WITH_T, WITH_Q: whether t and
+// q are needed. Each choice is a template argument so that the vectorised loop does only its work:
+// the exp loop is compute-bound once the row is in cache.
+template <bool HAVE_E, bool MASK, bool WITH_T, bool WITH_Q, int DT, bool CAP>
+RowStats<double> kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, float threshold, const float* e) {
+  RowStats<double> total{shift, 0.0, 0.0, 0.0};
+  const auto* __restrict p = row.p;
+  const LogitTransform f = row.f;
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+    float s = 0.f, t = 0.f, q = 0.f;
+#pragma omp simd reduction(+ : s, t, q)
+    for (int64_t v = v0; v < v1; ++v) {
+      const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - shift;
+      const SoftmaxTerm k = kept_term(HAVE_E ? e[v] : softmax_exp(d), d, !MASK || in_kept(z, threshold));
+      s += k.e;
+      if (WITH_T) t += k.ed;
+      if (WITH_Q) q += k.e * k.e;
+    }
+    total.merge(RowStats<float>{shift, s, t, q});
+  }
+  return total;
+}
+
+// kept_sums with the flags as runtime values.
+template <bool HAVE_E, int DT, bool CAP>
+RowStats<double> kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, float threshold, const float* e,
+                           bool with_t, bool with_q) {
+  const bool mask = threshold > -kInf;
+#define GK_KEPT_SUMS(M, T, Q) kept_sums<HAVE_E, M, T, Q>(row, V, shift, threshold, e)
+  if (mask) {
+    if (with_t) return with_q ? GK_KEPT_SUMS(true, true, true) : GK_KEPT_SUMS(true, true, false);
+    return with_q ? GK_KEPT_SUMS(true, false, true) : GK_KEPT_SUMS(true, false, false);
+  }
+  if (with_t) return with_q ? GK_KEPT_SUMS(false, true, true) : GK_KEPT_SUMS(false, true, false);
+  return with_q ? GK_KEPT_SUMS(false, false, true) : GK_KEPT_SUMS(false, false, false);
+#undef GK_KEPT_SUMS
+}
+
+// The entries of bucket b, largest first.
+template <int DT, bool CAP>
+void gather(const Row<DT, CAP>& row, int64_t V, int b, Workspace& w) {
+  constexpr int64_t kScan = 32;
+  const unsigned lo = static_cast<unsigned>(b), width = b == kTail ? kSpread : 1;  // its slots
+  w.cand.clear();
+  const uint16_t* __restrict slot = w.slot.data();
+  int64_t v0 = 0;
+  for (; v0 + kScan <= V; v0 += kScan) {
+    // A bit per entry of the block, set for those in bucket b (vectorises to a compare and a
+    // mask move), then one step per set bit: the scan costs little where the bucket has no entries.
+    uint32_t hits = 0;
+#pragma omp simd reduction(| : hits)
+    for (int i = 0; i < kScan; ++i) hits |= static_cast<uint32_t>(slot[v0 + i] - lo < width) << i;
+    for (; hits; hits &= hits - 1) {
+      const int64_t v = v0 + __builtin_ctz(hits);
+      w.cand.push_back({row.raw(v), w.e[v]});
+    }
+  }
+  for (int64_t v = v0; v < V; ++v)
+    if (slot[v] - lo < width) w.cand.push_back({row.raw(v), w.e[v]});
+  std::sort(w.cand.begin(), w.cand.end(), [](const Candidate& a, const Candidate& c) { return a.z > c.z; });
+}
+
+// Pass 2 (see the header): e^(z'−m) and the slot of every entry into the workspace; returns the
+// smallest raw logit min_p keeps (the row's minimum when min_p is off).
+template <int DT, bool CAP>
+float exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p, Workspace& w) {
+  float* __restrict e = w.e.data();
+  uint16_t* __restrict slot = w.slot.data();
+  const auto* __restrict p = row.p;
+  const LogitTransform f = row.f;  // a local copy: the stores above cannot alias it, so it stays in registers
+  float min_kept = kInf;
+#pragma omp simd reduction(min : min_kept)
+  for (int64_t v = 0; v < V; ++v) {
+    const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - m;
+    const int s = slot_of(d, log_min_p, v);
+    e[v] = softmax_exp(d);
+    slot[v] = static_cast<uint16_t>(s);
+    const float zk = s < kDroppedSlot ? z : kInf;
+    min_kept = zk < min_kept ? zk : min_kept;
+  }
+  return min_kept;
+}
+
+// Pass 3: count and mass per slot (only what the active steps read), then the tail's slots folded
+// into bucket kTail. With min_p on, blocks of entries it all drops are skipped.
+void histogram(int64_t V, const Truncation& tr, Workspace& w) {
+  constexpr int64_t kSkip = 32;
+  const bool counts = tr.top_k > 0, masses = tr.top_p < 1.f, skip = tr.log_min_p > -kInf;
+  const float* __restrict e = w.e.data();
+  const uint16_t* __restrict slot = w.slot.data();
+  int32_t* __restrict count = w.count.data();
+  std::fill(w.count.begin(), w.count.end(), 0);
+  std::fill(w.mass.begin(), w.mass.end(), 0.0);
+  // fp32 partial masses (shorter store-to-load chains than fp64), added into fp64 every kBlock entries.
+  float part[kSlots];
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+    std::fill(part, part + kSlots, 0.f);
+    for (int64_t u0 = v0; u0 < v1; u0 += kSkip) {
+      const int64_t u1 = u0 + kSkip < v1 ? u0 + kSkip : v1;
+      if (skip) {
+        int kept = 0;
+#pragma omp simd reduction(| : kept)
+        for (int64_t v = u0; v < u1; ++v) kept |= slot[v] < kDroppedSlot;
+        if (!kept) continue;
+      }
+      if (counts && masses) {
+        for (int64_t v = u0; v < u1; ++v) {
+          ++count[slot[v]];
+          part[slot[v]] += e[v];
+        }
+      } else if (counts) {
+        for (int64_t v = u0; v < u1; ++v) ++count[slot[v]];
+      } else {
+        for (int64_t v = u0; v < u1; ++v) part[slot[v]] += e[v];
+      }
+    }
+    for (int b = 0; b < kDroppedSlot; ++b) w.mass[b] += part[b];
+  }
+  for (int i = 1; i < kSpread; ++i) {
+    count[kTail] += count[kTail + i];
+    w.mass[kTail] += w.mass[kTail + i];
+  }
+}
+
+// Finds the threshold of a row (the smallest kept raw logit) without sorting it: see the header.
+// m is the row's max z' (finite). Leaves e^(z'−m) in w.e for kept_sums.
+template <int DT, bool CAP>
+float search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
+  float threshold = exp_and_slots(row, V, m, tr.log_min_p, w);  // min_p's
+  if (tr.top_k <= 0 && !(tr.top_p < 1.f)) return threshold;
+  histogram(V, tr, w);
+  // The kept set so far is an upper set of values: buckets [0, last), and bucket `last` either
+  // whole or (restricted) only its entries in w.cand.
+  int last = kTail;
+  bool restricted = false;
+  if (tr.top_k > 0) {
+    int64_t above = 0;
+    for (int b = 0; b <= kTail; ++b) {
+      if (w.count[b] == 0) continue;
+      if (!above_keeps(static_cast<double>(above + w.count[b]), static_cast<double>(tr.top_k))) {
+        gather(row, V, b, w);  // the k-th largest is in bucket b: cand[top_k − above − 1]
+        threshold = w.cand[static_cast<size_t>(tr.top_k - above - 1)].z;
+        size_t n = static_cast<size_t>(tr.top_k - above);
+        while (n < w.cand.size() && w.cand[n].z == threshold) ++n;  // its ties stay
+        w.cand.resize(n);
+        last = b;
+        restricted = true;
+        break;
+      }
+      above += w.count[b];
+    }
+  }
+  if (tr.top_p < 1.f) {
+    auto mass_of = [&](int b) {
+      if (!(restricted && b == last)) return w.mass[b];
+      double sum = 0.0;
+      for (const Candidate& c : w.cand) sum += c.e;
+      return sum;
+    };
+    double total = 0.0;
+    for (int b = 0; b <= last; ++b) total += mass_of(b);
+    const double limit = static_cast<double>(tr.top_p) * total;
+    // The boundary bucket: the first whose mass brings the mass from the top to the limit (the
+    // last one with mass if rounding never gets there); `before` is the mass above it. Its
+    // entries then decide tie group by group, largest first.
+    double above = 0.0, before = 0.0;
+    int boundary = -1;
+    for (int b = 0; b <= last; ++b) {
+      const double mb = mass_of(b);
+      if (!(mb > 0.0)) continue;
+      boundary = b;
+      before = above;
+      above += mb;
+      if (!above_keeps(above, limit)) break;
+    }
+    if (boundary >= 0) {
+      if (!(restricted && boundary == last)) gather(row, V, boundary, w);
+      for (size_t i = 0; i < w.cand.size() && above_keeps(before, limit);) {
+        threshold = w.cand[i].z;
+        for (; i < w.cand.size() && w.cand[i].z == threshold; ++i) before += w.cand[i].e;
+      }
+    }
+  }
+  return threshold;
+}
+
+template <int DT, bool CAP>
+void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, const Truncation& tr,
+                  const float* threshold_in, bool with_sum_pi_sq, float* logp, float* entropy, float* lse,
+                  float* threshold_out, float* sum_pi_sq) {
   using S = Storage<DT>;
   const auto* base = static_cast<const typename S::T*>(x.logits);
   const int64_t V = x.V;
-#pragma omp parallel for schedule(static) if (x.N * V >= kParallelElements)
-  for (int64_t r = 0; r < x.N; ++r) {
-    const auto* row = base + (r / x.T) * x.stride_b + (r % x.T) * x.stride_t;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t v = 0; v < V; ++v) {
-      const float z = transform_logit<CAP>(S::load(row[v]), f);
-      m = z > m ? z : m;  // a ternary vectorises; fmaxf (NaN rules) does not without -ffast-math
+  const bool search = threshold_in == nullptr && tr.active();
+#pragma omp parallel if (x.N * V >= kParallelElements)
+  {
+    Workspace w;
+    if (search) {
+      w.e.resize(static_cast<size_t>(V));
+      w.slot.resize(static_cast<size_t>(V));
+      w.count.resize(kSlots);
+      w.mass.resize(kSlots);
     }
-    // Two passes instead of RowStats::update's online one: with the max known, the sums below
-    // are branch-free and vectorise. Their fp32 blocks of kBlock values merge into fp64 totals.
-    const float shift = std::isfinite(m) ? m : 0.f;
-    RowStats<double> total{shift, 0.0, 0.0};
-    for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
-      const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
-      float s = 0.f, t = 0.f;
-      if (with_entropy) {
-#pragma omp simd reduction(+ : s, t)
-        for (int64_t v = v0; v < v1; ++v) {
-          const SoftmaxTerm k = softmax_term(transform_logit<CAP>(S::load(row[v]), f) - shift);
-          s += k.e;
-          t += k.ed;
-        }
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < x.N; ++r) {
+      const Row<DT, CAP> row{base + (r / x.T) * x.stride_b + (r % x.T) * x.stride_t, f};
+      const int64_t y = ids[r];
+      const bool has_target = owns_target(y, V);
+      const float zmax = row_max(row, V), m = transform_logit<CAP>(zmax, f);
+      float threshold = threshold_in ? threshold_in[r] : -kInf;
+      RowStats<double> total;
+      if (search && zmax > -kInf) {
+        threshold = search_threshold(row, V, m, tr, w);
+        total = kept_sums<true>(row, V, m, threshold, w.e.data(), with_entropy, with_sum_pi_sq);
       } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t v = v0; v < v1; ++v) s += softmax_exp(transform_logit<CAP>(S::load(row[v]), f) - shift);
+        // The sums' reference point: the largest kept z' (the max, unless a given threshold drops
+        // it; then only the target is kept). 0 when nothing finite is kept.
+        float shift = in_kept(zmax, threshold) ? m : (has_target ? row.prime(y) : -kInf);
+        shift = std::isfinite(shift) ? shift : 0.f;
+        total = kept_sums<false>(row, V, shift, threshold, nullptr, with_entropy, with_sum_pi_sq);
       }
-      total.merge(RowStats<float>{shift, s, t});
+      const float z_y = has_target ? row.prime(y) : 0.f;
+      if (has_target && !in_kept(row.raw(y), threshold)) {  // the target is always kept
+        const float d = z_y - total.m, ey = softmax_exp(d);
+        const SoftmaxTerm k = kept_term(ey, d, true);
+        total.merge(RowStats<float>{total.m, k.e, k.ed, k.e * k.e});
+      }
+      const RowResult res = finish(total, z_y);
+      lse[r] = res.lse;
+      logp[r] = res.logp;
+      entropy[r] = with_entropy ? res.entropy : 0.f;
+      sum_pi_sq[r] = with_sum_pi_sq ? res.sum_pi_sq : 0.f;
+      threshold_out[r] = threshold;
     }
-    const RowResult res = finish(total, transform_logit<CAP>(S::load(row[ids[r]]), f));
-    lse[r] = res.lse;
-    logp[r] = res.logp;
-    entropy[r] = with_entropy ? res.entropy : 0.f;
   }
 }
 
 template <int DT, bool CAP>
 void backward_rows(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
-                   const float* grad_logp, const float* grad_entropy, void* out_ptr, int64_t out_sb, int64_t out_st,
-                   LogitTransform f) {
+                   const float* grad_logp, const float* grad_entropy, const float* threshold, void* out_ptr,
+                   int64_t out_sb, int64_t out_st, LogitTransform f) {
   using S = Storage<DT>;
   const auto* base = static_cast<const typename S::T*>(x.logits);
   auto* out_base = static_cast<typename S::T*>(out_ptr);
@@ -85,10 +359,13 @@ void backward_rows(const RowsView& x, const int64_t* ids, const float* lse, cons
     const int64_t y = ids[r];
     const bool has_target = owns_target(y, V);
     const float z_y = has_target ? transform_logit<CAP>(S::load(row[y]), f) : 0.f;  // read before an in-place write
+    const float thr = threshold ? threshold[r] : -kInf;
     // Every element as a non-target (no branch on v in the vectorised loop), then the target's fixed.
 #pragma omp simd
-    for (int64_t v = 0; v < V; ++v)
-      out[v] = S::store(rg.dlogit<CAP>(transform_logit<CAP>(S::load(row[v]), f), false, f));
+    for (int64_t v = 0; v < V; ++v) {
+      const float z = S::load(row[v]);
+      out[v] = S::store(rg.dlogit<CAP>(transform_logit<CAP>(z, f), false, f, in_kept(z, thr)));
+    }
     if (has_target) out[y] = S::store(rg.dlogit<CAP>(z_y, true, f));
   }
 }
@@ -107,31 +384,36 @@ void dispatch(const RowsView& x, const LogitTransform& f, Args... args) {
 
 template <int DT, bool CAP>
 struct Forward {
-  static void run(const RowsView& x, LogitTransform f, const int64_t* ids, bool with_entropy, float* logp,
-                  float* entropy, float* lse) {
-    forward_rows<DT, CAP>(x, ids, f, with_entropy, logp, entropy, lse);
+  static void run(const RowsView& x, LogitTransform f, const int64_t* ids, bool with_entropy, Truncation tr,
+                  const float* threshold_in, bool with_sum_pi_sq, float* logp, float* entropy, float* lse,
+                  float* threshold_out, float* sum_pi_sq) {
+    forward_rows<DT, CAP>(x, ids, f, with_entropy, tr, threshold_in, with_sum_pi_sq, logp, entropy, lse,
+                          threshold_out, sum_pi_sq);
   }
 };
 
 template <int DT, bool CAP>
 struct Backward {
   static void run(const RowsView& x, LogitTransform f, const int64_t* ids, const float* lse, const float* entropy,
-                  const float* grad_logp, const float* grad_entropy, void* out, int64_t out_sb, int64_t out_st) {
-    backward_rows<DT, CAP>(x, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st, f);
+                  const float* grad_logp, const float* grad_entropy, const float* threshold, void* out,
+                  int64_t out_sb, int64_t out_st) {
+    backward_rows<DT, CAP>(x, ids, lse, entropy, grad_logp, grad_entropy, threshold, out, out_sb, out_st, f);
   }
 };
 
 }  // namespace
 
-void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, float* logp,
-                      float* entropy, float* lse) {
-  dispatch<Forward>(x, f, ids, with_entropy, logp, entropy, lse);
+void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, Truncation tr,
+                      const float* threshold_in, bool with_sum_pi_sq, float* logp, float* entropy, float* lse,
+                      float* threshold_out, float* sum_pi_sq) {
+  dispatch<Forward>(x, f, ids, with_entropy, tr, threshold_in, with_sum_pi_sq, logp, entropy, lse, threshold_out,
+                    sum_pi_sq);
 }
 
 void logprobs_backward(const RowsView& x, const int64_t* ids, const float* lse, const float* entropy,
-                       const float* grad_logp, const float* grad_entropy, void* out, int64_t out_sb, int64_t out_st,
-                       LogitTransform f) {
-  dispatch<Backward>(x, f, ids, lse, entropy, grad_logp, grad_entropy, out, out_sb, out_st);
+                       const float* grad_logp, const float* grad_entropy, const float* threshold, void* out,
+                       int64_t out_sb, int64_t out_st, LogitTransform f) {
+  dispatch<Backward>(x, f, ids, lse, entropy, grad_logp, grad_entropy, threshold, out, out_sb, out_st);
 }
 
 }  // namespace cpu

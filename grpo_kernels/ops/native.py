@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..options import AdvantageMode, LossParams
+from ..truncation import NO_TRUNCATION
 from . import objective_inputs as io
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -31,27 +32,34 @@ class NativeKernels:
         return x, (x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), x.stride(1), x.shape[1], x.shape[0] * x.shape[1],
                    x.shape[2])
 
-    def logprobs_forward(self, logits, ids, transform, with_entropy=True):
+    def logprobs_forward(self, logits, ids, transform, with_entropy=True, truncation=NO_TRUNCATION, threshold=None,
+                         with_sum_pi_sq=False):
+        """(logp, entropy, lse, threshold, sum_pi_sq), each (N,) fp32: ops/contract.py. The threshold
+        (raw logit units) is `threshold` when given, searched per row when truncation.active, else −inf."""
         x, view = self._rows(logits)
         n = view[5]
         logp = torch.empty(n, dtype=torch.float32, device=x.device)
-        entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+        entropy, lse, threshold_out, sum_pi_sq = (torch.empty_like(logp) for _ in range(4))
         ids = ids.reshape(-1).long().contiguous()
-        self.module.logprobs_forward(*view, ids.data_ptr(), *transform, bool(with_entropy),
-                                     logp.data_ptr(),
-                                     entropy.data_ptr(), lse.data_ptr(), *self._stream(x))
-        return logp, entropy, lse
+        given = None if threshold is None else threshold.reshape(-1).float().contiguous()
+        self.module.logprobs_forward(*view, ids.data_ptr(), *transform, bool(with_entropy), int(truncation.top_k),
+                                     float(truncation.top_p), float(truncation.log_min_p),
+                                     0 if given is None else given.data_ptr(), bool(with_sum_pi_sq), logp.data_ptr(),
+                                     entropy.data_ptr(), lse.data_ptr(), threshold_out.data_ptr(),
+                                     sum_pi_sq.data_ptr(), *self._stream(x))
+        return logp, entropy, lse, threshold_out, sum_pi_sq
 
-    def logprobs_backward(self, logits, ids, lse, entropy, grad_logp, grad_entropy, transform, out):
+    def logprobs_backward(self, logits, ids, lse, entropy, grad_logp, grad_entropy, transform, out, threshold=None):
         x, view = self._rows(logits)
         target = _as_3d(out)
         work = target if target.dtype == x.dtype and target.stride(-1) == 1 else torch.empty_like(x)
         ids = ids.reshape(-1).long().contiguous()
-        lse, entropy, g, gh = [None if t is None else t.float().contiguous()
-                               for t in (lse, entropy, grad_logp, grad_entropy)]
+        lse, entropy, g, gh, thr = [None if t is None else t.reshape(-1).float().contiguous()
+                                    for t in (lse, entropy, grad_logp, grad_entropy, threshold)]
         self.module.logprobs_backward(*view, ids.data_ptr(), lse.data_ptr(), entropy.data_ptr(), g.data_ptr(),
-                                      0 if gh is None else gh.data_ptr(), work.data_ptr(), work.stride(0),
-                                      work.stride(1), *transform, *self._stream(x))
+                                      0 if gh is None else gh.data_ptr(), 0 if thr is None else thr.data_ptr(),
+                                      work.data_ptr(), work.stride(0), work.stride(1), *transform,
+                                      *self._stream(x))
         if work is not target:
             target.copy_(work)
         return out
