@@ -1,6 +1,7 @@
 """FusedGRPOTrainer and patch_trl() against trl.GRPOTrainer: same seed, data and config, two optimizer
 steps with gradient accumulation 2 -> the same logged loss and metrics and the same updated
 parameters; on a tiny Llama, a tiny Qwen3-MoE (router aux loss) and a tiny Qwen2-VL (images)."""
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from grpo_kernels import reference  # noqa: E402
 from grpo_kernels.integrations.trl import FusedGRPOTrainer, config_from_trl, patch_trl  # noqa: E402
 from grpo_kernels.trainer import toy  # noqa: E402
 from trl_models import image_prompt_dataset, qwen2_vl_processor, tiny_qwen2_vl, tiny_qwen3_moe  # noqa: E402
@@ -140,9 +142,25 @@ ENTRY_POINTS = {"FusedGRPOTrainer": lambda tmp_path, **options: run(FusedGRPOTra
                 "patch_trl": patched_trl}
 
 
+class OracleTruncatedTRL(GRPOTrainer):
+    """trl.GRPOTrainer whose per-token log-probs and entropies (policy, old and reference alike) are
+    over its sampler's kept set: materialised logits through the fp64 sort-based oracle."""
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **_):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -logits_to_keep - 1:-1]
+        logp, entropy = reference.logprobs_and_entropy(logits.double(), input_ids[:, -logits_to_keep:],
+                                                       temperature=self.temperature, top_k=self.top_k,
+                                                       top_p=self.top_p, min_p=self.min_p)
+        return logp.float(), entropy.float() if compute_entropy else None, None
+
+
 # Each family's options, and TRL's run of them (once per module: both entry points compare with it).
 FAMILY_OPTIONS = {"moe": dict(kind="moe", beta=0.05),
-                  "vlm": dict(kind="vlm", loss_type="grpo", beta=0.05, entropy_coef=0.01)}
+                  "vlm": dict(kind="vlm", loss_type="grpo", beta=0.05, entropy_coef=0.01),
+                  # old log-probs (steps_per_generation > accumulation) and reference ones (beta > 0)
+                  "truncated": dict(top_k=5, top_p=0.8, temperature=0.9, beta=0.05, steps_per_generation=4)}
+REFERENCE_TRAINER = {"truncated": OracleTruncatedTRL}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +169,8 @@ def trl_runs(tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            cache[family] = run(GRPOTrainer, tmp_path_factory.mktemp(f"trl_{family}"), **FAMILY_OPTIONS[family])
+            cache[family] = run(REFERENCE_TRAINER.get(family, GRPOTrainer), tmp_path_factory.mktemp(f"trl_{family}"),
+                                **FAMILY_OPTIONS[family])
         return cache[family]
     return get
 
@@ -204,3 +223,29 @@ def test_errors_name_the_option_the_fix_and_the_entry_point(entry, tmp_path):
     assert "top_p=0.8" in message and "min_p=0.05" in message and "truncation_aware_logprobs=False" in message
     other = "patch_trl()" if fused else "FusedGRPOTrainer"
     assert f"grpo_kernels' {other}" not in message
+
+
+def truncation_aware(entry):
+    if entry == "FusedGRPOTrainer":
+        keywords = dict(truncation_aware_logprobs=True, grpo_kernels_backend="torch")
+        return lambda tmp_path, **options: run(FusedGRPOTrainer, tmp_path, trainer_kwargs=keywords, **options)
+
+    def patched(tmp_path, **options):
+        undo = patch_trl(truncation_aware_logprobs=True, backend="torch")
+        try:
+            return run(GRPOTrainer, tmp_path, **options)
+        finally:
+            undo()
+    return patched
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_truncation_aware_logprobs_follow_trls_sampler(entry, trl_runs, tmp_path):
+    """truncation_aware_logprobs=True with GRPOConfig top_k=5, top_p=0.8: the loss and the old
+    and reference log-probs are over the kept set, as the oracle computes them from the logits,
+    step for step."""
+    ref_logs, ref_params = trl_runs("truncated")
+    our_logs, our_params = truncation_aware(entry)(tmp_path, **FAMILY_OPTIONS["truncated"])
+    assert_same_steps(ref_logs, our_logs, ref_params, our_params, ("loss", "entropy", "kl", "clip_ratio/region_mean"))
+    assert all(entry["entropy"] < math.log(6) for entry in our_logs)  # at most 5 tokens and the target kept
+    assert any(entry["kl"] > 0 for entry in our_logs)
