@@ -66,7 +66,7 @@ def sample(model, prompts: torch.Tensor, length: int, sampler: TruncatedSampling
     ids = prompts
     logps = []
     for _ in range(length):
-        processed = sampler(ids, model(ids).logits[:, -1].float())
+        processed = sampler(ids, model(ids, logits_to_keep=1).logits[:, -1].float())
         logp = torch.log_softmax(processed, -1)
         token = torch.multinomial(logp.exp(), 1)
         logps.append(logp.gather(-1, token))
@@ -144,7 +144,7 @@ def plot(results: Dict[str, Dict], path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.truncation_ratios", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequences", type=int, default=256, help="completions per setting (default: %(default)s)")
+    parser.add_argument("--sequences", type=int, default=128, help="completions per setting (default: %(default)s)")
     parser.add_argument("--length", type=int, default=64, help="tokens per completion (default: %(default)s)")
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default: %(default)s)")
     parser.add_argument("--noise", type=float, default=BF16_ROUNDOFF,
