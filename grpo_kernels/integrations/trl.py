@@ -348,14 +348,17 @@ def _truncated_lm_head(model, temperature: float, truncation: Truncation, cast_t
     previous = model.forward
     logit_options = model_logit_options(model.config)
 
-    def forward(*args, fused_lm_head=False, labels=None, **kwargs):
+    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, **kwargs):
         if not fused_lm_head:
-            return previous(*args, labels=labels, **kwargs)
+            return previous(*args, labels=labels, shift_labels=shift_labels, **kwargs)
         kwargs.pop("num_items_in_batch", None)
         # TRL passes output_router_logits=True only when it wants the aux loss back
         hidden, aux = _hidden_states(model, kwargs, bool(kwargs.pop("output_router_logits", False)))
-        hidden, weight, bias = _lm_head_inputs(hidden[:, :-1], model.get_output_embeddings(), cast_to_fp32)
-        ids = labels[:, 1:]
+        if shift_labels is None:
+            hidden, ids = hidden[:, :-1], labels[:, 1:]
+        else:  # pre-shifted (context / sequence parallelism), scored without shifting, as TRL's head
+            ids = shift_labels
+        hidden, weight, bias = _lm_head_inputs(hidden, model.get_output_embeddings(), cast_to_fp32)
         mask = ids != -100
         logp, entropy = fused_linear_selective_logprobs(
             hidden, weight, ids.clamp(min=0), bias=bias, mask=mask, temperature=temperature, return_entropy=True,
