@@ -10,7 +10,7 @@ only the numerical mismatch between the two engines.
 The model: a randomly initialised tiny Llama (`trainer.toy.tiny_causal_lm`, nothing downloaded)
 whose lm_head is scaled so that its next-token distributions are about as peaked as a trained
 LM's (mean entropy ~2.5 nats: a few tokens hold most of the mass). Rollouts: prompts of random
-tokens, completions sampled token by token in fp32 by the trainer's sampler
+tokens, completions sampled in fp32 by `generate` with the trainer's sampler
 (`trainer.rollout.TruncatedSampling`), recording the sampler's log-probs (vLLM's
 "processed_logprobs"). Training log-probs: the same model's logits on the sampled sequences with a
 bf16-like perturbation (each logit times 1 + ε, ε ~ N(0, 2^-8²), bf16's unit roundoff), over the
@@ -62,16 +62,17 @@ def peaked_model(vocab: int, seed: int, target_entropy: float = 2.5):
 
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, length: int, sampler: TruncatedSampling):
-    """Completions (B, length) drawn token by token, and the sampler's log-probs of them (B, length)."""
-    ids = prompts
-    logps = []
-    for _ in range(length):
-        processed = sampler(ids, model(ids, logits_to_keep=1).logits[:, -1].float())
-        logp = torch.log_softmax(processed, -1)
-        token = torch.multinomial(logp.exp(), 1)
-        logps.append(logp.gather(-1, token))
-        ids = torch.cat([ids, token], dim=1)
-    return ids[:, prompts.shape[1]:], torch.cat(logps, dim=1)
+    """Completions (B, length) drawn by `generate` with the trainer's sampler (and none of
+    transformers' warpers), and the sampler's log-probs of them (B, length)."""
+    from transformers import LogitsProcessorList
+
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0, top_k=0,
+                         top_p=1.0, min_p=0.0, logits_processor=LogitsProcessorList([sampler]),
+                         max_new_tokens=length, min_new_tokens=length, eos_token_id=None, pad_token_id=0,
+                         return_dict_in_generate=True, output_scores=True)
+    completions = out.sequences[:, prompts.shape[1]:]
+    logp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)
+    return completions, logp.gather(-1, completions.unsqueeze(-1)).squeeze(-1)
 
 
 def measure(settings: Dict, *, sequences: int = 64, prompt_length: int = 8, length: int = 48, vocab: int = 2048,
