@@ -249,3 +249,19 @@ def test_truncation_aware_logprobs_follow_trls_sampler(entry, trl_runs, tmp_path
     assert_same_steps(ref_logs, our_logs, ref_params, our_params, ("loss", "entropy", "kl", "clip_ratio/region_mean"))
     assert all(entry["entropy"] < math.log(6) for entry in our_logs)  # at most 5 tokens and the target kept
     assert any(entry["kl"] > 0 for entry in our_logs)
+
+
+def test_sampler_settings_are_read_as_trl_passes_them():
+    """generation_kwargs override the GRPOConfig fields (as in TRL); vLLM's top_k=-1 is off; vLLM
+    orders min_p before top_p as we do, so the two together are accepted there."""
+    from grpo_kernels.integrations.trl import trl_sampling_truncation
+    from grpo_kernels.truncation import Truncation
+
+    def trainer(**args):
+        defaults = dict(top_k=0, top_p=1.0, min_p=None, generation_kwargs=None, use_vllm=False)
+        return SimpleNamespace(args=SimpleNamespace(**dict(defaults, **args)))
+
+    assert trl_sampling_truncation(trainer(top_p=0.9, generation_kwargs={"top_k": 7})) == Truncation(7, 0.9, 0.0)
+    assert trl_sampling_truncation(trainer(top_k=-1, top_p=0.9, min_p=0.1, use_vllm=True)) == Truncation(0, 0.9, 0.1)
+    with pytest.raises(ValueError, match="applies min_p after top_p"):
+        trl_sampling_truncation(trainer(top_p=0.9, generation_kwargs={"min_p": 0.1}))
