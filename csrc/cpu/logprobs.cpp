@@ -22,6 +22,9 @@
 // falls in one bucket, e.g. a row of equal logits, or a top-k boundary more than kRangeNats below
 // the max: correct, and slower).
 #include <algorithm>
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -134,61 +137,144 @@ RowStats<double> kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, floa
 #undef GK_KEPT_SUMS
 }
 
-// The entries of bucket b, largest first.
-template <int DT, bool CAP>
-void gather(const Row<DT, CAP>& row, int64_t V, int b, Workspace& w) {
+// fn(v) for every entry v whose slot is in [lo, lo + width), in order: a 32-bit mask of a block of
+// slots at a time (one compare with AVX-512), then one step per set bit, so entries outside the
+// range cost a fraction of a cycle each.
+template <typename Fn>
+void for_each_in_slots(const uint16_t* __restrict slot, int64_t V, unsigned lo, unsigned width, Fn fn) {
   constexpr int64_t kScan = 32;
-  const unsigned lo = static_cast<unsigned>(b), width = b == kTail ? kSpread : 1;  // its slots
-  w.cand.clear();
-  const uint16_t* __restrict slot = w.slot.data();
   int64_t v0 = 0;
   for (; v0 + kScan <= V; v0 += kScan) {
-    // A bit per entry of the block, set for those in bucket b (vectorises to a compare and a
-    // mask move), then one step per set bit: the scan costs little where the bucket has no entries.
+#if defined(__AVX512BW__)
+    const __m512i x = _mm512_sub_epi16(_mm512_loadu_si512(slot + v0), _mm512_set1_epi16(static_cast<short>(lo)));
+    uint32_t hits = _mm512_cmplt_epu16_mask(x, _mm512_set1_epi16(static_cast<short>(width)));
+#else
     uint32_t hits = 0;
 #pragma omp simd reduction(| : hits)
     for (int i = 0; i < kScan; ++i) hits |= static_cast<uint32_t>(slot[v0 + i] - lo < width) << i;
-    for (; hits; hits &= hits - 1) {
-      const int64_t v = v0 + __builtin_ctz(hits);
-      w.cand.push_back({row.raw(v), w.e[v]});
-    }
+#endif
+    for (; hits; hits &= hits - 1) fn(v0 + __builtin_ctz(hits));
   }
   for (int64_t v = v0; v < V; ++v)
-    if (slot[v] - lo < width) w.cand.push_back({row.raw(v), w.e[v]});
+    if (slot[v] - lo < width) fn(v);
+}
+
+// The entries of bucket b, largest first.
+template <int DT, bool CAP>
+void gather(const Row<DT, CAP>& row, int64_t V, int b, Workspace& w) {
+  w.cand.clear();
+  const float* e = w.e.data();
+  for_each_in_slots(w.slot.data(), V, static_cast<unsigned>(b), b == kTail ? kSpread : 1,
+                    [&](int64_t v) { w.cand.push_back({row.raw(v), e[v]}); });
   std::sort(w.cand.begin(), w.cand.end(), [](const Candidate& a, const Candidate& c) { return a.z > c.z; });
 }
 
-// Pass 2 (see the header): e^(z'−m) and the slot of every entry into the workspace; returns the
-// smallest raw logit min_p keeps (the row's minimum when min_p is off).
+// What pass 2 finds besides e and the slots: the smallest raw logit min_p keeps (the row's minimum
+// when min_p is off), how many entries it keeps and their mass.
+struct Kept1 {
+  float min_z;
+  int64_t count;
+  double mass;
+};
+
+// Pass 2 (see the header): e^(z'−m) and the slot of every entry into the workspace.
 template <int DT, bool CAP>
-float exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p, Workspace& w) {
+Kept1 exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p, Workspace& w) {
   float* __restrict e = w.e.data();
   uint16_t* __restrict slot = w.slot.data();
   const auto* __restrict p = row.p;
   const LogitTransform f = row.f;  // a local copy: the stores above cannot alias it, so it stays in registers
-  float min_kept = kInf;
-#pragma omp simd reduction(min : min_kept)
-  for (int64_t v = 0; v < V; ++v) {
-    const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - m;
-    const int s = slot_of(d, log_min_p, v);
-    e[v] = softmax_exp(d);
-    slot[v] = static_cast<uint16_t>(s);
-    const float zk = s < kDroppedSlot ? z : kInf;
-    min_kept = zk < min_kept ? zk : min_kept;
+  Kept1 k{kInf, 0, 0.0};
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+    float min_z = kInf, mass = 0.f;
+    int count = 0;
+#pragma omp simd reduction(min : min_z) reduction(+ : mass, count)
+    for (int64_t v = v0; v < v1; ++v) {
+      const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - m;
+      const int s = slot_of(d, log_min_p, v);
+      const float ev = softmax_exp(d);
+      const bool kept = s < kDroppedSlot;
+      e[v] = ev;
+      slot[v] = static_cast<uint16_t>(s);
+      min_z = kept && z < min_z ? z : min_z;
+      mass += kept ? ev : 0.f;
+      count += kept;
+    }
+    k.min_z = min_z < k.min_z ? min_z : k.min_z;
+    k.count += count;
+    k.mass += mass;
   }
-  return min_kept;
+  return k;
 }
 
-// Pass 3: count and mass per slot (only what the active steps read), then the tail's slots folded
-// into bucket kTail. With min_p on, blocks of entries it all drops are skipped.
-void histogram(int64_t V, const Truncation& tr, Workspace& w) {
+// The tail's slots into bucket kTail.
+void fold_tail(Workspace& w) {
+  for (int i = 1; i < kSpread; ++i) {
+    w.count[kTail] += w.count[kTail + i];
+    w.mass[kTail] += w.mass[kTail + i];
+  }
+}
+
+// Where the boundary can be, from every kSample-th entry: the bucket by which the sample's count
+// from the top passes k (with 3 standard deviations and 4 entries to spare), or its mass passes
+// a quarter of the way from top_p to 1; then kSpareBuckets more. Beyond kTail: the whole row.
+// A wrong guess costs time, never correctness (the stand-in bucket of histogram()).
+constexpr int64_t kSample = 16;
+constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 2;
+
+int sampled_cut(int64_t V, const Truncation& tr, Workspace& w) {
+  std::fill(w.count.begin(), w.count.end(), 0);
+  std::fill(w.mass.begin(), w.mass.end(), 0.0);
+  for (int64_t v = 0; v < V; v += kSample) {
+    ++w.count[w.slot[v]];
+    w.mass[w.slot[v]] += w.e[v];
+  }
+  fold_tail(w);
+  double need = 0.0, total = 0.0;
+  if (tr.top_k > 0) {
+    const double k = static_cast<double>(tr.top_k) / kSample;
+    need = k + 3.0 * std::sqrt(k) + 4.0;
+  } else {
+    for (int b = 0; b <= kTail; ++b) total += w.mass[b];
+    need = total * (0.75 * static_cast<double>(tr.top_p) + 0.25);
+  }
+  double cum = 0.0;
+  for (int b = 0; b <= kTail; ++b) {
+    cum += tr.top_k > 0 ? static_cast<double>(w.count[b]) : w.mass[b];
+    if (cum >= need && cum > 0.0) return b + kSpareBuckets;
+  }
+  return kTail + 1;
+}
+
+// Pass 3: count and mass per bucket (only what the active steps read). cut <= kTail: only the
+// entries of buckets [0, cut) one by one; bucket `cut` then holds the totals of all the others
+// min_p keeps (a stand-in the boundary must not fall in). Otherwise every entry; with min_p on,
+// blocks of entries it all drops are skipped.
+void histogram(int64_t V, const Truncation& tr, const Kept1& k1, int cut, Workspace& w) {
   constexpr int64_t kSkip = 32;
   const bool counts = tr.top_k > 0, masses = tr.top_p < 1.f, skip = tr.log_min_p > -kInf;
   const float* __restrict e = w.e.data();
   const uint16_t* __restrict slot = w.slot.data();
   int32_t* __restrict count = w.count.data();
+  double* __restrict mass = w.mass.data();
   std::fill(w.count.begin(), w.count.end(), 0);
   std::fill(w.mass.begin(), w.mass.end(), 0.0);
+  if (cut <= kTail) {
+    for_each_in_slots(slot, V, 0, static_cast<unsigned>(cut), [&](int64_t v) {
+      ++count[slot[v]];
+      mass[slot[v]] += e[v];
+    });
+    int64_t n = 0;
+    double m = 0.0;
+    for (int b = 0; b < cut; ++b) {
+      n += count[b];
+      m += mass[b];
+    }
+    count[cut] = static_cast<int32_t>(k1.count - n);
+    mass[cut] = k1.mass - m;
+    return;
+  }
   // fp32 partial masses (shorter store-to-load chains than fp64), added into fp64 every kBlock entries.
   float part[kSlots];
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
@@ -213,30 +299,26 @@ void histogram(int64_t V, const Truncation& tr, Workspace& w) {
         for (int64_t v = u0; v < u1; ++v) part[slot[v]] += e[v];
       }
     }
-    for (int b = 0; b < kDroppedSlot; ++b) w.mass[b] += part[b];
+    for (int b = 0; b < kDroppedSlot; ++b) mass[b] += part[b];
   }
-  for (int i = 1; i < kSpread; ++i) {
-    count[kTail] += count[kTail + i];
-    w.mass[kTail] += w.mass[kTail + i];
-  }
+  fold_tail(w);
 }
 
-// Finds the threshold of a row (the smallest kept raw logit) without sorting it: see the header.
-// m is the row's max z' (finite). Leaves e^(z'−m) in w.e for kept_sums.
+// top_k, then top_p, on the histogram over buckets [0, last]; threshold holds min_p's and gets the
+// final one. False when the boundary falls in bucket `last` and it is the stand-in (`stand_in`):
+// the histogram must then be made over the whole row.
 template <int DT, bool CAP>
-float search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
-  float threshold = exp_and_slots(row, V, m, tr.log_min_p, w);  // min_p's
-  if (tr.top_k <= 0 && !(tr.top_p < 1.f)) return threshold;
-  histogram(V, tr, w);
+bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int last, bool stand_in, Workspace& w,
+                float& threshold) {
   // The kept set so far is an upper set of values: buckets [0, last), and bucket `last` either
   // whole or (restricted) only its entries in w.cand.
-  int last = kTail;
   bool restricted = false;
   if (tr.top_k > 0) {
     int64_t above = 0;
-    for (int b = 0; b <= kTail; ++b) {
+    for (int b = 0; b <= last; ++b) {
       if (w.count[b] == 0) continue;
       if (!above_keeps(static_cast<double>(above + w.count[b]), static_cast<double>(tr.top_k))) {
+        if (stand_in && b == last) return false;
         gather(row, V, b, w);  // the k-th largest is in bucket b: cand[top_k − above − 1]
         threshold = w.cand[static_cast<size_t>(tr.top_k - above - 1)].z;
         size_t n = static_cast<size_t>(tr.top_k - above);
@@ -273,14 +355,74 @@ float search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Trunca
       if (!above_keeps(above, limit)) break;
     }
     if (boundary >= 0) {
-      if (!(restricted && boundary == last)) gather(row, V, boundary, w);
+      if (!(restricted && boundary == last)) {
+        if (stand_in && boundary == last) return false;
+        gather(row, V, boundary, w);
+      }
       for (size_t i = 0; i < w.cand.size() && above_keeps(before, limit);) {
         threshold = w.cand[i].z;
         for (; i < w.cand.size() && w.cand[i].z == threshold; ++i) before += w.cand[i].e;
       }
     }
   }
-  return threshold;
+  return true;
+}
+
+// A searched threshold, and the slots [0, slots) that hold every entry it keeps when those are few
+// (at most V / kSparse; 0 when they are many or their number is not known).
+struct Searched {
+  float threshold;
+  unsigned slots;
+};
+constexpr int64_t kSparse = 8;
+
+// Finds the threshold of a row (the smallest kept raw logit) without sorting it: see the header.
+// m is the row's max z' (finite). Leaves e^(z'−m) and the slots in the workspace for kept_sums.
+template <int DT, bool CAP>
+Searched search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
+  const Kept1 k1 = exp_and_slots(row, V, m, tr.log_min_p, w);
+  float threshold = k1.min_z;  // min_p's
+  const int cut = sampled_cut(V, tr, w);
+  histogram(V, tr, k1, cut, w);
+  if (!thresholds(row, V, tr, cut < kTail ? cut : kTail, cut <= kTail, w, threshold)) {
+    threshold = k1.min_z;  // the sample misled us: the whole row
+    histogram(V, tr, k1, kTail + 1, w);
+    thresholds(row, V, tr, kTail, false, w, threshold);
+  }
+  if (tr.top_k <= 0) return {threshold, 0u};  // no counts
+  const int b = slot_of(transform_logit<CAP>(threshold, row.f) - m, -kInf, 0);  // the threshold's bucket
+  int64_t n = 0;
+  for (int i = 0; i <= b && i <= kTail; ++i) n += w.count[i];
+  return {threshold, n * kSparse <= V ? static_cast<unsigned>(b < kTail ? b + 1 : kTail + kSpread) : 0u};
+}
+
+// min_p alone: the smallest raw logit it keeps (no exp, nothing stored).
+template <int DT, bool CAP>
+float min_p_threshold(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p) {
+  const auto* __restrict p = row.p;
+  const LogitTransform f = row.f;
+  float lo = kInf;
+#pragma omp simd reduction(min : lo)
+  for (int64_t v = 0; v < V; ++v) {
+    const float z = Storage<DT>::load(p[v]);
+    lo = min_p_keeps(transform_logit<CAP>(z, f) - m, log_min_p) && z < lo ? z : lo;
+  }
+  return lo;
+}
+
+// kept_sums over the entries of slots [0, slots) only (a search's, Searched::slots), from w.e.
+template <int DT, bool CAP>
+RowStats<double> sparse_kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, float threshold, unsigned slots,
+                                  const Workspace& w) {
+  RowStats<double> total{shift, 0.0, 0.0, 0.0};
+  for_each_in_slots(w.slot.data(), V, 0, slots, [&](int64_t v) {
+    const float z = row.raw(v);
+    const SoftmaxTerm k = kept_term(w.e[v], transform_logit<CAP>(z, row.f) - shift, in_kept(z, threshold));
+    total.s += k.e;
+    total.t += k.ed;
+    total.q += static_cast<double>(k.e) * k.e;
+  });
+  return total;
 }
 
 template <int DT, bool CAP>
@@ -309,8 +451,15 @@ void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool 
       float threshold = threshold_in ? threshold_in[r] : -kInf;
       RowStats<double> total;
       if (search && zmax > -kInf) {
-        threshold = search_threshold(row, V, m, tr, w);
-        total = kept_sums<true>(row, V, m, threshold, w.e.data(), with_entropy, with_sum_pi_sq);
+        if (tr.top_k > 0 || tr.top_p < 1.f) {
+          const Searched found = search_threshold(row, V, m, tr, w);
+          threshold = found.threshold;
+          total = found.slots ? sparse_kept_sums(row, V, m, threshold, found.slots, w)
+                              : kept_sums<true>(row, V, m, threshold, w.e.data(), with_entropy, with_sum_pi_sq);
+        } else {  // min_p alone: its bound, then the sums as without truncation
+          threshold = min_p_threshold(row, V, m, tr.log_min_p);
+          total = kept_sums<false>(row, V, m, threshold, nullptr, with_entropy, with_sum_pi_sq);
+        }
       } else {
         // The sums' reference point: the largest kept z' (the max, unless a given threshold drops
         // it; then only the target is kept). 0 when nothing finite is kept.
