@@ -5,19 +5,25 @@
 // and per-row math is logprob_math.h's, shared with the CUDA kernels. CAP selects the softcapped
 // logit transform (a tanh per logit); without it z' = scale·z.
 //
-// Passes over a row of V logits (b bytes each), and the bytes they touch:
-//   full vocabulary, no truncation (or a given threshold): 2 passes, 2·V·b bytes read
-//     1. max of the raw logits;  2. s, t, q over K = {z >= threshold} (e^(z'−m) computed here).
-//   truncation searched here: 4 passes over the logits (4·V·b bytes read) and 2 over a per-thread
-//   buffer of V fp32 e^(z'−m) and V uint16 bucket numbers (written once, 6·V bytes, read twice):
-//     1. max;  2. e_v = e^(z'_v − m) and the bucket of d_v = z'_v − m (kBucketsPerNat buckets per
-//        nat, top first; d < −kRangeNats in one tail bucket; min_p's dropped entries in their own);
-//     3. the histogram (count and mass Σe per bucket, a scalar scatter from the buffers);
-//     then the thresholds from the histogram: top-k's boundary bucket is the one where the count
-//     from the top reaches k, top-p's the one where the mass from the top reaches top_p · Z; only
-//     that bucket's entries (~V/1000 for real logit spreads) are gathered (a scan of the bucket
-//     numbers) and sorted to find the exact value, ties included;
-//     4. s, t, q over K, reading e from the buffer.
+// Passes over a row of V logits (b bytes each; after the first the row is in L2):
+//   no truncation, or a given threshold: 2 passes, 2·V·b bytes read
+//     1. max of the raw logits;  2. s = Σ e, t = Σ e·(z'−m), q = Σ e² over K = {z >= threshold},
+//        e = e^(z'−m) (the target added on its own when outside K).
+//   min_p alone: 3 passes, 3·V·b bytes: the max, min_p's bound (no exp), the sums of pass 2 above.
+//   top_k / top_p searched here: passes over the logits and a per-thread scratch of V fp32 e and
+//   V uint16 bucket slots (written once: 6·V bytes):
+//     1. max (V·b);  2. e and the slot of d = z'−m (kBucketsPerNat buckets per nat from the top,
+//        d < −kRangeNats in the tail, min_p's dropped apart) (V·b read, 6·V written);
+//     3. a sample of every kSample-th entry guesses the boundary's bucket; the histogram (count
+//        and mass per bucket, a scalar scatter) then takes only the entries of the buckets up to
+//        the guess plus a margin (a 32-entry AVX-512 compare per step over the slots: 2·V bytes,
+//        plus 6 bytes per entry taken), the rest summed into a stand-in bucket (from pass 2's
+//        totals); if the boundary falls in the stand-in, the histogram is made over every entry;
+//     then top_k's boundary bucket is where the count from the top reaches k, top_p's where the
+//     mass from the top reaches top_p·Z; only that bucket's entries are gathered (a slot scan,
+//     2·V bytes) and sorted to find the exact value, ties included;
+//     4. s, t, q over K: over the entries of the kept buckets only when they are few (a slot
+//        scan), else a pass over the logits and e (V·b + 4·V bytes).
 // No row is sorted: the sorts are of one bucket's entries (all of the row only if every entry
 // falls in one bucket, e.g. a row of equal logits, or a top-k boundary more than kRangeNats below
 // the max: correct, and slower).
