@@ -222,14 +222,19 @@ void fold_tail(Workspace& w) {
   }
 }
 
-// Where the boundary can be, from every kSample-th entry: the bucket by which the sample's count
-// from the top passes k (with 3 standard deviations and 4 entries to spare), or its mass passes
-// a quarter of the way from top_p to 1; then kSpareBuckets more. Beyond kTail: the whole row.
-// A wrong guess costs time, never correctness (the stand-in bucket of histogram()).
+// Where the boundary can be, from every kSample-th entry: the buckets [lo, hi) around where the
+// sample's count from the top passes k (3 standard deviations and 4 entries to spare either way),
+// or its mass passes top_p (± kMassSlack of the sample's mass), widened by kSpareBuckets each side. hi beyond kTail: to the end of the row. A wrong guess costs time, never
+// correctness (the stand-in buckets of histogram()).
 constexpr int64_t kSample = 16;
-constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 2;
+constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 4;
+constexpr double kMassSlack = 0.1;
 
-int sampled_cut(int64_t V, const Truncation& tr, Workspace& w) {
+struct Window {
+  int lo, hi;
+};
+
+Window sampled_window(int64_t V, const Truncation& tr, Workspace& w) {
   std::fill(w.count.begin(), w.count.end(), 0);
   std::fill(w.mass.begin(), w.mass.end(), 0.0);
   for (int64_t v = 0; v < V; v += kSample) {
@@ -237,27 +242,40 @@ int sampled_cut(int64_t V, const Truncation& tr, Workspace& w) {
     w.mass[w.slot[v]] += w.e[v];
   }
   fold_tail(w);
-  double need = 0.0, total = 0.0;
+  double need_lo = 0.0, need_hi = 0.0;
   if (tr.top_k > 0) {
     const double k = static_cast<double>(tr.top_k) / kSample;
-    need = k + 3.0 * std::sqrt(k) + 4.0;
+    need_lo = tr.top_p < 1.f ? 0.0 : k - 3.0 * std::sqrt(k) - 4.0;  // top_p's boundary may lie above top_k's
+    need_hi = k + 3.0 * std::sqrt(k) + 4.0;
   } else {
+    double total = 0.0;
     for (int b = 0; b <= kTail; ++b) total += w.mass[b];
-    need = total * (0.75 * static_cast<double>(tr.top_p) + 0.25);
+    need_lo = total * (static_cast<double>(tr.top_p) - kMassSlack);
+    need_hi = total * (static_cast<double>(tr.top_p) + kMassSlack);
   }
+  Window win{0, kTail + 1};
   double cum = 0.0;
+  bool lo_found = !(need_lo > 0.0);
   for (int b = 0; b <= kTail; ++b) {
     cum += tr.top_k > 0 ? static_cast<double>(w.count[b]) : w.mass[b];
-    if (cum >= need && cum > 0.0) return b + kSpareBuckets;
+    if (!lo_found && cum >= need_lo) {
+      lo_found = true;
+      win.lo = b - kSpareBuckets > 0 ? b - kSpareBuckets : 0;
+    }
+    if (cum >= need_hi && cum > 0.0) {
+      win.hi = b + 1 + kSpareBuckets;
+      break;
+    }
   }
-  return kTail + 1;
+  return win;
 }
 
-// Pass 3: count and mass per bucket (only what the active steps read). cut <= kTail: only the
-// entries of buckets [0, cut) one by one; bucket `cut` then holds the totals of all the others
-// min_p keeps (a stand-in the boundary must not fall in). Otherwise every entry; with min_p on,
-// blocks of entries it all drops are skipped.
-void histogram(int64_t V, const Truncation& tr, const Kept1& k1, int cut, Workspace& w) {
+// Pass 3: count and mass per bucket (only what the active steps read). win.hi <= kTail: only the
+// entries of buckets [win.lo, win.hi) one by one; bucket win.hi then holds the totals of the
+// others below, and bucket win.lo − 1 (when win.lo > 0) those above, summed in a vectorised loop:
+// stand-ins the boundary must not fall in. Otherwise every entry; with min_p on, blocks of
+// entries it all drops are skipped.
+void histogram(int64_t V, const Truncation& tr, const Kept1& k1, Window win, Workspace& w) {
   constexpr int64_t kSkip = 32;
   const bool counts = tr.top_k > 0, masses = tr.top_p < 1.f, skip = tr.log_min_p > -kInf;
   const float* __restrict e = w.e.data();
@@ -266,19 +284,35 @@ void histogram(int64_t V, const Truncation& tr, const Kept1& k1, int cut, Worksp
   double* __restrict mass = w.mass.data();
   std::fill(w.count.begin(), w.count.end(), 0);
   std::fill(w.mass.begin(), w.mass.end(), 0.0);
-  if (cut <= kTail) {
-    for_each_in_slots(slot, V, 0, static_cast<unsigned>(cut), [&](int64_t v) {
+  if (win.hi <= kTail) {
+    const int lo = win.lo, hi = win.hi;
+    for_each_in_slots(slot, V, static_cast<unsigned>(lo), static_cast<unsigned>(hi - lo), [&](int64_t v) {
       ++count[slot[v]];
       mass[slot[v]] += e[v];
     });
+    if (lo > 0) {
+      for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+        const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+        float m = 0.f;
+        int n = 0;
+#pragma omp simd reduction(+ : m, n)
+        for (int64_t v = v0; v < v1; ++v) {
+          const bool above = slot[v] < lo;
+          m += above ? e[v] : 0.f;
+          n += above;
+        }
+        count[lo - 1] += n;
+        mass[lo - 1] += m;
+      }
+    }
     int64_t n = 0;
     double m = 0.0;
-    for (int b = 0; b < cut; ++b) {
+    for (int b = 0; b < hi; ++b) {
       n += count[b];
       m += mass[b];
     }
-    count[cut] = static_cast<int32_t>(k1.count - n);
-    mass[cut] = k1.mass - m;
+    count[hi] = static_cast<int32_t>(k1.count - n);
+    mass[hi] = k1.mass - m;
     return;
   }
   // fp32 partial masses (shorter store-to-load chains than fp64), added into fp64 every kBlock entries.
@@ -311,11 +345,11 @@ void histogram(int64_t V, const Truncation& tr, const Kept1& k1, int cut, Worksp
 }
 
 // top_k, then top_p, on the histogram over buckets [0, last]; threshold holds min_p's and gets the
-// final one. False when the boundary falls in bucket `last` and it is the stand-in (`stand_in`):
-// the histogram must then be made over the whole row.
+// final one. False when the boundary falls in a stand-in bucket (bucket `last` when `stand_in`,
+// bucket `upper` when >= 0): the histogram must then be made over the whole row.
 template <int DT, bool CAP>
-bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int last, bool stand_in, Workspace& w,
-                float& threshold) {
+bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int last, bool stand_in, int upper,
+                Workspace& w, float& threshold) {
   // The kept set so far is an upper set of values: buckets [0, last), and bucket `last` either
   // whole or (restricted) only its entries in w.cand.
   bool restricted = false;
@@ -324,7 +358,7 @@ bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int la
     for (int b = 0; b <= last; ++b) {
       if (w.count[b] == 0) continue;
       if (!above_keeps(static_cast<double>(above + w.count[b]), static_cast<double>(tr.top_k))) {
-        if (stand_in && b == last) return false;
+        if ((stand_in && b == last) || b == upper) return false;
         gather(row, V, b, w);  // the k-th largest is in bucket b: cand[top_k − above − 1]
         threshold = w.cand[static_cast<size_t>(tr.top_k - above - 1)].z;
         size_t n = static_cast<size_t>(tr.top_k - above);
@@ -362,7 +396,7 @@ bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int la
     }
     if (boundary >= 0) {
       if (!(restricted && boundary == last)) {
-        if (stand_in && boundary == last) return false;
+        if ((stand_in && boundary == last) || boundary == upper) return false;
         gather(row, V, boundary, w);
       }
       for (size_t i = 0; i < w.cand.size() && above_keeps(before, limit);) {
@@ -388,12 +422,13 @@ template <int DT, bool CAP>
 Searched search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
   const Kept1 k1 = exp_and_slots(row, V, m, tr.log_min_p, w);
   float threshold = k1.min_z;  // min_p's
-  const int cut = sampled_cut(V, tr, w);
-  histogram(V, tr, k1, cut, w);
-  if (!thresholds(row, V, tr, cut < kTail ? cut : kTail, cut <= kTail, w, threshold)) {
+  const Window win = sampled_window(V, tr, w);
+  histogram(V, tr, k1, win, w);
+  const bool windowed = win.hi <= kTail;
+  if (!thresholds(row, V, tr, windowed ? win.hi : kTail, windowed, windowed ? win.lo - 1 : -1, w, threshold)) {
     threshold = k1.min_z;  // the sample misled us: the whole row
-    histogram(V, tr, k1, kTail + 1, w);
-    thresholds(row, V, tr, kTail, false, w, threshold);
+    histogram(V, tr, k1, Window{0, kTail + 1}, w);
+    thresholds(row, V, tr, kTail, false, -1, w, threshold);
   }
   if (tr.top_k <= 0) return {threshold, 0u};  // no counts
   const int b = slot_of(transform_logit<CAP>(threshold, row.f) - m, -kInf, 0);  // the threshold's bucket
