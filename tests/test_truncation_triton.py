@@ -53,6 +53,12 @@ def _oracle(logits, ids, transform, trunc=None, kept=None):
     return logp, entropy, lse, (p * p).sum(-1), kept
 
 
+def _tau(transform):
+    """The kernels' (scale, cap) for the reference's transform keywords."""
+    return kernel_transform(transform.get("temperature", 1.0), transform.get("logit_scale", 1.0),
+                            transform.get("softcap"))
+
+
 def _kept_by_threshold(logits, ids, threshold):
     """K = {v : z_v >= threshold} ∪ {y}, as the contract defines it."""
     x = logits.reshape(-1, V).float().cpu()
@@ -61,7 +67,8 @@ def _kept_by_threshold(logits, ids, threshold):
 
 # (dtype, truncation, transform, strided, scratch capacity)
 CASES = {
-    "top_k": (torch.float32, dict(top_k=7), dict(temperature=0.7), False, None),
+    "top_k_1": (torch.float32, dict(top_k=1), dict(temperature=0.7), False, None),  # the max's ties kept
+    "top_k": (torch.bfloat16, dict(top_k=7), dict(softcap=2.0), False, None),
     "top_p_softcap": (torch.bfloat16, dict(top_p=0.8), dict(softcap=3.0), False, None),
     "min_p": (torch.float32, dict(min_p=0.05), dict(temperature=1.3, softcap=2.0), False, None),
     "all_three_strided": (torch.bfloat16, dict(top_k=12, top_p=0.9, min_p=0.02), dict(temperature=0.8), True, None),
@@ -80,9 +87,8 @@ def test_forward_matches_the_sort_oracle(case, monkeypatch, poisoned_allocations
         monkeypatch.setattr(triton_logprobs, "SEARCH_CAPACITY", capacity)
     logits, ids = _rows(dtype, seed=len(case), n=6 if strided else 5, strided=strided)
     trunc = make_truncation(**trunc_kw)
-    tau = kernel_transform(transform.get("temperature", 1.0), transform.get("logit_scale", 1.0), transform.get("softcap"))
-    logp, entropy, lse, threshold, sum_pi_sq = triton_logprobs.logprobs_forward(logits, ids, tau, True, trunc,
-                                                                                with_sum_pi_sq=True)
+    logp, entropy, lse, threshold, sum_pi_sq = triton_logprobs.logprobs_forward(logits, ids, _tau(transform), True,
+                                                                                trunc, with_sum_pi_sq=True)
     want_logp, want_entropy, want_lse, want_sq, kept = _oracle(logits, ids, transform, trunc)
     x = logits.reshape(-1, V).float().cpu()
     for row, thr in enumerate(threshold.cpu()):  # an exact logit of the row, or −inf
@@ -105,6 +111,20 @@ def test_forward_outputs_zero_when_not_asked(poisoned_allocations):  # noqa: F81
     assert torch.equal(_kept_by_threshold(logits, ids, threshold), kept)
     assert_close(logp, want_logp, rtol=1e-5, atol=1e-5, name="logp")
     assert_close(lse, want_lse, rtol=1e-5, atol=1e-5, name="lse")
+
+
+@pytest.mark.parametrize("trunc_kw", [dict(top_p=0.5), dict(top_k=3, min_p=0.2), dict(min_p=0.5)])
+def test_a_row_with_no_finite_logit(trunc_kw, poisoned_allocations):  # noqa: F811
+    """The contract: lse = −inf, H = 0, Σπ² = 0; the threshold is −inf (every entry is −inf)."""
+    logits = torch.full((2, V), NEG_INF, device=DEVICE)
+    logits[1, 7] = 1.0
+    ids = torch.tensor([3, 7], device=DEVICE)
+    logp, entropy, lse, threshold, sum_pi_sq = triton_logprobs.logprobs_forward(
+        logits, ids, kernel_transform(1.0), True, make_truncation(**trunc_kw), with_sum_pi_sq=True)
+    assert logp[0] == NEG_INF and lse[0] == NEG_INF and entropy[0] == 0 and sum_pi_sq[0] == 0
+    assert threshold[0] == NEG_INF
+    # one finite logit: it alone is kept, with probability 1
+    assert threshold[1] == 1.0 and logp[1] == 0 and lse[1] == 1.0 and entropy[1] == 0 and sum_pi_sq[1] == 1
 
 
 @pytest.mark.parametrize("trunc_kw", [dict(top_k=V), dict(top_k=V + 5), dict(top_p=1.0)])
@@ -134,13 +154,13 @@ def test_given_threshold_is_used_as_is(poisoned_allocations):  # noqa: F811
     ids = ids.clone()
     ids[3] = -1
     ids[4] = -1
-    tau = kernel_transform(1.2, 1.0, 2.5)
+    transform = dict(temperature=1.2, softcap=2.5)
     logp, entropy, lse, thr_out, sum_pi_sq = triton_logprobs.logprobs_forward(
-        logits, ids, tau, True, make_truncation(top_p=0.5), threshold=threshold.to(DEVICE), with_sum_pi_sq=True)
+        logits, ids, _tau(transform), True, make_truncation(top_p=0.5), threshold=threshold.to(DEVICE),
+        with_sum_pi_sq=True)
     assert torch.equal(thr_out.cpu(), threshold)
     kept = (x >= threshold[:, None]) | torch.nn.functional.one_hot(ids.clamp(min=0), V).bool() & (ids[:, None] >= 0)
-    want_logp, want_entropy, want_lse, want_sq, _ = _oracle(logits, ids.clamp(min=0), dict(temperature=1.2, softcap=2.5),
-                                                            kept=kept)
+    want_logp, want_entropy, want_lse, want_sq, _ = _oracle(logits, ids.clamp(min=0), transform, kept=kept)
     rows = [0, 1, 2]  # targets in the slice
     assert_close(logp[rows], want_logp[rows], rtol=1e-5, atol=1e-5, name="logp")
     assert_close(lse[:4], want_lse[:4], rtol=1e-5, atol=1e-5, name="lse")
@@ -157,7 +177,7 @@ def test_given_threshold_is_used_as_is(poisoned_allocations):  # noqa: F811
 def test_backward_matches_autograd_of_the_oracle(dtype, trunc_kw, transform, poisoned_allocations):  # noqa: F811
     logits, ids = _rows(dtype, seed=7, n=6, strided=dtype == torch.bfloat16)
     trunc = make_truncation(**trunc_kw)
-    tau = kernel_transform(transform.get("temperature", 1.0), 1.0, transform.get("softcap"))
+    tau = _tau(transform)
     _, entropy, lse, threshold, _ = triton_logprobs.logprobs_forward(logits, ids, tau, True, trunc)
     g = torch.Generator().manual_seed(8)
     g_logp = torch.randn(ids.numel(), generator=g, dtype=torch.float64)

@@ -17,37 +17,45 @@ Logits are (B, T, V) with any batch and time strides (a `logits[:, :-1]` slice i
 place, never copied); row r is (r // T, r % T). Packed (N, V) logits are (1, N, V).
 
 Forward modes (constexpr MODE):
-    0 no truncation: one sweep over the row (N·V·s bytes read for s-byte logits, 5 floats written).
+    0 no truncation: one sweep over the row (V·s bytes read for s-byte logits, 5 floats written).
     1 threshold given (vocabulary-parallel path): one sweep, entries below it masked out.
     2 search: the threshold is found per row without sorting, by a multi-pivot select over
-      order-preserving integer keys of the raw logits (fp32 bits made monotone; bf16 and fp16
-      keys are those bits shifted right by 16 and 13, so a 16-bit key space):
-      pass 1 (HBM)  m, s over the row (as mode 0, no entropy), the maximum key, and the
-                    maximum key of each of KB position classes (v mod KB): the k-th largest of
-                    those KB maxima (tl.sort of KB keys in registers) is a lower bound of the
-                    top-k threshold, as they are KB distinct entries of the row.
-      pass 2 (L2)   candidates: entries that the bounds cannot rule out, copied (raw, in order,
-                    by an in-tile prefix sum) into a per-row scratch of CAPACITY entries:
-                    min_p     z' >= M + log min_p                           (exact)
-                    top_k     key >= the bound of pass 1                    (k <= KB)
-                    top_p     z' >= M + log((1 − top_p)·Z/V) − 0.01 when top_k is off: the
-                              entries below it hold less than (1 − top_p)·Z in all (Z the mass
-                              of the remainder, Z >= s with no min_p, >= 1 otherwise), so
-                              none of them is kept
-                    More candidates than CAPACITY: the passes below read the whole row instead
-                    (correct, slower: the bounds prune nothing on a flat row).
-      select        a bracket [lo, hi) of keys holding the answer; each pass over the
-                    candidates evaluates NPIV pivots at once: the count (top_k, or min_p alone:
-                    the k-th largest, k = min(top_k, |K1|)) and the mass Σ exp(z' − M) (top_p:
-                    the largest key c whose mass at or above c is >= top_p · Z2) of the entries
-                    of K1 at or above each pivot, and narrows the bracket 15-fold. The answer is
-                    the largest key whose count/mass reaches the target, always a key present
-                    in the row, so ties are kept or dropped together. Passes per search:
-                    <= 4 (16-bit keys) or <= 8 (fp32) over the candidates; min_p and top_k
-                    before top_p, each its own search.
+      order-preserving int32 keys of the raw logits (the fp32 bits made monotone, −0 as +0; bf16
+      and fp16 keys are those bits shifted right by 16 and 13: a 16-bit key space).
+      pass 1 (HBM)  m, s over the row (as mode 0, without t and q), the largest key, and the
+                    largest key of each of KB = 1024 position classes (v mod KB): those are KB
+                    distinct entries of the row, so the k-th largest of them (a pivot select on
+                    the KB keys in registers, k <= KB) is a lower bound of the top-k threshold.
+      pass 2 (L2)   candidates: the entries the bounds cannot rule out, copied raw, in order (an
+                    in-tile prefix sum gives each its slot), into a per-row scratch of CAPACITY
+                    = 2048 entries:
+                      min_p   z' >= M + log min_p                               (exact)
+                      top_k   key >= the bound of pass 1
+                      top_p   z' >= M + log((1 − top_p)·Z/V) − 0.01, top_k off: the entries below
+                              hold less than (1 − top_p)·Z together (Z the mass of the remainder,
+                              Z = s without min_p, Z >= 1 = the max's share with it), so none is kept.
+                    More candidates than CAPACITY (a flat row, top_k > KB with top_p): the
+                    selects read the whole row instead (correct, several times slower).
+      select        per search, a bracket [lo, hi) of keys holding the answer; each pass over
+                    the candidates evaluates NPIV = 16 pivots at once (pivot 0 = lo, 15 splitting
+                    the bracket): over the entries of K1 = {z' >= M + log min_p} at or above
+                    each pivot, the count (min_p alone, top_k: k = min(top_k, |K1|)) or the mass
+                    Σ exp(z' − M) (top_p: target top_p·Z2), with the smallest key at or above
+                    and the largest key below each pivot. The answer is the largest key whose
+                    count/mass reaches the target; the new bracket runs from the last pivot
+                    that reaches it to the first that does not, both moved onto keys present,
+                    so the answer is always an exact logit of the row (ties are kept or dropped
+                    together) and a bracket holding one present key is done. Passes: at most
+                    5 (16-bit keys) or 9 (fp32) per search, fewer as the candidates are few;
+                    min_p/top_k (by count, also giving Z2) before top_p (by mass).
       pass 3        the statistics over K from the candidates (K ⊆ candidates), plus y.
-    Bytes per row in mode 2: 2·V·s read (the second from L2) + C·s written and read about
-    (passes + 1) times for C <= CAPACITY candidates; registers: one row's state.
+    Bytes per row in mode 2: V·s from HBM, V·s again from L2 (the row was just read), C·s
+    written and read about (passes + 1) times for C <= CAPACITY candidates, so about 2·V·s when
+    C << V. Scratch: N × min(CAPACITY, V) entries of the logits' dtype, only while searching.
+    The plain pass is ~8 ops per entry; pass 2 ~6 (and an exp for min_p with top_p, top_k off,
+    whose Z is the mass of K1 over the row), its prefix sum and stores skipped in tiles without a
+    candidate. Registers (sm_90, triton 3.9, 8 warps): mode 0/1 38-62, mode 2 101-127, no
+    spills.
 """
 from __future__ import annotations
 
@@ -319,7 +327,7 @@ def _logprobs_fwd_kernel(
                 if HAS_MIN_P:
                     z_bound = tl.maximum(z_bound, m + log_tail)
                 else:
-                    z_bound = tl.maximum(z_bound, m + tl.log(s) + log_tail)
+                    z_bound = tl.maximum(z_bound, m + tl.log(tl.maximum(s, 1.0)) + log_tail)  # s >= 1 unless all −inf
             scratch = scratch_ptr + row * capacity
             cols = tl.arange(0, BLOCK_V)
             n_cand = tl.zeros((), tl.int32)
@@ -343,7 +351,7 @@ def _logprobs_fwd_kernel(
                 n = n_cand
             else:  # too many candidates: select over the whole row
                 src = base
-                n = V
+                n = n_cand * 0 + V  # a tensor like n_cand even where V is specialised to the constant 1
             # Select: min_p / top_k by count, then top_p by mass.
             lo = key_lowest.to(tl.int64)
             hi = key_max.to(tl.int64) + 1
