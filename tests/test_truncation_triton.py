@@ -125,6 +125,14 @@ def test_a_row_with_no_finite_logit(trunc_kw, poisoned_allocations):  # noqa: F8
     assert threshold[0] == NEG_INF
     # one finite logit: it alone is kept, with probability 1
     assert threshold[1] == 1.0 and logp[1] == 0 and lse[1] == 1.0 and entropy[1] == 0 and sum_pi_sq[1] == 1
+    # and no NaN in the backward: p = 0 everywhere in row 0 (only the target's one-hot term, as the
+    # backward has always given a −inf target), p = 1 on the one entry of row 1
+    ones = torch.ones(2, device=DEVICE)
+    out = triton_logprobs.logprobs_backward(logits, ids, lse, entropy, ones, ones, kernel_transform(1.0),
+                                            torch.full_like(logits, float("nan")), threshold=threshold)
+    assert torch.isfinite(out).all()
+    out[0, 3] = 0.0
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 @pytest.mark.parametrize("trunc_kw", [dict(top_k=V), dict(top_k=V + 5), dict(top_p=1.0)])

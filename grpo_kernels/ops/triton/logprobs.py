@@ -415,6 +415,7 @@ def _logprobs_bwd_kernel(
             tl.store(out + offs, zero.to(out_ptr.dtype.element_ty), mask=offs < V)
     else:
         lse = tl.load(lse_ptr + row)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # nothing finite in K: every p is 0 (never −inf − −inf)
         h = tl.load(entropy_ptr + row)  # z' − E[z'] = (z' − lse) + H: no cancellation with large logits
         target = tl.load(ids_ptr + row).to(tl.int64)
         threshold = tl.full((), float("-inf"), tl.float32)
