@@ -22,8 +22,8 @@ Forward modes (constexpr MODE):
     2 search: the threshold is found per row without sorting, by a multi-pivot select over
       order-preserving int32 keys of the raw logits (the fp32 bits made monotone, −0 as +0; bf16
       and fp16 keys are those bits shifted right by 16 and 13: a 16-bit key space).
-      pass 1 (HBM)  m, s over the row (as mode 0, without t and q), the largest key, and the
-                    largest key of each of KB = 1024 position classes (v mod KB): those are KB
+      pass 1 (HBM)  m, s over the row (as mode 0, without t and q) and the largest logit of each
+                    of KB = 1024 position classes (v mod KB, one max per entry): those are KB
                     distinct entries of the row, so the k-th largest of them (a pivot select on
                     the KB keys in registers, k <= KB) is a lower bound of the top-k threshold.
       pass 2 (L2)   candidates: the entries the bounds cannot rule out, copied raw, in order (an
@@ -297,31 +297,32 @@ def _logprobs_fwd_kernel(
             src = base
             n = V
         else:
-            # Pass 1: M, s (the mass of the row relative to M) and the maximum key of each position class.
+            # Pass 1: M, s (the mass of the row relative to M) and the largest logit of each position
+            # class (a float max per entry: keys are formed for the KB class maxima only).
             R: tl.constexpr = BLOCK_V // KB
             offs2 = tl.arange(0, R)[:, None] * KB + tl.arange(0, KB)[None, :]
             key_lowest = _key(tl.full((), float("-inf"), tl.float32), KEY_SHIFT)
-            class_max = tl.full((KB,), 0, tl.int32) + key_lowest
+            class_max = tl.full((KB,), float("-inf"), tl.float32)
             m = tl.full((), float("-inf"), tl.float32)
             s = tl.zeros((), tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + offs2
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                class_max = tl.maximum(class_max, tl.max(_key(x, KEY_SHIFT), axis=0))
+                class_max = tl.maximum(class_max, tl.max(x, axis=0))
                 z = _transform(x, scale, cap, HAS_CAP)
                 m_new = tl.maximum(m, tl.max(tl.max(z, axis=1), axis=0))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s = s * tl.exp(m - m_ref) + tl.sum(tl.sum(tl.exp(z - m_ref), axis=1), axis=0)
                 m = m_new
             m_ref = tl.where(m == float("-inf"), 0.0, m)
-            key_max = tl.max(class_max, axis=0)
+            key_max = _key(tl.max(class_max, axis=0), KEY_SHIFT)
             min_p_bound = m + log_min_p  # −inf when min_p is off (log_min_p = −inf) or the row is all −inf
             # Pass 2: candidates into the row's scratch (bounds in the header).
             key_bound = key_lowest
             if HAS_TOP_K:
                 if top_k <= KB:
-                    key_bound = _kth_largest(class_max, top_k, key_lowest.to(tl.int64),
-                                             tl.max(class_max, axis=0).to(tl.int64) + 1, NPIV).to(tl.int32)
+                    key_bound = _kth_largest(_key(class_max, KEY_SHIFT), top_k, key_lowest.to(tl.int64),
+                                             key_max.to(tl.int64) + 1, NPIV).to(tl.int32)
             z_bound = min_p_bound
             if HAS_TOP_P and not HAS_TOP_K:
                 if HAS_MIN_P:
@@ -337,7 +338,9 @@ def _logprobs_fwd_kernel(
                 raw = tl.load(base + offs, mask=offs < V, other=float("-inf"))
                 x = raw.to(tl.float32)
                 z = _transform(x, scale, cap, HAS_CAP)
-                cand = (offs < V) & (z >= z_bound) & (_key(x, KEY_SHIFT) >= key_bound)
+                cand = (offs < V) & (z >= z_bound)
+                if HAS_TOP_K:
+                    cand = cand & (_key(x, KEY_SHIFT) >= key_bound)
                 if HAS_MIN_P and HAS_TOP_P and not HAS_TOP_K:  # Z of top-p: the mass of K1, whole row
                     mass_k1 += tl.sum(tl.where(z >= min_p_bound, tl.exp(z - m_ref), 0.0), axis=0)
                 n_tile = tl.sum(cand.to(tl.int32), axis=0)
