@@ -100,12 +100,10 @@ def _transform(z, scale, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _transform_grad(z_prime, scale, cap, HAS_CAP: tl.constexpr):
-    """dz'/dz from z' itself."""
-    if HAS_CAP:
-        t = z_prime / cap
-        return tl.where(z_prime == float("-inf"), 0.0, cap * scale * (1.0 - t * t))
-    return scale
+def _softcap_grad(z_prime, scale, cap):
+    """dz'/dz of z' = cap·tanh(scale·z), from z' itself (scale alone without a softcap)."""
+    t = z_prime / cap
+    return tl.where(z_prime == float("-inf"), 0.0, cap * scale * (1.0 - t * t))
 
 
 @triton.jit
@@ -279,8 +277,10 @@ def _logprobs_fwd_kernel(
     scratch_ptr, stride_b, stride_t, T, V, scale, cap, top_k, top_p, log_min_p, log_tail, capacity,
     MODE: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM_PI_SQ: tl.constexpr, HAS_CAP: tl.constexpr,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    BLOCK_V: tl.constexpr, KB: tl.constexpr, NPIV: tl.constexpr, BLOCK_S: tl.constexpr,
+    MASS_OF_K1: tl.constexpr, BLOCK_V: tl.constexpr, KB: tl.constexpr, NPIV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # MASS_OF_K1 (min_p and top_p, top_k off): top-p's Z is the mass of K1 over the whole row, in
+    # pass 2. (Given by the caller: triton 3.2 refuses chained boolean operators in a kernel.)
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     target = tl.load(ids_ptr + row).to(tl.int64)
@@ -299,8 +299,7 @@ def _logprobs_fwd_kernel(
         else:
             # Pass 1: M, s (the mass of the row relative to M) and the largest logit of each position
             # class (a float max per entry: keys are formed for the KB class maxima only).
-            R: tl.constexpr = BLOCK_V // KB
-            offs2 = tl.arange(0, R)[:, None] * KB + tl.arange(0, KB)[None, :]
+            offs2 = tl.arange(0, BLOCK_V // KB)[:, None] * KB + tl.arange(0, KB)[None, :]
             key_lowest = _key(tl.full((), float("-inf"), tl.float32), KEY_SHIFT)
             class_max = tl.full((KB,), float("-inf"), tl.float32)
             m = tl.full((), float("-inf"), tl.float32)
@@ -341,7 +340,7 @@ def _logprobs_fwd_kernel(
                 cand = (offs < V) & (z >= z_bound)
                 if HAS_TOP_K:
                     cand = cand & (_key(x, KEY_SHIFT) >= key_bound)
-                if HAS_MIN_P and HAS_TOP_P and not HAS_TOP_K:  # Z of top-p: the mass of K1, whole row
+                if MASS_OF_K1:  # Z of top-p: the mass of K1 over the whole row
                     mass_k1 += tl.sum(tl.where(z >= min_p_bound, tl.exp(z - m_ref), 0.0), axis=0)
                 n_tile = tl.sum(cand.to(tl.int32), axis=0)
                 if n_tile > 0:
@@ -435,7 +434,10 @@ def _logprobs_bwd_kernel(
             grad = tl.where(offs == target, g_logp, 0.0) - g_logp * p
             if HAS_GRAD_ENTROPY:
                 grad -= g_ent * p * tl.where(p > 0, d + h, 0.0)
-            grad = grad * _transform_grad(z, scale, cap, HAS_CAP)
+            if HAS_CAP:  # (two branches, not one helper returning a tensor or a scalar: triton 3.2 refuses that)
+                grad = grad * _softcap_grad(z, scale, cap)
+            else:
+                grad = grad * scale
             tl.store(out + offs, grad.to(out_ptr.dtype.element_ty), mask=offs < V)
 
 
@@ -485,6 +487,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelT
         int(truncation.top_k), float(truncation.top_p), truncation.log_min_p, log_tail, capacity,
         MODE=mode, WITH_ENTROPY=with_entropy, WITH_SUM_PI_SQ=with_sum_pi_sq, HAS_CAP=cap != 0.0,
         HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, HAS_MIN_P=has_min_p, KEY_SHIFT=_KEY_SHIFT.get(logits.dtype, 0),
+        MASS_OF_K1=has_min_p and has_top_p and not has_top_k,
         BLOCK_V=block, KB=min(TOP_K_CLASSES, block), NPIV=PIVOTS, BLOCK_S=block_select,
         num_warps=_num_warps(block),
     )
