@@ -65,26 +65,31 @@ def _kept_by_threshold(logits, ids, threshold):
     return (x >= threshold.cpu()[:, None]) | torch.nn.functional.one_hot(ids.cpu(), V).bool()
 
 
-# (dtype, truncation, transform, strided, scratch capacity)
+# Several vocabulary tiles per row (V = 150 is one tile of the default size), and for top-k 16
+# position classes of 10 entries (with V <= the classes, the top-k bound is the exact k-th largest).
+TILED = {"MAX_BLOCK_V": 64}
+# (dtype, truncation, transform, strided, module settings for the case)
 CASES = {
-    "top_k_1": (torch.float32, dict(top_k=1), dict(temperature=0.7), False, None),  # the max's ties kept
-    "top_k": (torch.bfloat16, dict(top_k=7), dict(softcap=2.0), False, None),
-    "top_p_softcap": (torch.bfloat16, dict(top_p=0.8), dict(softcap=3.0), False, None),
-    "min_p": (torch.float32, dict(min_p=0.05), dict(temperature=1.3, softcap=2.0), False, None),
-    "all_three_strided": (torch.bfloat16, dict(top_k=12, top_p=0.9, min_p=0.02), dict(temperature=0.8), True, None),
-    "top_p_min_p": (torch.float32, dict(top_p=0.6, min_p=0.1), dict(logit_scale=1.5), False, None),
-    "top_k_past_the_finite": (torch.bfloat16, dict(top_k=V - 3), {}, False, None),
+    "top_k_1": (torch.float32, dict(top_k=1), dict(temperature=0.7), False, {}),  # the max's ties kept
+    "top_k_tiled": (torch.bfloat16, dict(top_k=7), dict(softcap=2.0), False, dict(TILED, TOP_K_CLASSES=16)),
+    "top_p_softcap": (torch.bfloat16, dict(top_p=0.8), dict(softcap=3.0), False, {}),
+    "min_p": (torch.float32, dict(min_p=0.05), dict(temperature=1.3, softcap=2.0), False, {}),
+    "all_three_strided_tiled": (torch.bfloat16, dict(top_k=12, top_p=0.9, min_p=0.02), dict(temperature=0.8), True,
+                                TILED),
+    "top_p_min_p_tiled": (torch.float32, dict(top_p=0.6, min_p=0.1), dict(logit_scale=1.5), False, TILED),
+    "top_k_past_the_finite": (torch.bfloat16, dict(top_k=V - 3), {}, False, {}),
     # more candidates than the scratch holds: the select reads the whole row
-    "all_three_whole_row": (torch.float32, dict(top_k=12, top_p=0.7, min_p=0.01), dict(softcap=4.0), False, 3),
-    "top_p_whole_row": (torch.bfloat16, dict(top_p=0.95), {}, True, 2),
+    "all_three_whole_row": (torch.float32, dict(top_k=12, top_p=0.7, min_p=0.01), dict(softcap=4.0), False,
+                            dict(SEARCH_CAPACITY=3)),
+    "top_p_whole_row_tiled": (torch.bfloat16, dict(top_p=0.95), {}, True, dict(TILED, SEARCH_CAPACITY=2)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_matches_the_sort_oracle(case, monkeypatch, poisoned_allocations):  # noqa: F811
-    dtype, trunc_kw, transform, strided, capacity = CASES[case]
-    if capacity is not None:
-        monkeypatch.setattr(triton_logprobs, "SEARCH_CAPACITY", capacity)
+    dtype, trunc_kw, transform, strided, settings = CASES[case]
+    for name, value in settings.items():
+        monkeypatch.setattr(triton_logprobs, name, value)
     logits, ids = _rows(dtype, seed=len(case), n=6 if strided else 5, strided=strided)
     trunc = make_truncation(**trunc_kw)
     logp, entropy, lse, threshold, sum_pi_sq = triton_logprobs.logprobs_forward(logits, ids, _tau(transform), True,
@@ -182,7 +187,9 @@ def test_given_threshold_is_used_as_is(poisoned_allocations):  # noqa: F811
     (torch.float32, dict(top_k=10, top_p=0.85, min_p=0.03), dict(softcap=3.0, temperature=0.9)),
     (torch.bfloat16, dict(top_p=0.7), dict(temperature=1.1)),
 ])
-def test_backward_matches_autograd_of_the_oracle(dtype, trunc_kw, transform, poisoned_allocations):  # noqa: F811
+def test_backward_matches_autograd_of_the_oracle(dtype, trunc_kw, transform, monkeypatch,
+                                                 poisoned_allocations):  # noqa: F811
+    monkeypatch.setattr(triton_logprobs, "MAX_BLOCK_V", TILED["MAX_BLOCK_V"])
     logits, ids = _rows(dtype, seed=7, n=6, strided=dtype == torch.bfloat16)
     trunc = make_truncation(**trunc_kw)
     tau = _tau(transform)

@@ -23,7 +23,7 @@ Forward modes (constexpr MODE):
       order-preserving int32 keys of the raw logits (the fp32 bits made monotone, −0 as +0; bf16
       and fp16 keys are those bits shifted right by 16 and 13: a 16-bit key space).
       pass 1 (HBM)  m, s over the row (as mode 0, without t and q) and the largest logit of each
-                    of KB = 1024 position classes (v mod KB, one max per entry): those are KB
+                    of KB = 512 position classes (v mod KB, one max per entry): those are KB
                     distinct entries of the row, so the k-th largest of them (a pivot select on
                     the KB keys in registers, k <= KB) is a lower bound of the top-k threshold.
       pass 2 (L2)   candidates: the entries the bounds cannot rule out, copied raw, in order (an
@@ -70,7 +70,7 @@ from ...truncation import NO_TRUNCATION, Truncation
 
 MAX_BLOCK_V = 4096
 # Pass 1's position classes for the top-k bound (k above it: no top-k pruning).
-TOP_K_CLASSES = 1024
+TOP_K_CLASSES = 512  # 1024 spilt 12 bytes on sm_90 (top_k alone, 80 registers)
 # Candidates kept per row (scratch: N × CAPACITY entries of the logits' dtype, only while searching).
 SEARCH_CAPACITY = 2048
 PIVOTS = 16  # pivots per select pass: pivot 0 is the bracket's low end, 15 split it
