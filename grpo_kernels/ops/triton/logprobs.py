@@ -54,8 +54,14 @@ Forward modes (constexpr MODE):
     C << V. Scratch: N × min(CAPACITY, V) entries of the logits' dtype, only while searching.
     The plain pass is ~8 ops per entry; pass 2 ~6 (and an exp for min_p with top_p, top_k off,
     whose Z is the mass of K1 over the row), its prefix sum and stores skipped in tiles without a
-    candidate. Registers (sm_90, triton 3.9, 8 warps): mode 0/1 38-62, mode 2 101-127, no
-    spills.
+    candidate. Registers (sm_90, 8 warps, every variant compiled with triton 3.9): mode 0/1 38-62,
+    mode 2 111-128, backward 64-114, no spills, except bf16 + softcap + top_k alone: 80
+    registers and 8 spilled bytes under triton 3.9's ptxas flag --regAllocOptLevel=2 (109
+    registers, no spill without it; 127, no spill with triton 3.2).
+    Not yet timed on a GPU (target: <= 1.5x mode 0 at V = 151936 bf16). By the counts above,
+    pass 1 is mode 0 with one max more per entry, pass 2 a cheaper re-read from L2, and the
+    selects cost (C/V)·16·passes of a sweep, so ~1.5-2x when C is a few hundred; a flat row
+    (C > CAPACITY) costs several sweeps.
 """
 from __future__ import annotations
 
