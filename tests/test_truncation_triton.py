@@ -40,7 +40,7 @@ def _rows(dtype, seed, n=5, strided=False):
 
 def _oracle(logits, ids, transform, trunc=None, kept=None):
     """fp64 (logp, entropy, lse, Σπ², kept set) over the oracle's kept set (or the one given)."""
-    x = logits.reshape(-1, V).double().cpu()
+    x = logits.reshape(-1, logits.shape[-1]).double().cpu()
     ids = ids.cpu()
     z = R.transformed_logits(x, **transform)
     if kept is None:
@@ -61,8 +61,8 @@ def _tau(transform):
 
 def _kept_by_threshold(logits, ids, threshold):
     """K = {v : z_v >= threshold} ∪ {y}, as the contract defines it."""
-    x = logits.reshape(-1, V).float().cpu()
-    return (x >= threshold.cpu()[:, None]) | torch.nn.functional.one_hot(ids.cpu(), V).bool()
+    x = logits.reshape(-1, logits.shape[-1]).float().cpu()
+    return (x >= threshold.cpu()[:, None]) | torch.nn.functional.one_hot(ids.cpu(), x.shape[-1]).bool()
 
 
 # Several vocabulary tiles per row (V = 150 is one tile of the default size), and for top-k 16
@@ -209,3 +209,19 @@ def test_backward_matches_autograd_of_the_oracle(dtype, trunc_kw, transform, mon
     assert torch.isfinite(got).all(), "every element written, −inf logits give 0"
     assert torch.equal(got[~kept], torch.zeros_like(got[~kept])), "the gradient outside K is exactly 0"
     assert_grad_close(got, x.grad, rel=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("trunc_kw", [dict(top_k=3), dict(top_k=5), dict(top_p=0.9)])
+def test_signed_zeros_are_one_value(trunc_kw, poisoned_allocations):  # noqa: F811
+    """+0 and −0 are equal logits: kept or dropped together, as ties (the keys map −0 to +0)."""
+    logits = torch.tensor([[3.0, 2.0, 0.0, -0.0, 0.0, -1.0, -0.0, -4.0]], device=DEVICE)
+    ids = torch.tensor([7], device=DEVICE)
+    trunc = make_truncation(**trunc_kw)
+    logp, entropy, _, threshold, sum_pi_sq = triton_logprobs.logprobs_forward(
+        logits, ids, kernel_transform(1.0), True, trunc, with_sum_pi_sq=True)
+    want_logp, want_entropy, _, want_sq, kept = _oracle(logits, ids, {}, trunc)
+    assert torch.equal(_kept_by_threshold(logits, ids, threshold), kept)
+    assert_close(logp, want_logp, name="logp")
+    assert_close(entropy, want_entropy, name="entropy")
+    assert_close(sum_pi_sq, want_sq, name="sum_pi_sq")
+
