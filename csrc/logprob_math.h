@@ -141,6 +141,12 @@ GK_HD uint32_t order_key(uint32_t bits, int width) {
   return bits & sign ? ~bits & mask : bits | sign;
 }
 
+// The storage bits of the value whose order_key is `key` (the inverse of order_key).
+GK_HD uint32_t key_bits(uint32_t key, int width) {
+  const uint32_t sign = 1u << (width - 1), mask = width == 32 ? 0xFFFFFFFFu : (sign << 1) - 1u;
+  return key & sign ? key ^ sign : ~key & mask;
+}
+
 // Whether a row's target id y lies in this logits slice. Outside [0, V) it is on another rank's
 // vocabulary slice (vocab_parallel.py): no one-hot term here.
 GK_HD bool owns_target(int64_t y, int64_t V) { return y >= 0 && y < V; }

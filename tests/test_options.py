@@ -42,6 +42,12 @@ def test_params_follow_every_config_field():
                              final_logit_softcapping=10.0)
     skip = {"loss_type", "policy_loss", "loss_agg_mode", "kl_estimator", "importance_sampling_level", "is_correction",
             "use_bias_correction_kl", "cispo_weight_min"}
+    # The sampler's truncation steers the log-prob pass, not the objective: config.truncation, not params.
+    truncation_fields = {"top_k": 5, "top_p": 0.8, "min_p": 0.1}
+    for name, value in truncation_fields.items():
+        changed = base.replace(**{name: value})
+        assert changed.params == base.params and changed.truncation != base.truncation, name
+    skip |= set(truncation_fields)
     for field in dataclasses.fields(base):
         name, value = field.name, getattr(base, field.name)
         if name in skip or not isinstance(value, (int, float)):

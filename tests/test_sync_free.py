@@ -64,6 +64,49 @@ def test_validate_false_never_reads_the_device(backend, packed):
         _every_call(_inputs(packed), backend, validate=False)
 
 
+# The sampler's truncation, all three steps, and Σπ²: the search and the extra output read nothing either.
+TRUNCATED = dict(top_k=5, top_p=0.8, min_p=0.05)
+
+
+def _every_truncated_call(x, backend, validate):
+    common = dict(mask=x["mask"], backend=backend, validate=validate)
+    ref = dict(old_logps=x["old"], ref_logps=x["ref"])
+    logits = x["logits"].detach().requires_grad_(True)
+    out = gk.grpo_loss(logits, x["ids"], x["advantages"], cu_seqlens=x["cu_seqlens"], **ref, **common,
+                       **TOKEN_LEVEL, **TRUNCATED)
+    out.loss.backward()
+    logp, entropy, sum_pi_sq = gk.selective_logprobs(logits, x["ids"], cu_seqlens=x["cu_seqlens"],
+                                                     return_entropy=True, return_sum_pi_squared=True, **common,
+                                                     **TRUNCATED)
+    (logp.sum() + entropy.sum()).backward()
+    hidden, weight = x["hidden"].requires_grad_(True), x["weight"].requires_grad_(True)
+    gk.fused_linear_grpo_loss(hidden, weight, x["ids"], x["advantages"], cu_seqlens=x["cu_seqlens"], chunk_size=4,
+                              **ref, **common, **TOKEN_LEVEL, **TRUNCATED).loss.backward()
+    logp, sum_pi_sq = gk.fused_linear_selective_logprobs(hidden, weight, x["ids"], chunk_size=4,
+                                                         return_sum_pi_squared=True, **common, **TRUNCATED)
+    logp.sum().backward()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_truncation_and_sum_pi_squared_never_read_the_device(backend, packed):
+    with FakeTensorMode():
+        _every_truncated_call(_inputs(packed), backend, validate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threshold_search_never_reads_the_device(dtype):
+    """The torch search itself (the torch backend's, and the vocabulary-parallel path's, which runs
+    it outside the dispatcher op): no branch on a value."""
+    from grpo_kernels.ops.truncation_search import find_threshold
+    from grpo_kernels.truncation import Truncation
+
+    with FakeTensorMode():
+        logits = torch.randn(4, V).to(dtype)
+        threshold = find_threshold(logits, logits.float(), Truncation(**TRUNCATED))
+        assert threshold.shape == (4,)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_control_validate_true_is_caught_reading(packed):
     with FakeTensorMode(), pytest.raises(Exception, match="[Dd]ata.dependent|item|local_scalar_dense"):

@@ -1,4 +1,4 @@
-"""What is benchmarked: five tasks, their inputs, their cost model and their contenders.
+"""What is benchmarked: six tasks, their inputs, their cost model and their contenders.
 
 Tasks, one module each in this package (what they share is in common.py):
   logprobs     selective log-probs forward, no grad (the old/reference-policy pass)
@@ -6,6 +6,8 @@ Tasks, one module each in this package (what they share is in common.py):
   linear       the fused-linear GRPO loss from hidden states and lm_head, forward + backward
   verl_policy  verl's 'vanilla' policy loss from per-token log-probs, forward + backward (where verl is installed)
   advantages   group advantages of N rewards in groups of 8
+  truncation   log-probs + entropy of the top-p 0.8 truncated distribution (python -m benchmarks.tasks.truncation
+               also compares top-k, min-p and the plain pass, on the CPU)
 
 Baselines are what users run today: plain eager PyTorch written the way TRL writes it
 (log_softmax + gather, then GRPOTrainer's loss lines) and `torch.compile` of the same code; every
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import advantages, linear, logprobs, loss, verl_policy
+from . import advantages, linear, logprobs, loss, truncation, verl_policy
 from .advantages import eager_advantages
 from .common import (COMPILED, EAGER, LOSS_OPTIONS, OURS, PEER, SEQ_LEN, Contender, Shape, Skipped, Task, agreement,
                      trl_loss_lines)
@@ -27,7 +29,7 @@ from .linear import eager_linear
 from .logprobs import eager_logprobs
 from .loss import eager_loss
 
-TASKS = {module.TASK.name: module.TASK for module in (logprobs, loss, linear, advantages, verl_policy)}
+TASKS = {module.TASK.name: module.TASK for module in (logprobs, loss, linear, advantages, verl_policy, truncation)}
 
 
 def split_contenders(task: str, device: torch.device):

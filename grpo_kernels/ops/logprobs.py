@@ -46,7 +46,8 @@ def _logprobs_fwd(logits, ids, scale, cap, backend, with_entropy, top_k, top_p, 
 
 
 @define("logprobs_bwd(Tensor logits, Tensor ids, Tensor lse, Tensor entropy, Tensor grad_logp, Tensor? grad_entropy, "
-        "float scale, float cap, str backend, Tensor? threshold) -> Tensor", lambda logits, *_: torch.empty_like(logits))
+        "float scale, float cap, str backend, Tensor? threshold) -> Tensor",
+        lambda logits, *_: torch.empty_like(logits))
 def _logprobs_bwd(logits, ids, lse, entropy, grad_logp, grad_entropy, scale, cap, backend, threshold):
     out = torch.empty_like(logits)
     backend_module(backend).logprobs_backward(logits, ids, lse, entropy, grad_logp, grad_entropy,

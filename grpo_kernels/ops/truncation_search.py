@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..transform import KernelTransform
 from ..truncation import Truncation
 
 DIGIT_BITS = 8
@@ -133,7 +132,8 @@ def find_threshold(logits: torch.Tensor, z_prime: torch.Tensor, truncation: Trun
     vocab = logits.shape[1] if vocab is None else vocab
     if rows == 0 or not truncation.active:
         return threshold
-    peak = reduce.max(_row_extreme(z_prime, "amax"))
+    needs_peak = truncation.min_p > 0.0 or truncation.top_p < 1.0
+    peak = reduce.max(_row_extreme(z_prime, "amax")) if needs_peak else None
     kept = None  # (R, V) bool: the set so far (None: every entry)
     if truncation.min_p > 0.0:
         # K1: z' >= max z' + log min_p; its smallest raw value is the threshold. A row of −inf
