@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "suits pretrained LLMs)")
     p.add_argument("--num-iterations", type=_int(1), default=trainer_defaults.num_iterations,
                    help="optimizer steps per rollout batch, TRL's mu, >= 1 (default: %(default)s)")
+    p.add_argument("--top-k", type=_int(0), default=trainer_defaults.top_k,
+                   help="sample from the k most likely tokens, >= 0 (0 = off); the log-probs of the loss use the "
+                        "same truncation (default: %(default)s)")
+    p.add_argument("--top-p", type=_float(0.0, open_low=True, high=1.0), default=trainer_defaults.top_p,
+                   help="sample from the smallest top set holding probability mass > 1 - top-p, in (0, 1] (1 = "
+                        "off); the log-probs of the loss use the same truncation (default: %(default)s)")
+    p.add_argument("--min-p", type=_float(0.0, high=1.0), default=trainer_defaults.min_p,
+                   help="drop tokens less likely than min-p times the most likely one, in [0, 1] (0 = off); applied "
+                        "before --top-k and --top-p, as vLLM; the log-probs use it too (default: %(default)s)")
     p.add_argument("--target-reward", type=_target, default=0.9,
                    help="stop once the mean reward of the last 5 steps reaches it (a number in [0, 1]); the job "
                         "exits with status 1 when it is not reached; 'none' runs all --steps (default: %(default)s)")
@@ -243,6 +252,7 @@ def _train(args) -> int:
     cfg = TrainerConfig(
         prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens, learning_rate=args.lr, max_steps=args.steps,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         num_iterations=args.num_iterations, loss=GRPOLossConfig(loss_type=args.loss_type, beta=args.beta),
         seed=args.seed, output_dir=args.output_dir, save_steps=args.save_steps, backend=args.backend,
         stop_at_reward=args.target_reward, num_threads=args.threads, data_parallel=args.data_parallel)

@@ -10,7 +10,7 @@ from cases import make_case, make_logits, poison_like
 from conftest import BACKENDS, DEVICE
 from helpers import prepared_objective
 from grpo_kernels import reference as R
-from grpo_kernels.ops import contract, objective_inputs as io
+from grpo_kernels.ops import contract
 from grpo_kernels.ops.dispatch import backend_module
 from grpo_kernels.transform import KernelTransform
 from grpo_kernels.truncation import Truncation

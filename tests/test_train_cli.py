@@ -68,6 +68,10 @@ BAD_VALUES = [
     (["--beta", "-0.1"], "argument --beta: must be a finite number >= 0"),
     (["--beta", "nan"], "argument --beta: must be a finite number >= 0"),
     (["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    (["--top-k", "-1"], "argument --top-k: must be an integer >= 0"),
+    (["--top-p", "0"], "argument --top-p: must be a finite number > 0 and <= 1"),
+    (["--top-p", "1.2"], "argument --top-p: must be a finite number > 0 and <= 1"),
+    (["--min-p", "-0.1"], "argument --min-p: must be a finite number >= 0 and <= 1"),
     (["--threads", "0"], "argument --threads: must be 'auto' or an integer >= 1"),
     (["--task", "chess"], "argument --task: invalid choice: 'chess'"),
     (["--model", "no/such/model"], "argument --model: must be a local model directory"),
@@ -200,7 +204,8 @@ def test_ctrl_c_twice_stops_at_once_and_points_at_the_last_checkpoint(tmp_path, 
 def test_resume_command_gives_back_the_same_options():
     parser = train.build_parser()
     args = parser.parse_args(["--task", "addition", "--beta", "0.04", "--lr", "3e-4", "--target-reward", "none",
-                              "--output-dir", "my runs/a b", "--overwrite", "--threads", "2"])
+                              "--output-dir", "my runs/a b", "--overwrite", "--threads", "2", "--top-p", "0.8",
+                              "--top-k", "5", "--min-p", "0.05"])
     command = train.resume_command(args)
     assert command.startswith("python -m grpo_kernels.train ") and "'my runs/a b'" in command
     import shlex

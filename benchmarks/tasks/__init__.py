@@ -30,7 +30,8 @@ from .linear import eager_linear
 from .logprobs import eager_logprobs
 from .loss import eager_loss
 
-TASKS = {module.TASK.name: module.TASK for module in (logprobs, loss, linear, objective, advantages, verl_policy, truncation)}
+TASKS = {module.TASK.name: module.TASK
+         for module in (logprobs, loss, linear, objective, advantages, verl_policy, truncation)}
 
 
 def split_contenders(task: str, device: torch.device):

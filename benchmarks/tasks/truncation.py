@@ -23,18 +23,14 @@ from grpo_kernels.ops.dispatch import backend_module
 from grpo_kernels.transform import KernelTransform
 from grpo_kernels.truncation import NO_TRUNCATION, make_truncation
 
-from .common import EAGER, OURS, Contender, Shape, Task, _token_inputs, agreement
+from .common import EAGER, OURS, Contender, Shape, Task, agreement
+from .logprobs import build_logprobs
 
 TOP_P = 0.8
 SETTINGS = {"plain": {}, "top-p 0.8": dict(top_p=TOP_P), "top-k 50": dict(top_k=50), "min-p 0.05": dict(min_p=0.05)}
 
 
-def build_truncation(shape, device):
-    gen = torch.Generator().manual_seed(0)
-    inputs = _token_inputs(shape, device, gen)
-    inputs["logits"] = (torch.randn(inputs["b"], inputs["t"], shape.v, generator=gen) * 2).to(
-        device=device, dtype=shape.torch_dtype)
-    return inputs
+build_truncation = build_logprobs  # the logprobs task's inputs: randn·2 logits, random ids
 
 
 def eager_sort_top_p(x, top_p=TOP_P):

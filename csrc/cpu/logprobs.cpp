@@ -5,23 +5,32 @@
 // and per-row math is logprob_math.h's, shared with the CUDA kernels. CAP selects the softcapped
 // logit transform (a tanh per logit); without it z' = scale·z.
 //
-// Passes over a row of V logits (b bytes each), and the bytes they touch:
-//   full vocabulary, no truncation (or a given threshold): 2 passes, 2·V·b bytes read
-//     1. max of the raw logits;  2. s, t, q over K = {z >= threshold} (e^(z'−m) computed here).
-//   truncation searched here: 4 passes over the logits (4·V·b bytes read) and 2 over a per-thread
-//   buffer of V fp32 e^(z'−m) and V uint16 bucket numbers (written once, 6·V bytes, read twice):
-//     1. max;  2. e_v = e^(z'_v − m) and the bucket of d_v = z'_v − m (kBucketsPerNat buckets per
-//        nat, top first; d < −kRangeNats in one tail bucket; min_p's dropped entries in their own);
-//     3. the histogram (count and mass Σe per bucket, a scalar scatter from the buffers);
-//     then the thresholds from the histogram: top-k's boundary bucket is the one where the count
-//     from the top reaches k, top-p's the one where the mass from the top reaches top_p · Z; only
-//     that bucket's entries (~V/1000 for real logit spreads) are gathered (a scan of the bucket
-//     numbers) and sorted to find the exact value, ties included;
-//     4. s, t, q over K, reading e from the buffer.
+// Passes over a row of V logits (b bytes each; after the first the row is in L2):
+//   no truncation, or a given threshold: 2 passes, 2·V·b bytes read
+//     1. max of the raw logits;  2. s = Σ e, t = Σ e·(z'−m), q = Σ e² over K = {z >= threshold},
+//        e = e^(z'−m) (the target added on its own when outside K).
+//   min_p alone: 3 passes, 3·V·b bytes: the max, min_p's bound (no exp), the sums of pass 2 above.
+//   top_k / top_p searched here: passes over the logits and a per-thread scratch of V fp32 e and
+//   V uint16 bucket slots (written once: 6·V bytes):
+//     1. max (V·b);  2. e and the slot of d = z'−m (kBucketsPerNat buckets per nat from the top,
+//        d < −kRangeNats in the tail, min_p's dropped apart) (V·b read, 6·V written);
+//     3. a sample of every kSample-th entry guesses the boundary's bucket; the histogram (count
+//        and mass per bucket, a scalar scatter) then takes only the entries of the buckets up to
+//        the guess plus a margin (a 32-entry AVX-512 compare per step over the slots: 2·V bytes,
+//        plus 6 bytes per entry taken), the rest summed into a stand-in bucket (from pass 2's
+//        totals); if the boundary falls in the stand-in, the histogram is made over every entry;
+//     then top_k's boundary bucket is where the count from the top reaches k, top_p's where the
+//     mass from the top reaches top_p·Z; only that bucket's entries are gathered (a slot scan,
+//     2·V bytes) and sorted to find the exact value, ties included;
+//     4. s, t, q over K: over the entries of the kept buckets only when they are few (a slot
+//        scan), else a pass over the logits and e (V·b + 4·V bytes).
 // No row is sorted: the sorts are of one bucket's entries (all of the row only if every entry
 // falls in one bucket, e.g. a row of equal logits, or a top-k boundary more than kRangeNats below
 // the max: correct, and slower).
 #include <algorithm>
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -134,61 +143,178 @@ RowStats<double> kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, floa
 #undef GK_KEPT_SUMS
 }
 
-// The entries of bucket b, largest first.
-template <int DT, bool CAP>
-void gather(const Row<DT, CAP>& row, int64_t V, int b, Workspace& w) {
+// fn(v) for every entry v whose slot is in [lo, lo + width), in order: a 32-bit mask of a block of
+// slots at a time (one compare with AVX-512), then one step per set bit, so entries outside the
+// range cost a fraction of a cycle each.
+template <typename Fn>
+void for_each_in_slots(const uint16_t* __restrict slot, int64_t V, unsigned lo, unsigned width, Fn fn) {
   constexpr int64_t kScan = 32;
-  const unsigned lo = static_cast<unsigned>(b), width = b == kTail ? kSpread : 1;  // its slots
-  w.cand.clear();
-  const uint16_t* __restrict slot = w.slot.data();
   int64_t v0 = 0;
   for (; v0 + kScan <= V; v0 += kScan) {
-    // A bit per entry of the block, set for those in bucket b (vectorises to a compare and a
-    // mask move), then one step per set bit: the scan costs little where the bucket has no entries.
+#if defined(__AVX512BW__)
+    const __m512i x = _mm512_sub_epi16(_mm512_loadu_si512(slot + v0), _mm512_set1_epi16(static_cast<short>(lo)));
+    uint32_t hits = _mm512_cmplt_epu16_mask(x, _mm512_set1_epi16(static_cast<short>(width)));
+#else
     uint32_t hits = 0;
 #pragma omp simd reduction(| : hits)
     for (int i = 0; i < kScan; ++i) hits |= static_cast<uint32_t>(slot[v0 + i] - lo < width) << i;
-    for (; hits; hits &= hits - 1) {
-      const int64_t v = v0 + __builtin_ctz(hits);
-      w.cand.push_back({row.raw(v), w.e[v]});
-    }
+#endif
+    for (; hits; hits &= hits - 1) fn(v0 + __builtin_ctz(hits));
   }
   for (int64_t v = v0; v < V; ++v)
-    if (slot[v] - lo < width) w.cand.push_back({row.raw(v), w.e[v]});
+    if (slot[v] - lo < width) fn(v);
+}
+
+// The entries of bucket b, largest first.
+template <int DT, bool CAP>
+void gather(const Row<DT, CAP>& row, int64_t V, int b, Workspace& w) {
+  w.cand.clear();
+  const float* e = w.e.data();
+  for_each_in_slots(w.slot.data(), V, static_cast<unsigned>(b), b == kTail ? kSpread : 1,
+                    [&](int64_t v) { w.cand.push_back({row.raw(v), e[v]}); });
   std::sort(w.cand.begin(), w.cand.end(), [](const Candidate& a, const Candidate& c) { return a.z > c.z; });
 }
 
-// Pass 2 (see the header): e^(z'−m) and the slot of every entry into the workspace; returns the
-// smallest raw logit min_p keeps (the row's minimum when min_p is off).
+// What pass 2 finds besides e and the slots: the smallest raw logit min_p keeps (the row's minimum
+// when min_p is off), how many entries it keeps and their mass.
+struct Kept1 {
+  float min_z;
+  int64_t count;
+  double mass;
+};
+
+// Pass 2 (see the header): e^(z'−m) and the slot of every entry into the workspace.
 template <int DT, bool CAP>
-float exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p, Workspace& w) {
+Kept1 exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p, Workspace& w) {
   float* __restrict e = w.e.data();
   uint16_t* __restrict slot = w.slot.data();
   const auto* __restrict p = row.p;
   const LogitTransform f = row.f;  // a local copy: the stores above cannot alias it, so it stays in registers
-  float min_kept = kInf;
-#pragma omp simd reduction(min : min_kept)
-  for (int64_t v = 0; v < V; ++v) {
-    const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - m;
-    const int s = slot_of(d, log_min_p, v);
-    e[v] = softmax_exp(d);
-    slot[v] = static_cast<uint16_t>(s);
-    const float zk = s < kDroppedSlot ? z : kInf;
-    min_kept = zk < min_kept ? zk : min_kept;
+  Kept1 k{kInf, 0, 0.0};
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+    float min_z = kInf, mass = 0.f;
+    int count = 0;
+#pragma omp simd reduction(min : min_z) reduction(+ : mass, count)
+    for (int64_t v = v0; v < v1; ++v) {
+      const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - m;
+      const int s = slot_of(d, log_min_p, v);
+      const float ev = softmax_exp(d);
+      const bool kept = s < kDroppedSlot;
+      e[v] = ev;
+      slot[v] = static_cast<uint16_t>(s);
+      min_z = kept && z < min_z ? z : min_z;
+      mass += kept ? ev : 0.f;
+      count += kept;
+    }
+    k.min_z = min_z < k.min_z ? min_z : k.min_z;
+    k.count += count;
+    k.mass += mass;
   }
-  return min_kept;
+  return k;
 }
 
-// Pass 3: count and mass per slot (only what the active steps read), then the tail's slots folded
-// into bucket kTail. With min_p on, blocks of entries it all drops are skipped.
-void histogram(int64_t V, const Truncation& tr, Workspace& w) {
+// The tail's slots into bucket kTail.
+void fold_tail(Workspace& w) {
+  for (int i = 1; i < kSpread; ++i) {
+    w.count[kTail] += w.count[kTail + i];
+    w.mass[kTail] += w.mass[kTail + i];
+  }
+}
+
+// Where the boundary can be, from every kSample-th entry: the buckets [lo, hi) around where the
+// sample's count from the top passes k (3 standard deviations and 4 entries to spare either way),
+// or its mass passes top_p (± kMassSlack of the sample's mass), widened by kSpareBuckets each side. hi beyond kTail: to the end of the row. A wrong guess costs time, never
+// correctness (the stand-in buckets of histogram()).
+constexpr int64_t kSample = 16;
+constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 4;
+constexpr double kMassSlack = 0.1;
+
+struct Window {
+  int lo, hi;
+};
+
+Window sampled_window(int64_t V, const Truncation& tr, Workspace& w) {
+  std::fill(w.count.begin(), w.count.end(), 0);
+  std::fill(w.mass.begin(), w.mass.end(), 0.0);
+  for (int64_t v = 0; v < V; v += kSample) {
+    ++w.count[w.slot[v]];
+    w.mass[w.slot[v]] += w.e[v];
+  }
+  fold_tail(w);
+  double need_lo = 0.0, need_hi = 0.0;
+  if (tr.top_k > 0) {
+    const double k = static_cast<double>(tr.top_k) / kSample;
+    need_lo = tr.top_p < 1.f ? 0.0 : k - 3.0 * std::sqrt(k) - 4.0;  // top_p's boundary may lie above top_k's
+    need_hi = k + 3.0 * std::sqrt(k) + 4.0;
+  } else {
+    double total = 0.0;
+    for (int b = 0; b <= kTail; ++b) total += w.mass[b];
+    need_lo = total * (static_cast<double>(tr.top_p) - kMassSlack);
+    need_hi = total * (static_cast<double>(tr.top_p) + kMassSlack);
+  }
+  Window win{0, kTail + 1};
+  double cum = 0.0;
+  bool lo_found = !(need_lo > 0.0);
+  for (int b = 0; b <= kTail; ++b) {
+    cum += tr.top_k > 0 ? static_cast<double>(w.count[b]) : w.mass[b];
+    if (!lo_found && cum >= need_lo) {
+      lo_found = true;
+      win.lo = b - kSpareBuckets > 0 ? b - kSpareBuckets : 0;
+    }
+    if (cum >= need_hi && cum > 0.0) {
+      win.hi = b + 1 + kSpareBuckets;
+      break;
+    }
+  }
+  return win;
+}
+
+// Pass 3: count and mass per bucket (only what the active steps read). win.hi <= kTail: only the
+// entries of buckets [win.lo, win.hi) one by one; bucket win.hi then holds the totals of the
+// others below, and bucket win.lo − 1 (when win.lo > 0) those above, summed in a vectorised loop:
+// stand-ins the boundary must not fall in. Otherwise every entry; with min_p on, blocks of
+// entries it all drops are skipped.
+void histogram(int64_t V, const Truncation& tr, const Kept1& k1, Window win, Workspace& w) {
   constexpr int64_t kSkip = 32;
   const bool counts = tr.top_k > 0, masses = tr.top_p < 1.f, skip = tr.log_min_p > -kInf;
   const float* __restrict e = w.e.data();
   const uint16_t* __restrict slot = w.slot.data();
   int32_t* __restrict count = w.count.data();
+  double* __restrict mass = w.mass.data();
   std::fill(w.count.begin(), w.count.end(), 0);
   std::fill(w.mass.begin(), w.mass.end(), 0.0);
+  if (win.hi <= kTail) {
+    const int lo = win.lo, hi = win.hi;
+    for_each_in_slots(slot, V, static_cast<unsigned>(lo), static_cast<unsigned>(hi - lo), [&](int64_t v) {
+      ++count[slot[v]];
+      mass[slot[v]] += e[v];
+    });
+    if (lo > 0) {
+      for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+        const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+        float m = 0.f;
+        int n = 0;
+#pragma omp simd reduction(+ : m, n)
+        for (int64_t v = v0; v < v1; ++v) {
+          const bool above = slot[v] < lo;
+          m += above ? e[v] : 0.f;
+          n += above;
+        }
+        count[lo - 1] += n;
+        mass[lo - 1] += m;
+      }
+    }
+    int64_t n = 0;
+    double m = 0.0;
+    for (int b = 0; b < hi; ++b) {
+      n += count[b];
+      m += mass[b];
+    }
+    count[hi] = static_cast<int32_t>(k1.count - n);
+    mass[hi] = k1.mass - m;
+    return;
+  }
   // fp32 partial masses (shorter store-to-load chains than fp64), added into fp64 every kBlock entries.
   float part[kSlots];
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
@@ -213,30 +339,26 @@ void histogram(int64_t V, const Truncation& tr, Workspace& w) {
         for (int64_t v = u0; v < u1; ++v) part[slot[v]] += e[v];
       }
     }
-    for (int b = 0; b < kDroppedSlot; ++b) w.mass[b] += part[b];
+    for (int b = 0; b < kDroppedSlot; ++b) mass[b] += part[b];
   }
-  for (int i = 1; i < kSpread; ++i) {
-    count[kTail] += count[kTail + i];
-    w.mass[kTail] += w.mass[kTail + i];
-  }
+  fold_tail(w);
 }
 
-// Finds the threshold of a row (the smallest kept raw logit) without sorting it: see the header.
-// m is the row's max z' (finite). Leaves e^(z'−m) in w.e for kept_sums.
+// top_k, then top_p, on the histogram over buckets [0, last]; threshold holds min_p's and gets the
+// final one. False when the boundary falls in a stand-in bucket (bucket `last` when `stand_in`,
+// bucket `upper` when >= 0): the histogram must then be made over the whole row.
 template <int DT, bool CAP>
-float search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
-  float threshold = exp_and_slots(row, V, m, tr.log_min_p, w);  // min_p's
-  if (tr.top_k <= 0 && !(tr.top_p < 1.f)) return threshold;
-  histogram(V, tr, w);
+bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int last, bool stand_in, int upper,
+                Workspace& w, float& threshold) {
   // The kept set so far is an upper set of values: buckets [0, last), and bucket `last` either
   // whole or (restricted) only its entries in w.cand.
-  int last = kTail;
   bool restricted = false;
   if (tr.top_k > 0) {
     int64_t above = 0;
-    for (int b = 0; b <= kTail; ++b) {
+    for (int b = 0; b <= last; ++b) {
       if (w.count[b] == 0) continue;
       if (!above_keeps(static_cast<double>(above + w.count[b]), static_cast<double>(tr.top_k))) {
+        if ((stand_in && b == last) || b == upper) return false;
         gather(row, V, b, w);  // the k-th largest is in bucket b: cand[top_k − above − 1]
         threshold = w.cand[static_cast<size_t>(tr.top_k - above - 1)].z;
         size_t n = static_cast<size_t>(tr.top_k - above);
@@ -273,14 +395,75 @@ float search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Trunca
       if (!above_keeps(above, limit)) break;
     }
     if (boundary >= 0) {
-      if (!(restricted && boundary == last)) gather(row, V, boundary, w);
+      if (!(restricted && boundary == last)) {
+        if ((stand_in && boundary == last) || boundary == upper) return false;
+        gather(row, V, boundary, w);
+      }
       for (size_t i = 0; i < w.cand.size() && above_keeps(before, limit);) {
         threshold = w.cand[i].z;
         for (; i < w.cand.size() && w.cand[i].z == threshold; ++i) before += w.cand[i].e;
       }
     }
   }
-  return threshold;
+  return true;
+}
+
+// A searched threshold, and the slots [0, slots) that hold every entry it keeps when those are few
+// (at most V / kSparse; 0 when they are many or their number is not known).
+struct Searched {
+  float threshold;
+  unsigned slots;
+};
+constexpr int64_t kSparse = 8;
+
+// Finds the threshold of a row (the smallest kept raw logit) without sorting it: see the header.
+// m is the row's max z' (finite). Leaves e^(z'−m) and the slots in the workspace for kept_sums.
+template <int DT, bool CAP>
+Searched search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
+  const Kept1 k1 = exp_and_slots(row, V, m, tr.log_min_p, w);
+  float threshold = k1.min_z;  // min_p's
+  const Window win = sampled_window(V, tr, w);
+  histogram(V, tr, k1, win, w);
+  const bool windowed = win.hi <= kTail;
+  if (!thresholds(row, V, tr, windowed ? win.hi : kTail, windowed, windowed ? win.lo - 1 : -1, w, threshold)) {
+    threshold = k1.min_z;  // the sample misled us: the whole row
+    histogram(V, tr, k1, Window{0, kTail + 1}, w);
+    thresholds(row, V, tr, kTail, false, -1, w, threshold);
+  }
+  if (tr.top_k <= 0) return {threshold, 0u};  // no counts
+  const int b = slot_of(transform_logit<CAP>(threshold, row.f) - m, -kInf, 0);  // the threshold's bucket
+  int64_t n = 0;
+  for (int i = 0; i <= b && i <= kTail; ++i) n += w.count[i];
+  return {threshold, n * kSparse <= V ? static_cast<unsigned>(b < kTail ? b + 1 : kTail + kSpread) : 0u};
+}
+
+// min_p alone: the smallest raw logit it keeps (no exp, nothing stored).
+template <int DT, bool CAP>
+float min_p_threshold(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p) {
+  const auto* __restrict p = row.p;
+  const LogitTransform f = row.f;
+  float lo = kInf;
+#pragma omp simd reduction(min : lo)
+  for (int64_t v = 0; v < V; ++v) {
+    const float z = Storage<DT>::load(p[v]);
+    lo = min_p_keeps(transform_logit<CAP>(z, f) - m, log_min_p) && z < lo ? z : lo;
+  }
+  return lo;
+}
+
+// kept_sums over the entries of slots [0, slots) only (a search's, Searched::slots), from w.e.
+template <int DT, bool CAP>
+RowStats<double> sparse_kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, float threshold, unsigned slots,
+                                  const Workspace& w) {
+  RowStats<double> total{shift, 0.0, 0.0, 0.0};
+  for_each_in_slots(w.slot.data(), V, 0, slots, [&](int64_t v) {
+    const float z = row.raw(v);
+    const SoftmaxTerm k = kept_term(w.e[v], transform_logit<CAP>(z, row.f) - shift, in_kept(z, threshold));
+    total.s += k.e;
+    total.t += k.ed;
+    total.q += static_cast<double>(k.e) * k.e;
+  });
+  return total;
 }
 
 template <int DT, bool CAP>
@@ -309,8 +492,15 @@ void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool 
       float threshold = threshold_in ? threshold_in[r] : -kInf;
       RowStats<double> total;
       if (search && zmax > -kInf) {
-        threshold = search_threshold(row, V, m, tr, w);
-        total = kept_sums<true>(row, V, m, threshold, w.e.data(), with_entropy, with_sum_pi_sq);
+        if (tr.top_k > 0 || tr.top_p < 1.f) {
+          const Searched found = search_threshold(row, V, m, tr, w);
+          threshold = found.threshold;
+          total = found.slots ? sparse_kept_sums(row, V, m, threshold, found.slots, w)
+                              : kept_sums<true>(row, V, m, threshold, w.e.data(), with_entropy, with_sum_pi_sq);
+        } else {  // min_p alone: its bound, then the sums as without truncation
+          threshold = min_p_threshold(row, V, m, tr.log_min_p);
+          total = kept_sums<false>(row, V, m, threshold, nullptr, with_entropy, with_sum_pi_sq);
+        }
       } else {
         // The sums' reference point: the largest kept z' (the max, unless a given threshold drops
         // it; then only the target is kept). 0 when nothing finite is kept.

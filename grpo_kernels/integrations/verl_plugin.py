@@ -10,6 +10,9 @@
   - with GRPO_KERNELS_VERL_FUSED_LINEAR=1, our fused-linear log-probs in verl's fused-kernel
     forwards, and Σπ² from them for the optimal-token-baseline estimators (verl's FSDP engine is
     patched when it is imported).
+  - with GRPO_KERNELS_VERL_FUSED_LINEAR=1, our fused-linear log-probs in verl's fused-kernel forwards;
+  - with GRPO_KERNELS_VERL_TRUNCATION=1, actor/reference log-probs over the kept set of the rollout
+    sampler's top_k/top_p, read from each worker's config (`verl/truncation.py`).
 GRPO_KERNELS_VERL_BACKEND picks the backend (default "auto").
 """
 import importlib.abc
@@ -74,3 +77,7 @@ if os.environ.get("GRPO_KERNELS_VERL_FUSED_LINEAR", "0") == "1":
     _verl.patch_fused_linear(BACKEND)
     when_imported("verl.workers.engine.fsdp.transformer_impl",
                   lambda m: _verl.patch_sum_pi_squared(BACKEND, m.FSDPEngineWithLMHead))
+if os.environ.get("GRPO_KERNELS_VERL_TRUNCATION", "0") == "1":
+    from .verl.truncation import install_worker_hook
+
+    install_worker_hook(BACKEND)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import GRPOLossConfig
+from ..truncation import Truncation, make_truncation
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -18,7 +19,10 @@ class TrainerConfig:
     prompts_per_step × num_generations completions are sampled per optimizer step (a group
     per prompt). `num_iterations` (μ) reuses each rollout batch for that many optimizer steps
     with importance ratios against the sampling-time policy. The loss options live in `loss`;
-    its temperature is set to the sampling temperature, as TRL does. `padding_free` ("auto",
+    its temperature is set to the sampling temperature, as TRL does, and its truncation to the
+    sampler's: `top_k`, `top_p`, `min_p` (0 / 1.0 / 0.0: off) truncate the sampled distribution
+    (docs/math.md, "Truncated sampling": min_p, then top_k, then top_p, as vLLM's V1 sampler) and
+    the old, reference and policy log-probs are those of the same truncation. `padding_free` ("auto",
     True, False) packs each micro-batch into one row without padding; "auto" packs when
     flash-attn is installed and the model is on CUDA.
 
@@ -49,6 +53,7 @@ class TrainerConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     learning_rate: float = 1e-5
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -94,10 +99,10 @@ class TrainerConfig:
                              f"divide prompts_per_step * num_generations = {batch}")
         if not self.temperature > 0:
             raise ValueError(f"TrainerConfig.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"TrainerConfig.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"TrainerConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        try:
+            make_truncation(self.top_k, self.top_p, self.min_p)
+        except ValueError as error:
+            raise ValueError(f"TrainerConfig.{error}") from None
         if not self.learning_rate > 0:
             raise ValueError(f"TrainerConfig.learning_rate must be > 0, got {self.learning_rate}")
         if self.padding_free not in ("auto", True, False):
@@ -122,6 +127,18 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.data_parallel must be 'fsdp2' or 'ddp', got {self.data_parallel!r}")
         if self.loss.temperature != self.temperature:
             self.loss = self.loss.replace(temperature=self.temperature)
+        sampler = self.truncation
+        loss_truncation = self.loss.truncation
+        if loss_truncation.active and loss_truncation != sampler:
+            raise ValueError(f"TrainerConfig.loss truncates with {loss_truncation} but the sampler with {sampler}: set "
+                             "top_k/top_p/min_p on TrainerConfig (the loss takes the sampler's)")
+        if loss_truncation != sampler:
+            self.loss = self.loss.replace(**sampler._asdict())
+
+    @property
+    def truncation(self) -> Truncation:
+        """The sampler's truncation, which the log-probs and the loss use too."""
+        return make_truncation(self.top_k, self.top_p, self.min_p)
 
     def to_dict(self):
         data = dataclasses.asdict(self)

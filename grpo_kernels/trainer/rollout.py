@@ -6,6 +6,9 @@ from typing import List
 
 import torch
 
+from ..ops.truncation_search import find_threshold
+from ..truncation import Truncation
+
 
 @dataclass
 class Rollout:
@@ -38,18 +41,44 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
     return seen_before == 0
 
 
+class TruncatedSampling:
+    """The sampler's logits processor: z' = logits / temperature, then the truncation of docs/math.md
+    ("Truncated sampling": min_p, then top_k, then top_p, vLLM V1's order) by the same threshold
+    search the log-prob kernels' torch backend uses; dropped entries become −inf.
+
+    It replaces transformers' own warpers, which apply min_p after top_p (a different kept set when
+    both are on), so the sampled distribution is exactly the one the training log-probs compute.
+    scores (B, V) -> fp32 (B, V).
+    """
+
+    def __init__(self, temperature: float, truncation: Truncation):
+        self.temperature, self.truncation = temperature, truncation
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        z = scores.float() / self.temperature
+        if not self.truncation.active:
+            return z
+        # z is both the raw logits and z' here (no further transform), so the threshold is in z units.
+        threshold = find_threshold(z, z, self.truncation)
+        return z.masked_fill(z < threshold.unsqueeze(-1), float("-inf"))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: List[str], cfg) -> Rollout:
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = enc["input_ids"].repeat_interleave(cfg.num_generations, dim=0)
     prompt_mask = enc["attention_mask"].repeat_interleave(cfg.num_generations, dim=0)
     was_training = model.training
     model.eval()
+    # transformers' own temperature and truncation set to "off" explicitly (None would take the model's
+    # generation_config defaults, e.g. a top_k of 20): TruncatedSampling does both.
     out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k if cfg.top_k > 0 else None, max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        min_p=0.0, logits_processor=LogitsProcessorList([TruncatedSampling(cfg.temperature, cfg.truncation)]),
+        max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True, output_scores=True,
     )
     model.train(was_training)

@@ -115,7 +115,8 @@ class GRPOTrainer:
         return fused_linear_selective_logprobs(states.hidden, weight, states.ids, bias=bias,
                                                temperature=loss_cfg.temperature, logit_scale=loss_cfg.logit_scale,
                                                final_logit_softcapping=loss_cfg.final_logit_softcapping,
-                                               mask=states.mask, backend=self.cfg.backend)
+                                               mask=states.mask, backend=self.cfg.backend,
+                                               **loss_cfg.truncation._asdict())
 
     def _reference_logps(self, batch: Rollout) -> torch.Tensor:
         if self.ref_model is not None:

@@ -17,37 +17,51 @@ Logits are (B, T, V) with any batch and time strides (a `logits[:, :-1]` slice i
 place, never copied); row r is (r // T, r % T). Packed (N, V) logits are (1, N, V).
 
 Forward modes (constexpr MODE):
-    0 no truncation: one sweep over the row (N·V·s bytes read for s-byte logits, 5 floats written).
+    0 no truncation: one sweep over the row (V·s bytes read for s-byte logits, 5 floats written).
     1 threshold given (vocabulary-parallel path): one sweep, entries below it masked out.
     2 search: the threshold is found per row without sorting, by a multi-pivot select over
-      order-preserving integer keys of the raw logits (fp32 bits made monotone; bf16 and fp16
-      keys are those bits shifted right by 16 and 13, so a 16-bit key space):
-      pass 1 (HBM)  m, s over the row (as mode 0, no entropy), the maximum key, and the
-                    maximum key of each of KB position classes (v mod KB): the k-th largest of
-                    those KB maxima (tl.sort of KB keys in registers) is a lower bound of the
-                    top-k threshold, as they are KB distinct entries of the row.
-      pass 2 (L2)   candidates: entries that the bounds cannot rule out, copied (raw, in order,
-                    by an in-tile prefix sum) into a per-row scratch of CAPACITY entries:
-                    min_p     z' >= M + log min_p                           (exact)
-                    top_k     key >= the bound of pass 1                    (k <= KB)
-                    top_p     z' >= M + log((1 − top_p)·Z/V) − 0.01 when top_k is off: the
-                              entries below it hold less than (1 − top_p)·Z in all (Z the mass
-                              of the remainder, Z >= s with no min_p, >= 1 otherwise), so
-                              none of them is kept
-                    More candidates than CAPACITY: the passes below read the whole row instead
-                    (correct, slower: the bounds prune nothing on a flat row).
-      select        a bracket [lo, hi) of keys holding the answer; each pass over the
-                    candidates evaluates NPIV pivots at once: the count (top_k, or min_p alone:
-                    the k-th largest, k = min(top_k, |K1|)) and the mass Σ exp(z' − M) (top_p:
-                    the largest key c whose mass at or above c is >= top_p · Z2) of the entries
-                    of K1 at or above each pivot, and narrows the bracket 15-fold. The answer is
-                    the largest key whose count/mass reaches the target, always a key present
-                    in the row, so ties are kept or dropped together. Passes per search:
-                    <= 4 (16-bit keys) or <= 8 (fp32) over the candidates; min_p and top_k
-                    before top_p, each its own search.
+      order-preserving int32 keys of the raw logits (the fp32 bits made monotone, −0 as +0; bf16
+      and fp16 keys are those bits shifted right by 16 and 13: a 16-bit key space).
+      pass 1 (HBM)  m, s over the row (as mode 0, without t and q) and the largest logit of each
+                    of KB = 512 position classes (v mod KB, one max per entry): those are KB
+                    distinct entries of the row, so the k-th largest of them (a pivot select on
+                    the KB keys in registers, k <= KB) is a lower bound of the top-k threshold.
+      pass 2 (L2)   candidates: the entries the bounds cannot rule out, copied raw, in order (an
+                    in-tile prefix sum gives each its slot), into a per-row scratch of CAPACITY
+                    = 2048 entries:
+                      min_p   z' >= M + log min_p                               (exact)
+                      top_k   key >= the bound of pass 1
+                      top_p   z' >= M + log((1 − top_p)·Z/V) − 0.01, top_k off: the entries below
+                              hold less than (1 − top_p)·Z together (Z the mass of the remainder,
+                              Z = s without min_p, Z >= 1 = the max's share with it), so none is kept.
+                    More candidates than CAPACITY (a flat row, top_k > KB with top_p): the
+                    selects read the whole row instead (correct, several times slower).
+      select        per search, a bracket [lo, hi) of keys holding the answer; each pass over
+                    the candidates evaluates NPIV = 16 pivots at once (pivot 0 = lo, 15 splitting
+                    the bracket): over the entries of K1 = {z' >= M + log min_p} at or above
+                    each pivot, the count (min_p alone, top_k: k = min(top_k, |K1|)) or the mass
+                    Σ exp(z' − M) (top_p: target top_p·Z2), with the smallest key at or above
+                    and the largest key below each pivot. The answer is the largest key whose
+                    count/mass reaches the target; the new bracket runs from the last pivot
+                    that reaches it to the first that does not, both moved onto keys present,
+                    so the answer is always an exact logit of the row (ties are kept or dropped
+                    together) and a bracket holding one present key is done. Passes: at most
+                    5 (16-bit keys) or 9 (fp32) per search, fewer as the candidates are few;
+                    min_p/top_k (by count, also giving Z2) before top_p (by mass).
       pass 3        the statistics over K from the candidates (K ⊆ candidates), plus y.
-    Bytes per row in mode 2: 2·V·s read (the second from L2) + C·s written and read about
-    (passes + 1) times for C <= CAPACITY candidates; registers: one row's state.
+    Bytes per row in mode 2: V·s from HBM, V·s again from L2 (the row was just read), C·s
+    written and read about (passes + 1) times for C <= CAPACITY candidates, so about 2·V·s when
+    C << V. Scratch: N × min(CAPACITY, V) entries of the logits' dtype, only while searching.
+    The plain pass is ~8 ops per entry; pass 2 ~6 (and an exp for min_p with top_p, top_k off,
+    whose Z is the mass of K1 over the row), its prefix sum and stores skipped in tiles without a
+    candidate. Registers (sm_90, 8 warps, every variant compiled with triton 3.9): mode 0/1 38-62,
+    mode 2 111-128, backward 64-114, no spills, except bf16 + softcap + top_k alone: 80
+    registers and 8 spilled bytes under triton 3.9's ptxas flag --regAllocOptLevel=2 (109
+    registers, no spill without it; 127, no spill with triton 3.2).
+    Not yet timed on a GPU (target: <= 1.5x mode 0 at V = 151936 bf16). By the counts above,
+    pass 1 is mode 0 with one max more per entry, pass 2 a cheaper re-read from L2, and the
+    selects cost (C/V)·16·passes of a sweep, so ~1.5-2x when C is a few hundred; a flat row
+    (C > CAPACITY) costs several sweeps.
 """
 from __future__ import annotations
 
@@ -62,7 +76,7 @@ from ...truncation import NO_TRUNCATION, Truncation
 
 MAX_BLOCK_V = 4096
 # Pass 1's position classes for the top-k bound (k above it: no top-k pruning).
-TOP_K_CLASSES = 1024
+TOP_K_CLASSES = 512  # 1024 spilt 12 bytes on sm_90 (top_k alone, 80 registers)
 # Candidates kept per row (scratch: N × CAPACITY entries of the logits' dtype, only while searching).
 SEARCH_CAPACITY = 2048
 PIVOTS = 16  # pivots per select pass: pivot 0 is the bracket's low end, 15 split it
@@ -92,12 +106,10 @@ def _transform(z, scale, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _transform_grad(z_prime, scale, cap, HAS_CAP: tl.constexpr):
-    """dz'/dz from z' itself."""
-    if HAS_CAP:
-        t = z_prime / cap
-        return tl.where(z_prime == float("-inf"), 0.0, cap * scale * (1.0 - t * t))
-    return scale
+def _softcap_grad(z_prime, scale, cap):
+    """dz'/dz of z' = cap·tanh(scale·z), from z' itself (scale alone without a softcap)."""
+    t = z_prime / cap
+    return tl.where(z_prime == float("-inf"), 0.0, cap * scale * (1.0 - t * t))
 
 
 @triton.jit
@@ -271,8 +283,10 @@ def _logprobs_fwd_kernel(
     scratch_ptr, stride_b, stride_t, T, V, scale, cap, top_k, top_p, log_min_p, log_tail, capacity,
     MODE: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM_PI_SQ: tl.constexpr, HAS_CAP: tl.constexpr,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    BLOCK_V: tl.constexpr, KB: tl.constexpr, NPIV: tl.constexpr, BLOCK_S: tl.constexpr,
+    MASS_OF_K1: tl.constexpr, BLOCK_V: tl.constexpr, KB: tl.constexpr, NPIV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # MASS_OF_K1 (min_p and top_p, top_k off): top-p's Z is the mass of K1 over the whole row, in
+    # pass 2. (Given by the caller: triton 3.2 refuses chained boolean operators in a kernel.)
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     target = tl.load(ids_ptr + row).to(tl.int64)
@@ -289,37 +303,37 @@ def _logprobs_fwd_kernel(
             src = base
             n = V
         else:
-            # Pass 1: M, s (the mass of the row relative to M) and the maximum key of each position class.
-            R: tl.constexpr = BLOCK_V // KB
-            offs2 = tl.arange(0, R)[:, None] * KB + tl.arange(0, KB)[None, :]
+            # Pass 1: M, s (the mass of the row relative to M) and the largest logit of each position
+            # class (a float max per entry: keys are formed for the KB class maxima only).
+            offs2 = tl.arange(0, BLOCK_V // KB)[:, None] * KB + tl.arange(0, KB)[None, :]
             key_lowest = _key(tl.full((), float("-inf"), tl.float32), KEY_SHIFT)
-            class_max = tl.full((KB,), 0, tl.int32) + key_lowest
+            class_max = tl.full((KB,), float("-inf"), tl.float32)
             m = tl.full((), float("-inf"), tl.float32)
             s = tl.zeros((), tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + offs2
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                class_max = tl.maximum(class_max, tl.max(_key(x, KEY_SHIFT), axis=0))
+                class_max = tl.maximum(class_max, tl.max(x, axis=0))
                 z = _transform(x, scale, cap, HAS_CAP)
                 m_new = tl.maximum(m, tl.max(tl.max(z, axis=1), axis=0))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s = s * tl.exp(m - m_ref) + tl.sum(tl.sum(tl.exp(z - m_ref), axis=1), axis=0)
                 m = m_new
             m_ref = tl.where(m == float("-inf"), 0.0, m)
-            key_max = tl.max(class_max, axis=0)
+            key_max = _key(tl.max(class_max, axis=0), KEY_SHIFT)
             min_p_bound = m + log_min_p  # −inf when min_p is off (log_min_p = −inf) or the row is all −inf
             # Pass 2: candidates into the row's scratch (bounds in the header).
             key_bound = key_lowest
             if HAS_TOP_K:
                 if top_k <= KB:
-                    key_bound = _kth_largest(class_max, top_k, key_lowest.to(tl.int64),
-                                             tl.max(class_max, axis=0).to(tl.int64) + 1, NPIV).to(tl.int32)
+                    key_bound = _kth_largest(_key(class_max, KEY_SHIFT), top_k, key_lowest.to(tl.int64),
+                                             key_max.to(tl.int64) + 1, NPIV).to(tl.int32)
             z_bound = min_p_bound
             if HAS_TOP_P and not HAS_TOP_K:
                 if HAS_MIN_P:
                     z_bound = tl.maximum(z_bound, m + log_tail)
                 else:
-                    z_bound = tl.maximum(z_bound, m + tl.log(s) + log_tail)
+                    z_bound = tl.maximum(z_bound, m + tl.log(tl.maximum(s, 1.0)) + log_tail)  # s >= 1 unless all −inf
             scratch = scratch_ptr + row * capacity
             cols = tl.arange(0, BLOCK_V)
             n_cand = tl.zeros((), tl.int32)
@@ -329,8 +343,10 @@ def _logprobs_fwd_kernel(
                 raw = tl.load(base + offs, mask=offs < V, other=float("-inf"))
                 x = raw.to(tl.float32)
                 z = _transform(x, scale, cap, HAS_CAP)
-                cand = (offs < V) & (z >= z_bound) & (_key(x, KEY_SHIFT) >= key_bound)
-                if HAS_MIN_P and HAS_TOP_P and not HAS_TOP_K:  # Z of top-p: the mass of K1, whole row
+                cand = (offs < V) & (z >= z_bound)
+                if HAS_TOP_K:
+                    cand = cand & (_key(x, KEY_SHIFT) >= key_bound)
+                if MASS_OF_K1:  # Z of top-p: the mass of K1 over the whole row
                     mass_k1 += tl.sum(tl.where(z >= min_p_bound, tl.exp(z - m_ref), 0.0), axis=0)
                 n_tile = tl.sum(cand.to(tl.int32), axis=0)
                 if n_tile > 0:
@@ -343,7 +359,7 @@ def _logprobs_fwd_kernel(
                 n = n_cand
             else:  # too many candidates: select over the whole row
                 src = base
-                n = V
+                n = n_cand * 0 + V  # a tensor like n_cand even where V is specialised to the constant 1
             # Select: min_p / top_k by count, then top_p by mass.
             lo = key_lowest.to(tl.int64)
             hi = key_max.to(tl.int64) + 1
@@ -365,17 +381,21 @@ def _logprobs_fwd_kernel(
         m, s, t, q = _kept_stats(src, n, threshold, scale, cap, True, HAS_CAP, WITH_ENTROPY, WITH_SUM_PI_SQ, BLOCK_V)
         m, s, t, q = _absorb_one(m, s, t, q, tl.where(x_target < threshold, z_target, float("-inf")),
                                  WITH_ENTROPY, WITH_SUM_PI_SQ)
-    lse = m + tl.log(s)
-    tl.store(logp_ptr + row, z_target - lse)
+    s_safe = tl.where(s > 0, s, 1.0)  # s = 0: nothing finite in K (no log 0 or 0/0 is formed)
+    log_s = tl.log(s_safe)
+    lse = tl.where(s > 0, m + log_s, float("-inf"))
+    # −inf for a −inf target or one in another slice (never −inf − −inf when K has nothing finite)
+    tl.store(logp_ptr + row, tl.where(z_target == float("-inf"), float("-inf"),
+                                           z_target - tl.where(s > 0, lse, 0.0)))
     tl.store(lse_ptr + row, lse)
     tl.store(threshold_ptr + row, threshold)
     # The contract (ops/contract.py): zeros when not computed, and for a row with nothing in K.
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(s > 0, tl.log(s) - t / s, 0.0))
+        tl.store(entropy_ptr + row, tl.where(s > 0, log_s - t / s_safe, 0.0))
     else:
         tl.store(entropy_ptr + row, 0.0)
     if WITH_SUM_PI_SQ:
-        tl.store(sum_pi_sq_ptr + row, tl.where(s > 0, q / (s * s), 0.0))
+        tl.store(sum_pi_sq_ptr + row, tl.where(s > 0, q / (s_safe * s_safe), 0.0))
     else:
         tl.store(sum_pi_sq_ptr + row, 0.0)
 
@@ -403,6 +423,7 @@ def _logprobs_bwd_kernel(
             tl.store(out + offs, zero.to(out_ptr.dtype.element_ty), mask=offs < V)
     else:
         lse = tl.load(lse_ptr + row)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # nothing finite in K: every p is 0 (never −inf − −inf)
         h = tl.load(entropy_ptr + row)  # z' − E[z'] = (z' − lse) + H: no cancellation with large logits
         target = tl.load(ids_ptr + row).to(tl.int64)
         threshold = tl.full((), float("-inf"), tl.float32)
@@ -419,7 +440,10 @@ def _logprobs_bwd_kernel(
             grad = tl.where(offs == target, g_logp, 0.0) - g_logp * p
             if HAS_GRAD_ENTROPY:
                 grad -= g_ent * p * tl.where(p > 0, d + h, 0.0)
-            grad = grad * _transform_grad(z, scale, cap, HAS_CAP)
+            if HAS_CAP:  # (two branches, not one helper returning a tensor or a scalar: triton 3.2 refuses that)
+                grad = grad * _softcap_grad(z, scale, cap)
+            else:
+                grad = grad * scale
             tl.store(out + offs, grad.to(out_ptr.dtype.element_ty), mask=offs < V)
 
 
@@ -469,6 +493,7 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelT
         int(truncation.top_k), float(truncation.top_p), truncation.log_min_p, log_tail, capacity,
         MODE=mode, WITH_ENTROPY=with_entropy, WITH_SUM_PI_SQ=with_sum_pi_sq, HAS_CAP=cap != 0.0,
         HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, HAS_MIN_P=has_min_p, KEY_SHIFT=_KEY_SHIFT.get(logits.dtype, 0),
+        MASS_OF_K1=has_min_p and has_top_p and not has_top_k,
         BLOCK_V=block, KB=min(TOP_K_CLASSES, block), NPIV=PIVOTS, BLOCK_S=block_select,
         num_warps=_num_warps(block),
     )
