@@ -224,7 +224,7 @@ void fold_tail(Workspace& w) {
 
 // Where the boundary can be, from every kSample-th entry: the buckets [lo, hi) around where the
 // sample's count from the top passes k (3 standard deviations and 4 entries to spare either way),
-// or its mass passes top_p (± kMassSlack of the sample's mass), widened by kSpareBuckets each side. hi beyond kTail: to the end of the row. A wrong guess costs time, never
+// or from the top to where its mass passes top_p + kMassSlack of it, widened by kSpareBuckets. hi beyond kTail: to the end of the row. A wrong guess costs time, never
 // correctness (the stand-in buckets of histogram()).
 constexpr int64_t kSample = 16;
 constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 4;
@@ -250,7 +250,7 @@ Window sampled_window(int64_t V, const Truncation& tr, Workspace& w) {
   } else {
     double total = 0.0;
     for (int b = 0; b <= kTail; ++b) total += w.mass[b];
-    need_lo = total * (static_cast<double>(tr.top_p) - kMassSlack);
+    // no lower end: a top-p boundary lies where the mass is, so little of the row lies above it
     need_hi = total * (static_cast<double>(tr.top_p) + kMassSlack);
   }
   Window win{0, kTail + 1};
