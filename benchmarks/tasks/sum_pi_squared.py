@@ -59,7 +59,7 @@ def difference(got, want) -> float:
 
 def main(argv=None) -> int:
     from .. import output
-    from ..measure import OthersCpu, Sampler, device_name, measure_interleaved
+    from ..measure import device_name, measure_checked
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tasks.sum_pi_squared", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,15 +86,9 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("verl") is not None:
         rows["verl 0.9.1's way: log_softmax + gather, entropy_from_logits, calculate_sum_pi_squared_from_logits"] = (
             verls_way)
-    errors, samplers = [], []
-    for label, run in rows.items():
-        errors.append(difference(run(inputs), want))
-        assert errors[-1] <= 1e-4, f"{label} disagrees with the materialised softmax by {errors[-1]:.2e}"
-        samplers.append(Sampler(lambda r=run: r(inputs), device, warmup=1))
-        samplers[-1].warm_up()
-    others = OthersCpu()
-    with others:
-        timings = measure_interleaved(samplers)
+    timings, errors, others = measure_checked(
+        [(label, lambda r=run: r(inputs), lambda out: difference(out, want)) for label, run in rows.items()], device,
+        tolerance=1e-4)
     output.finish_provenance(origin)
     lines = [f"# Σπ² in the log-prob pass: its cost on {name} (N={args.n}, V={args.v}, fp32, "
              f"{torch.get_num_threads()} torch thread(s))", "", output.provenance_line(origin), "",

@@ -17,17 +17,14 @@ benchmarks/results/ with --update-committed (else into a fresh runs/benchmarks/ 
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 from typing import Callable, Dict
 
 import torch
 
 from .. import output
 from ..host_overhead import count_host_reads
-from ..measure import Sampler, device_name, measure_interleaved
-from .common import SEQ_LEN
-from .verl_rollout_correction import NUM_SEQUENCES, build_rollout_correction
+from ..measure import Sampler, measure_interleaved
+from .verl_rollout_correction import NUM_SEQUENCES, build_rollout_correction, start_verl_benchmark
 
 # Options that put every loss's regimes on these inputs (log-ratios of std 0.05): tight clips
 # (vanilla, gspo, cispo, geo_mean), DPPO bounds that cut, a bypass-mode rejection that rejects.
@@ -81,24 +78,13 @@ def check_agreement(mode: str, theirs: Callable, ours: Callable) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", help="our backend, as GRPO_KERNELS_VERL_BACKEND picks it")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row (interleaved rounds)")
-    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: on a shared machine more threads time the neighbours)")
-    output.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if importlib.util.find_spec("verl") is None:
-        raise SystemExit("verl is not installed")
+    def backend_argument(parser):
+        parser.add_argument("--backend", default="auto", help="our backend, as GRPO_KERNELS_VERL_BACKEND picks it")
+
+    args, device, label, provenance = start_verl_benchmark(__doc__.split("\n\n")[0], argv, backend_argument)
     from grpo_kernels.integrations import verl as gk_verl
     from grpo_kernels.ops.dispatch import resolve_backend
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    label = device_name(device)
-    provenance = output.provenance(label)
     config = actor_config()
     x = build_policy_inputs(NUM_SEQUENCES, args.seq_len, device)
     backend = resolve_backend(args.backend, device, torch.float32)
