@@ -228,6 +228,22 @@ def measure_interleaved(samplers: Sequence[Sampler]) -> List[Timing]:
     return [s.timing() for s in samplers]
 
 
+def measure_checked(runs: Sequence[Tuple[str, Callable[[], object], Callable[[object], float]]],
+                    device: torch.device, tolerance: float) -> Tuple[List[Timing], List[float], "OthersCpu"]:
+    """Each (label, run, error) checked first (error(run()) <= tolerance, else AssertionError), then
+    all timed in interleaved rounds under the stop rule. Returns (timings, errors, the other
+    processes' CPU share during the timing)."""
+    samplers, errors = [], []
+    for label, run, error in runs:
+        errors.append(error(run()))
+        assert errors[-1] <= tolerance, f"{label} disagrees with its oracle by {errors[-1]:.2e}"
+        samplers.append(Sampler(run, device, warmup=1))
+    others = OthersCpu()
+    with others:
+        timings = measure_interleaved(samplers)
+    return timings, errors, others
+
+
 def measure(fn: Callable[[], object], device: torch.device, **kw) -> Timing:
     """Repeats of fn() under the stop rule (Sampler's keywords), as a Timing."""
     return measure_interleaved([Sampler(fn, device, **kw)])[0]

@@ -12,9 +12,6 @@ functions (core_algos, on the CPU): loss, gradient w.r.t. log_prob and every met
 - the host reads per call.
 Our side runs on the test device (helpers.DEVICE), verl's on the CPU.
 """
-import os
-import sys
-
 import pytest
 import torch
 from conftest import BACKENDS
@@ -25,8 +22,10 @@ from verl.trainer.config.algorithm import RolloutCorrectionConfig  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 import grpo_kernels as gk  # noqa: E402
+from benchmarks.host_overhead import count_host_reads  # noqa: E402
 from grpo_kernels.integrations import verl as gk_verl  # noqa: E402
 from grpo_kernels.integrations.verl import covariance  # noqa: E402
+from grpo_kernels.integrations.verl.rollout_correction import VERL_FUNCTION  # noqa: E402
 
 MODES = gk_verl.LOSS_MODES
 AGG_MODES = gk_verl.LOSS_AGG_MODES
@@ -91,7 +90,7 @@ def check_against_verl(mode, agg, info, weights_on, dtype, backend, tol):
     log_prob, old, adv, mask, weights = policy_inputs(seed=MODES.index(mode) * 7 + AGG_MODES.index(agg), dtype=dtype)
     weights = weights if weights_on else None
     config = config_for(mode, info)
-    want_loss, want_grad, want_metrics = run(core_algos.get_policy_loss_fn(mode), log_prob, old, adv, mask, agg,
+    want_loss, want_grad, want_metrics = run(gk_verl.verls_own_policy_loss(mode), log_prob, old, adv, mask, agg,
                                              config, weights)
     got_loss, got_grad, got_metrics = run(gk_verl.policy_loss_fn(mode, backend), log_prob, old, adv, mask, agg,
                                           config, weights, device=DEVICE)
@@ -143,7 +142,7 @@ def test_clip_cov_draws_verls_random_stream():
     config = actor_config(LOCAL_INFO)
     grads = []
     for seed in range(4):
-        _, want_grad, _ = run(core_algos.get_policy_loss_fn("clip_cov"), log_prob, old, adv, mask, "token-mean",
+        _, want_grad, _ = run(gk_verl.verls_own_policy_loss("clip_cov"), log_prob, old, adv, mask, "token-mean",
                               config, None, seed=seed)
         verl_state = torch.get_rng_state()
         _, got_grad, _ = run(gk_verl.policy_loss_fn("clip_cov", "torch"), log_prob, old, adv, mask, "token-mean",
@@ -159,7 +158,7 @@ def test_kl_cov_ties_follow_verls_topk_on_cpu():
     log_prob, old, _, mask, _ = policy_inputs(seed=4)
     adv = torch.zeros(B, T, dtype=torch.float64)
     config = actor_config(LOCAL_INFO)
-    want_loss, want_grad, _ = run(core_algos.get_policy_loss_fn("kl_cov"), log_prob, old, adv, mask, "token-mean",
+    want_loss, want_grad, _ = run(gk_verl.verls_own_policy_loss("kl_cov"), log_prob, old, adv, mask, "token-mean",
                                   config, None)
     got_loss, got_grad, _ = run(gk_verl.policy_loss_fn("kl_cov", "torch"), log_prob, old, adv, mask, "token-mean",
                                 config, None)
@@ -186,21 +185,35 @@ def test_kl_cov_accelerator_path_selects_as_the_cpu_path():
 @pytest.mark.parametrize("validate", [True, False])
 def test_host_reads_per_call(validate):
     """One host read for the metrics (verl returns floats), one per fused pass with validation,
-    clip_cov's randperm length; no other, whatever the loss (bypass_mode: verl's rollout correction)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.host_overhead import count_host_reads
-
+    clip_cov's randperm length, bypass_mode's rollout correction (ours: one); no other."""
     log_prob, old, adv, mask, weights = policy_inputs(seed=2, dtype=torch.float32)
-    config = actor_config(GLOBAL_INFO)
-    for mode in MODES:
-        if mode in ("bypass_mode", "kl_cov"):  # verl's rollout correction; kl_cov's CPU path is verl's own
+    for mode, bypass in [(m, "ppo_clip") for m in MODES] + [("bypass_mode", "reinforce")]:
+        if mode == "kl_cov":  # its CPU selection is verl's own topk
             continue
+        config = actor_config(GLOBAL_INFO, bypass=bypass)
         loss = gk_verl.policy_loss_fn(mode, "torch", validate=validate)
         call = lambda: loss(old, log_prob, adv, mask, "token-mean", config, weights)  # noqa: E731, B023
-        expected = (mode != "gpg") + int(validate) + (mode == "clip_cov")
-        assert count_host_reads(call) == expected, mode
+        expected = (mode != "gpg") + int(validate) + (mode in ("clip_cov", "bypass_mode"))
+        assert count_host_reads(call) == expected, (mode, bypass)
     sorted_selection = lambda: covariance.kl_cov_selection_sorted(log_prob, adv, mask, 0.1)  # noqa: E731
     assert count_host_reads(sorted_selection) == 0
+
+
+def test_bypass_oracle_is_verls_own_rollout_correction():
+    """The bypass_mode cases above compare with verl's rollout correction, not ours installed by the
+    plugin: verl's own reads the device dozens of times per call, ours once."""
+    from verl.trainer.ppo import rollout_corr_helper
+
+    assert VERL_FUNCTION.__module__ == rollout_corr_helper.__name__
+    log_prob, old, adv, mask, _ = policy_inputs(seed=2, dtype=torch.float32)
+    config = actor_config(LOCAL_INFO)
+    installed = rollout_corr_helper.compute_rollout_correction_and_rejection_mask
+    verl_reads = count_host_reads(lambda: gk_verl.verls_own_policy_loss("bypass_mode")(
+        old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask, config=config))
+    assert rollout_corr_helper.compute_rollout_correction_and_rejection_mask is installed  # put back
+    ours_reads = count_host_reads(lambda: gk_verl.policy_loss_fn("bypass_mode", "torch", validate=False)(
+        old, log_prob, adv, mask, config=config))
+    assert verl_reads > 10 and ours_reads == 2, (verl_reads, ours_reads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -35,6 +35,13 @@ RS_THRESHOLDS = {
 RS_OPTIONS = tuple(RS_THRESHOLDS)
 
 
+def test_oracle_is_verls_own_function():
+    """`import verl` loads our plugin, which puts ours in verl's module: VERL is verl's own all the same."""
+    assert VERL.__module__ == rollout_corr_helper.__name__ and VERL is not gk_verl.rollout_correction
+    old, rollout, mask = make_inputs(seed=0, dtype=torch.float32)
+    assert count_host_reads(lambda: VERL(old, rollout, mask, rollout_is="token")) > 10  # verl's many .item()
+
+
 def make_inputs(seed, dtype, mask_dtype=torch.float32):
     """(old_log_prob, rollout_log_prob, response_mask): a drifted rollout policy, a token past
     verl's ±20 safety clamp, a sequence whose log-ratio sum passes it, an empty sequence."""

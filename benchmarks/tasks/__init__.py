@@ -10,6 +10,11 @@ Tasks, one module each in this package (what they share is in common.py):
   truncation   log-probs + entropy of the top-p 0.8 truncated distribution (python -m benchmarks.tasks.truncation
                also compares top-k, min-p and the plain pass, on the CPU)
 
+Standalone, outside the harness's sweep (`python -m benchmarks.tasks.<name>`, results in benchmarks/results/):
+  verl_policy_losses       verl's 12 policy losses against ours, time and host reads per call, B=256 x 1024
+  verl_rollout_correction  verl's rollout correction against ours, time and host reads per call, B=256 x 1024
+  sum_pi_squared           log-prob + entropy with and without Σπ² in the same pass (N=2048, V=32000)
+
 Baselines are what users run today: plain eager PyTorch written the way TRL writes it
 (log_softmax + gather, then GRPOTrainer's loss lines) and `torch.compile` of the same code; every
 ratio in the results is against them (for verl_policy, verl's own eager loss). Peers (TRL's

@@ -77,7 +77,7 @@ TASK = Task("truncation", build_truncation, truncation_contenders, oracle(SETTIN
 
 def main(argv=None) -> int:
     from .. import output
-    from ..measure import OthersCpu, Sampler, device_name, measure_interleaved
+    from ..measure import device_name, measure_checked
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tasks.truncation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,15 +94,9 @@ def main(argv=None) -> int:
     origin = output.provenance(name)
     contenders = [(f"grpo_kernels[cpp] {label}", ours(s), oracle(s)) for label, s in SETTINGS.items()]
     contenders.append(("eager PyTorch sort, top-p 0.8", eager_sort_top_p, oracle(SETTINGS["top-p 0.8"])))
-    samplers, errors = [], []
-    for label, run, want in contenders:
-        errors.append(agreement(run(inputs), want(inputs)))
-        assert errors[-1] <= 1e-4, f"{label} disagrees with the reference by {errors[-1]:.2e}"
-        samplers.append(Sampler(lambda r=run: r(inputs), device, warmup=1))
-        samplers[-1].warm_up()
-    others = OthersCpu()
-    with others:
-        timings = measure_interleaved(samplers)
+    checked = [(label, lambda r=run: r(inputs), lambda out, w=want: agreement(out, w(inputs)))
+               for label, run, want in contenders]
+    timings, errors, others = measure_checked(checked, device, tolerance=1e-4)
     output.finish_provenance(origin)
     plain = timings[0].median
     eager = timings[-1].median

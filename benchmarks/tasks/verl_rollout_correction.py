@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -96,13 +96,16 @@ def _check_agreement(verls, ours, x, setting) -> None:
         assert abs(omet[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, omet[key], value)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def start_verl_benchmark(description: str, argv=None, add_arguments: Callable = lambda parser: None):
+    """The command line of a verl benchmark (--device, --repeats, --seq-len, --threads, the output
+    options, and the caller's own), verl checked, torch's threads set: (args, device, label, provenance)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row (interleaved rounds)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared machine more threads time the neighbours)")
+    add_arguments(parser)
     output.add_arguments(parser)
     args = parser.parse_args(argv)
     if importlib.util.find_spec("verl") is None:
@@ -110,7 +113,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     label = device_name(device)
-    provenance = output.provenance(label)
+    return args, device, label, output.provenance(label)
+
+
+def main(argv=None) -> None:
+    args, device, label, provenance = start_verl_benchmark(__doc__.split("\n\n")[0], argv)
     verls, ours = _functions()
     x = build_rollout_correction(NUM_SEQUENCES, args.seq_len, device)
     rows = []

@@ -1,6 +1,6 @@
 """The `verl.plugins` entry point. verl imports this module in every process that imports verl
 (Ray workers included), so the registration happens here, at import:
-  - our policy losses, as `grpo_kernels_vanilla`, `_gspo`, `_cispo`, `_sapo`;
+  - our versions of verl's 12 policy losses, as `grpo_kernels_<name>` (`grpo_kernels_vanilla`, ...);
   - our advantage estimators, as `grpo_kernels_<name>` for every verl estimator but gae, and
     verl's trainer `compute_advantage` made to give them the arguments verl gives its own
     estimator of that name (patched when verl's ray_trainer and v1 trainer utils are imported);
@@ -9,8 +9,7 @@
     (GRPO_KERNELS_VERL_ROLLOUT_CORRECTION=0 keeps verl's);
   - with GRPO_KERNELS_VERL_FUSED_LINEAR=1, our fused-linear log-probs in verl's fused-kernel
     forwards, and Σπ² from them for the optimal-token-baseline estimators (verl's FSDP engine is
-    patched when it is imported).
-  - with GRPO_KERNELS_VERL_FUSED_LINEAR=1, our fused-linear log-probs in verl's fused-kernel forwards;
+    patched when it is imported);
   - with GRPO_KERNELS_VERL_TRUNCATION=1, actor/reference log-probs over the kept set of the rollout
     sampler's top_k/top_p, read from each worker's config (`verl/truncation.py`).
 GRPO_KERNELS_VERL_BACKEND picks the backend (default "auto").

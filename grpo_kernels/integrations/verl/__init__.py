@@ -34,6 +34,7 @@ from .losses import (
     policy_loss_fn,
     policy_metrics,
     register,
+    verls_own_policy_loss,
 )
 from .rollout_correction import patch_rollout_correction, rollout_correction
 from .sum_pi_squared import patch_sum_pi_squared
@@ -45,5 +46,6 @@ __all__ = [
     "GLOBAL_BATCH_KEYS", "GSPO_LOG_RATIO_MAX", "KL_LOSS_TYPES", "LOSS_AGG_MODES", "LOSS_MODES", "LOSS_NAME_PREFIX",
     "LOW_VAR_KL_CLAMP", "TOKEN_LOG_RATIO_BOUND",
     "aggregation", "kl_loss", "loss_config", "policy_loss_fn", "policy_metrics", "register",
+    "verls_own_policy_loss",
     "clip_cov_selection", "kl_cov_selection",
 ]

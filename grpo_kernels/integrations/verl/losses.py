@@ -19,8 +19,9 @@ our option table (docs/verl.md has the table):
     geometric mean, averaged over the micro-batch's rows as verl does (whatever loss_agg_mode);
   - dro: the dro kind with policy_loss.dro_beta;
   - cispo: detached weight clamp(ratio, 1 − clip_ratio_low, 1 + clip_ratio_high) times A·logp;
-  - bypass_mode: verl's rollout correction of (log_prob, old_log_prob = the rollout's), then
-    vanilla on the rejection-masked tokens ("ppo_clip") or gpg with the IS weights ("reinforce").
+  - bypass_mode: the rollout correction of (log_prob, old_log_prob = the rollout's), by our
+    `rollout_correction` (verl's weights, mask and metrics in one host read), then vanilla on the
+    rejection-masked tokens ("ppo_clip") or gpg with the IS weights ("reinforce").
 `rollout_is_weights` multiply the per-token loss, as in verl. Where verl would divide by zero (a
 micro-batch without tokens and no global counts) the loss is 0, not NaN.
 """
@@ -41,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("grpo_kernels.integrations.verl needs verl: pip install 'grpo_kernels[verl]'") from exc
 
 from .covariance import clip_cov_selection, kl_cov_selection  # noqa: E402 (needs verl)
+from .rollout_correction import rollout_correction, verls_own_rollout_correction  # noqa: E402 (needs verl)
 
 LOSS_MODES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro", "cispo",
               "bypass_mode")
@@ -317,16 +319,15 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
 
 
 def _bypass_mode(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, backend, validate):
-    """verl's bypass_mode: old_log_prob is the rollout's. verl's rollout correction of (log_prob, rollout)
-    gives the IS weights, the rejection mask and its metrics; then vanilla on the kept tokens without
-    the weights ("ppo_clip", the ratio is already the IS ratio) or gpg with them ("reinforce")."""
-    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
-
+    """verl's bypass_mode: old_log_prob is the rollout's. The rollout correction of (log_prob, rollout),
+    ours (verl's compute_rollout_correction_and_rejection_mask in one host read), gives the IS
+    weights, the rejection mask and its metrics; then vanilla on the kept tokens without the weights
+    ("ppo_clip", the ratio is already the IS ratio) or gpg with them ("reinforce")."""
     settings = _bypass_settings(config)
     loss_type = settings.pop("loss_type")
     with torch.no_grad():
-        weights_proto, kept, rollout_metrics = compute_rollout_correction_and_rejection_mask(
-            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask, **settings)
+        weights_proto, kept, rollout_metrics = rollout_correction(
+            old_log_prob=log_prob.detach(), rollout_log_prob=old_log_prob, response_mask=response_mask, **settings)
     if loss_type == "ppo_clip":
         loss, metrics = _policy_loss("vanilla", old_log_prob, log_prob, advantages, kept, loss_agg_mode, config, None,
                                      backend, validate)
@@ -344,7 +345,7 @@ def policy_loss_fn(loss_mode: str, backend: str = "auto", validate: bool = True)
     -> (loss, metrics). All tensors (B, T); only `log_prob` is differentiated. The metrics come
     back as Python floats, as verl's, in one host read. Host reads per call: that one, plus one
     per fused pass with `validate` (as grpo_loss_from_logprobs; kl_cov makes two passes), plus
-    clip_cov's candidate count; bypass_mode adds verl's rollout correction's own.
+    clip_cov's candidate count; bypass_mode adds the rollout correction's one.
     """
     _check_loss_mode(loss_mode)
 
@@ -362,6 +363,20 @@ def policy_loss_fn(loss_mode: str, backend: str = "auto", validate: bool = True)
 
     policy_loss.__name__ = f"{LOSS_NAME_PREFIX}{loss_mode}"
     policy_loss.__qualname__ = policy_loss.__name__
+    return policy_loss
+
+
+def verls_own_policy_loss(loss_mode: str):
+    """verl's own `loss_mode` policy loss, as it runs without grpo_kernels: its bypass_mode with
+    verl's own rollout correction (our plugin, loaded by `import verl`, puts ours where verl looks
+    it up). The oracle of our tests and benchmarks."""
+    verl_fn = core_algos.get_policy_loss_fn(loss_mode)
+
+    def policy_loss(*args, **kwargs):
+        with verls_own_rollout_correction():
+            return verl_fn(*args, **kwargs)
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"verl_{loss_mode}"
     return policy_loss
 
 

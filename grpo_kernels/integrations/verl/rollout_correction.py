@@ -17,8 +17,9 @@ device, and they are read together, with the "at least one valid token" check, i
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -384,7 +385,20 @@ def rollout_correction(
     return proto, modified_mask, values
 
 
-VERL_FUNCTION = verl_rollout_corr.compute_rollout_correction_and_rejection_mask
+def _verls_function():
+    """verl's own compute_rollout_correction_and_rejection_mask, also when this module is imported
+    (or reloaded) after the plugin put ours in verl's module: then the one recorded before is kept."""
+    installed = verl_rollout_corr.compute_rollout_correction_and_rejection_mask
+    if installed.__module__ == verl_rollout_corr.__name__:
+        return installed
+    recorded = globals().get("VERL_FUNCTION")  # survives importlib.reload of this module
+    if recorded is None or recorded.__module__ != verl_rollout_corr.__name__:
+        raise RuntimeError(f"verl's rollout_corr_helper.compute_rollout_correction_and_rejection_mask is "
+                           f"{installed.__module__}.{installed.__name__}, and verl's own was not recorded")
+    return recorded
+
+
+VERL_FUNCTION = _verls_function()
 
 
 def patch_rollout_correction() -> None:
@@ -397,3 +411,16 @@ def patch_rollout_correction() -> None:
 def unpatch_rollout_correction() -> None:
     """Put verl's own function back."""
     verl_rollout_corr.compute_rollout_correction_and_rejection_mask = VERL_FUNCTION
+
+
+@contextlib.contextmanager
+def verls_own_rollout_correction() -> Iterator[None]:
+    """Within: verl's call sites (its bypass_mode policy loss, its trainer) run verl's own rollout
+    correction, whatever is installed (the plugin installs ours when verl is imported); the
+    installed function is put back after. For comparing ours with verl's, in tests and benchmarks."""
+    installed = verl_rollout_corr.compute_rollout_correction_and_rejection_mask
+    verl_rollout_corr.compute_rollout_correction_and_rejection_mask = VERL_FUNCTION
+    try:
+        yield
+    finally:
+        verl_rollout_corr.compute_rollout_correction_and_rejection_mask = installed
