@@ -281,9 +281,7 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
     if seq_hi <= seq_lo:
         return
     n = prep.logp.numel()
-    # Tokens one program walks per block: a sequence's length is not known on the host, so the
-    # block follows the pass's rows per sequence on average (a host-known bound).
-    per_sequence = max(1, (row_hi - row_lo) // (seq_hi - seq_lo))
+    block_t = block_t_for((row_hi - row_lo) // (seq_hi - seq_lo))
     absent = prep.logp  # any valid pointer for an absent optional buffer: the constexprs skip its loads
     buffers = [absent if t is None else t for t in prep.buffers()]
     buffers[_KEEP_ENTROPY] = prep.mask if prep.keep_entropy is None else prep.keep_entropy  # uint8, like keep_entropy
@@ -295,8 +293,29 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
         BIAS_CORR=bool(params.bias_corr), HAS_OFF_POLICY=bool(params.has_off_policy),
         HAS_TOKEN_WEIGHTS=prep.token_weights is not None, WEIGHTS_PER_SEQ=prep.weights_per_seq,
         HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=params.entropy_coef != 0.0,
-        BLOCK_T=min(1024, triton.next_power_of_2(per_sequence)),
+        BLOCK_T=block_t, num_warps=_num_warps(block_t),
     )
+
+
+# Tokens one program walks per block. A sequence's length is not known on the host, so the block
+# follows the pass's rows per sequence on average (a host-known bound), rounded up to one of a few
+# fixed sizes: each BLOCK_T is a separate compiled kernel, and a size per batch shape would compile
+# a new variant for nearly every new batch. tests/test_kernels_sm90.py compiles every bucket for
+# sm_90 and checks that none spills.
+BLOCK_T_BUCKETS = (128, 512, 2048)
+
+
+def block_t_for(tokens_per_sequence: int) -> int:
+    """The smallest bucket that holds `tokens_per_sequence` tokens, else the largest."""
+    return next((b for b in BLOCK_T_BUCKETS if tokens_per_sequence <= b), BLOCK_T_BUCKETS[-1])
+
+
+def _num_warps(block_t: int) -> int:
+    """Warps per program: at most 4 tokens per thread, so pass 2's live per-token values stay in
+    registers. With 8 per thread (BLOCK_T 2048 on 8 warps) the heaviest variants took 181
+    registers and one (VESPO, k3 with bias correction, token weights) spilled on sm_90;
+    benchmarks/results/kernels_sm90.md has the counts per variant."""
+    return max(4, block_t // 128)
 
 
 @functools.lru_cache(maxsize=64)
