@@ -41,6 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CSV_PATH = os.path.join(RESULTS, "kernels_sm90.csv")
 MD_PATH = os.path.join(RESULTS, "kernels_sm90.md")
+VERSIONS_PATH = os.path.join(RESULTS, "kernels_triton_versions.csv")  # one summary row per triton version
+VERSION_COLUMNS = ("triton", "torch", "python", "ptxas", "archs", "variants", "compiled", "compile_errors",
+                   "spilling", "max_registers", "seconds")
 TRITON_PACKAGE = "grpo_kernels.ops.triton"
 COLUMNS = ("source", "kernel", "variant", "arch", "num_warps", "registers", "spills", "shared_bytes",
            "max_blocks_per_sm", "logits_128bit_loads")
@@ -136,22 +139,28 @@ class LaunchRecorder:
     def __enter__(self):
         from triton.runtime.interpreter import InterpretedFunction
 
-        self._cls, self._run = InterpretedFunction, InterpretedFunction.run
-        recorder, original = self, InterpretedFunction.run
+        # `kernel[grid](*args)` goes through __getitem__ in every triton from 3.2 on (3.2 has no run method).
+        self._cls, self._own = InterpretedFunction, InterpretedFunction.__dict__.get("__getitem__")
+        recorder, original = self, InterpretedFunction.__getitem__
 
-        def run(kernel, *args, **kwargs):
-            if kernel.fn.__module__.startswith(TRITON_PACKAGE):
-                launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-                variant = variant_of(kernel.fn, args, launch)
+        def getitem(kernel, grid):
+            if not kernel.fn.__module__.startswith(TRITON_PACKAGE):
+                return original(kernel, grid)
+
+            def launch(*args, **kwargs):
+                variant = variant_of(kernel.fn, args, kwargs)
                 recorder.variants.setdefault(variant_key(variant), variant)
-                return None
-            return original(kernel, *args, **kwargs)
 
-        InterpretedFunction.run = run
+            return launch
+
+        InterpretedFunction.__getitem__ = getitem
         return self
 
     def __exit__(self, *exc):
-        self._cls.run = self._run
+        if self._own is None:
+            del self._cls.__getitem__
+        else:
+            self._cls.__getitem__ = self._own
         return False
 
 
@@ -291,11 +300,22 @@ def _load_widths(sass: str) -> dict:
 
 
 def _ast_source(fn, variant):
+    """The ASTSource of a recorded variant, in this triton's form."""
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(fn.fn).parameters)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in variant["aligned"]}
-    return ASTSource(fn, dict(variant["signature"]), dict(variant["constexprs"]), attrs)
+    aligned = [names.index(n) for n in variant["aligned"]]
+    try:  # triton 3.2: constexprs outside the signature, specialisations in an AttrsDescriptor
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        return ASTSource(fn, dict(variant["signature"]), dict(variant["constexprs"]), attrs)
+    params = inspect.signature(fn.fn).parameters
+    ones = [n for n, kind in variant["signature"].items() if kind == "constexpr" and not _is_constexpr(params[n])]
+    signature = {n: ("i32" if n in ones else kind) for n, kind in variant["signature"].items()
+                 if not _is_constexpr(params[n])}
+    hints = {i: 16 for i in aligned} | {names.index(n): 1 for n in ones}
+    return ASTSource(fn, signature, dict(variant["constexprs"]), AttrsDescriptor.from_hints(hints))
 
 
 def compile_variant(job) -> dict:
@@ -539,20 +559,30 @@ def to_markdown(rows: list, env: dict, seconds: float) -> str:
         occupancy = [r["max_blocks_per_sm"] for r in mine if r["max_blocks_per_sm"] != ""]
         lines.append(f"| {source} | {kernel} | {len(mine)} | {max(r['registers'] for r in mine)} | "
                      f"{sum(r['spills'] for r in mine)} | {min(occupancy) if occupancy else '-'} |")
+    lines += ["", "## Other triton versions", "",
+              "`python -m benchmarks.kernel_resources --versions` run under each triton (a scratch virtual",
+              "environment each; the recording and the compiles both use that triton) adds a row to",
+              "kernels_triton_versions.csv: the same variants, compiled, with the errors and spills found.", ""]
+    if os.path.exists(VERSIONS_PATH):
+        with open(VERSIONS_PATH, newline="") as f:
+            versions = list(csv.DictReader(f))
+        lines += ["| " + " | ".join(VERSION_COLUMNS) + " |", "|" + " --- |" * len(VERSION_COLUMNS)]
+        lines += ["| " + " | ".join(v[c] for c in VERSION_COLUMNS) + " |" for v in versions]
     lines += ["", "## Every variant", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def run(write: bool, workers: int, json_path=None) -> int:
-    """Record, compile and check; write the table (--write) or compare with it (--check)."""
+def run(mode: str, workers: int, archs=None, json_path=None) -> int:
+    """Record, compile and check; then write the table ("write"), compare with it ("check"), or record
+    this triton version's summary in VERSIONS_PATH ("versions")."""
     started = time.perf_counter()
     variants = recorded_variants()
-    rows, failures = triton_rows(variants, bundled_archs(), workers)
-    print(f"{len(variants)} triton variants, {len(rows)} compiled in {time.perf_counter() - started:.0f} s",
-          file=sys.stderr)
+    rows, failures = triton_rows(variants, archs or bundled_archs(), workers)
+    seconds = time.perf_counter() - started
+    print(f"{len(variants)} triton variants, {len(rows)} compiled in {seconds:.0f} s", file=sys.stderr)
     mismatches = []
-    if write:
+    if mode == "write":
         rows += cuda_rows()
         os.makedirs(RESULTS, exist_ok=True)
         with open(CSV_PATH, "w") as f:
@@ -560,8 +590,10 @@ def run(write: bool, workers: int, json_path=None) -> int:
         with open(MD_PATH, "w") as f:
             f.write(to_markdown(rows, _environment(), time.perf_counter() - started))
         print(f"wrote {CSV_PATH} and {MD_PATH}", file=sys.stderr)
-    else:
+    elif mode == "check":
         mismatches = compare_with_committed(rows)
+    elif mode == "versions":
+        _record_version(variants, rows, failures, seconds)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(variants=variants, rows=rows, failures=failures, mismatches=mismatches), f)
@@ -570,14 +602,39 @@ def run(write: bool, workers: int, json_path=None) -> int:
     return 1 if failures or mismatches else 0
 
 
+def _record_version(variants, rows, failures, seconds):
+    """One summary row per triton version in VERSIONS_PATH (replacing this version's earlier row)."""
+    env = _environment()
+    row = dict(triton=env["triton"], torch=env["torch"], python=env["python"], ptxas=env["ptxas"],
+               archs=" ".join(sorted({r["arch"] for r in rows})), variants=len(variants), compiled=len(rows),
+               compile_errors=sum("compile error" in f for f in failures),
+               spilling=sum(r["spills"] > 0 for r in rows),
+               max_registers=max((r["registers"] for r in rows), default=0),
+               seconds=round(seconds))
+    old = []
+    if os.path.exists(VERSIONS_PATH):
+        with open(VERSIONS_PATH, newline="") as f:
+            old = [r for r in csv.DictReader(f) if r["triton"] != row["triton"]]
+    with open(VERSIONS_PATH, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=VERSION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(sorted(old + [row], key=lambda r: [int(x) for x in re.findall(r"\d+", r["triton"])]))
+    print(f"recorded triton {row['triton']} in {VERSIONS_PATH}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="compile and write benchmarks/results/kernels_sm90.*")
     mode.add_argument("--check", action="store_true", help="compile and compare with the committed table")
+    mode.add_argument("--versions", action="store_true",
+                      help="compile and record this triton version's summary in benchmarks/results/")
     mode.add_argument("--record", metavar="JSON", help="(internal) record the launched variants into JSON")
     mode.add_argument("--list", action="store_true", help="print the recorded variants")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--archs", type=lambda text: [int(a) for a in text.split(",")],
+                        help="compute capabilities to compile for, e.g. 90,100 (default: sm_90, and sm_100 where "
+                             "the bundled ptxas has it)")
     parser.add_argument("--json", metavar="PATH", help="also write the variants, rows and failures as JSON")
     args = parser.parse_args(argv)
     if args.record:
@@ -592,7 +649,8 @@ def main(argv=None) -> int:
         for v in recorded_variants():
             print(json.dumps(v))
         return 0
-    return run(args.write, args.workers, args.json)
+    mode = "write" if args.write else "versions" if args.versions else "check"
+    return run(mode, args.workers, args.archs, args.json)
 
 
 if __name__ == "__main__":
