@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import importlib
 import inspect
@@ -46,7 +47,7 @@ VERSION_COLUMNS = ("triton", "torch", "python", "ptxas", "archs", "variants", "c
                    "spilling", "max_registers", "seconds")
 TRITON_PACKAGE = "grpo_kernels.ops.triton"
 COLUMNS = ("source", "kernel", "variant", "arch", "num_warps", "registers", "spills", "shared_bytes",
-           "max_blocks_per_sm", "logits_128bit_loads")
+           "max_blocks_per_sm", "logits_128bit_loads", "compiler")
 
 # Hopper (sm_90) per SM: 64K 32-bit registers allocated per warp in units of 256, 228 KiB of shared
 # memory of which 1 KiB per resident block is reserved by the system, 2048 threads, 32 blocks; at
@@ -223,6 +224,20 @@ def exercise_dispatch():
                         loss = logp.sum() + (out[1].sum() if entropy else 0)
                         if not inplace:
                             loss.backward()
+    for dtype in LOGIT_DTYPES:  # fused linear: logits made a chunk at a time from hidden states
+        hidden = torch.randn(2, 3, 16, dtype=getattr(torch, dtype)).requires_grad_(True)
+        weight = torch.randn(ALIGNED_VOCAB, 16, dtype=getattr(torch, dtype)).requires_grad_(True)
+        ids = torch.randint(0, ALIGNED_VOCAB, (2, 3))
+        for entropy in (False, True):
+            out = gk.fused_linear_selective_logprobs(hidden, weight, ids, return_entropy=entropy, backend="triton",
+                                                     validate=False)
+            (out[0].sum() + out[1].sum() if entropy else out.sum()).backward()
+        for option in OPTION_IDS:
+            case = make_case(option, b=2, t=3, v=2)  # its options and per-token inputs
+            kw = case.kwargs()
+            out = gk.fused_linear_grpo_loss(hidden, weight, ids, case.advantages, backend="triton", validate=False,
+                                            **kw)
+            out.loss.backward()
     rewards = torch.randn(8)
     for mode in AdvantageMode:
         for group_size in (4, None):
@@ -393,6 +408,7 @@ def triton_rows(variants: list, archs: list, workers: int) -> tuple:
     else:
         results = [compile_variant(job) for job in jobs]
     labels = dict(zip(map(variant_key, variants), variant_labels(variants)))
+    compiler = "triton " + _environment()["triton"]
     rows, failures = [], []
     for (variant, arch), res in zip(jobs, results):
         kernel = variant["kernel"].split(":")[1]
@@ -411,7 +427,7 @@ def triton_rows(variants: list, archs: list, workers: int) -> tuple:
                          shared_bytes=res["shared"],
                          max_blocks_per_sm=max_blocks_per_sm(res["registers"], 32 * variant["num_warps"],
                                                              res["shared"]),
-                         logits_128bit_loads=_logits_loads(variant, res["loads"]),
+                         logits_128bit_loads=_logits_loads(variant, res["loads"]), compiler=compiler,
                          seconds=res["seconds"]))
     return rows, failures
 
@@ -453,7 +469,7 @@ def cuda_rows() -> list:
                     spills=res["stack"] + res["local"], shared_bytes=res["shared"],
                     max_blocks_per_sm=max_blocks_per_sm(res["registers"], block, res["shared"]) if block else "",
                     logits_128bit_loads=("yes" if _load_widths(sass.get(res["function"], "")).get(128) else "no")
-                    if "logprobs" in source else ""))
+                    if "logprobs" in source else "", compiler="nvcc " + _environment()["nvcc"]))
     return rows
 
 
@@ -504,18 +520,23 @@ def read_committed_csv(path: str = CSV_PATH) -> list:
         return list(csv.DictReader(f))
 
 
-def compare_with_committed(rows: list, sources=("triton",)) -> list:
-    """The differences between `rows` and the committed csv, for rows of `sources`."""
+def compare_with_committed(rows: list, sources=("triton",)) -> tuple:
+    """(differences, note): the differences between `rows` and the committed csv for rows of `sources`,
+    or none and a note when the table was compiled by another triton (its numbers differ by version)."""
     fresh = [r for r in csv.DictReader(io.StringIO(to_csv(rows))) if r["source"] in sources]
     committed = [r for r in read_committed_csv() if r["source"] in sources]
+    versions = {r["compiler"] for r in committed}, {r["compiler"] for r in fresh}
+    if versions[0] != versions[1]:
+        return [], f"the committed table was compiled by {sorted(versions[0])}, this run by {sorted(versions[1])}"
     key = lambda r: (r["source"], r["kernel"], r["variant"], r["arch"])  # noqa: E731
     a, b = {key(r): r for r in fresh}, {key(r): r for r in committed}
     diffs = [f"missing from the committed table: {k}" for k in a.keys() - b.keys()]
     diffs += [f"in the committed table but no longer produced: {k}" for k in b.keys() - a.keys()]
     diffs += [f"{k}: committed {b[k]} but regenerated {a[k]}" for k in a.keys() & b.keys() if a[k] != b[k]]
-    return sorted(diffs)
+    return sorted(diffs), ""
 
 
+@functools.lru_cache(maxsize=None)
 def _environment() -> dict:
     import torch
     import triton
@@ -523,7 +544,7 @@ def _environment() -> dict:
     ptxas = subprocess.run([_triton_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
     nvcc = shutil.which("nvcc")
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else ""
-    last = lambda text: (re.findall(r"release [\d.]+, V[\d.]+", text) or ["-"])[-1]  # noqa: E731
+    last = lambda text: (re.findall(r"release [\d.]+, V([\d.]+)", text) or ["-"])[-1]  # noqa: E731
     return dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__,
                 ptxas=last(ptxas), nvcc=last(nvcc_version))
 
@@ -581,7 +602,7 @@ def run(mode: str, workers: int, archs=None, json_path=None) -> int:
     rows, failures = triton_rows(variants, archs or bundled_archs(), workers)
     seconds = time.perf_counter() - started
     print(f"{len(variants)} triton variants, {len(rows)} compiled in {seconds:.0f} s", file=sys.stderr)
-    mismatches = []
+    mismatches, note = [], ""
     if mode == "write":
         rows += cuda_rows()
         os.makedirs(RESULTS, exist_ok=True)
@@ -591,12 +612,12 @@ def run(mode: str, workers: int, archs=None, json_path=None) -> int:
             f.write(to_markdown(rows, _environment(), time.perf_counter() - started))
         print(f"wrote {CSV_PATH} and {MD_PATH}", file=sys.stderr)
     elif mode == "check":
-        mismatches = compare_with_committed(rows)
+        mismatches, note = compare_with_committed(rows)
     elif mode == "versions":
         _record_version(variants, rows, failures, seconds)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(variants=variants, rows=rows, failures=failures, mismatches=mismatches), f)
+            json.dump(dict(variants=variants, rows=rows, failures=failures, mismatches=mismatches, note=note), f)
     for failure in failures + mismatches:
         print("FAIL", failure)
     return 1 if failures or mismatches else 0

@@ -47,6 +47,8 @@ def test_every_variant_compiles_without_spills(compiled):
 
 
 def test_committed_table_matches_a_regeneration(compiled):
+    if compiled["note"]:  # registers and spills depend on the compiler: compare like with like
+        pytest.skip(compiled["note"])
     assert not compiled["mismatches"], (
         "benchmarks/results/kernels_sm90.csv is stale; regenerate it with "
         "`python -m benchmarks.kernel_resources --write`:\n" + "\n".join(compiled["mismatches"][:20]))
@@ -129,3 +131,10 @@ def test_argument_types_follow_triton_specialisation():
         kind, divisible = KR._arg_type(value)
         theirs, spec = native(BaseBackend, value, False, True, True)
         assert kind == theirs and divisible == (spec == "D"), (value, kind, divisible, theirs, spec)
+
+
+def test_cuda_kernel_names_from_demangled_symbols():
+    name = "void gk::cuda::(anonymous namespace)::forward_kernel<2, false>(gk::cuda::RowsView, long const*, float*)"
+    assert KR._kernel_and_template(name) == ("forward_kernel", "<2, false>")
+    assert KR._kernel_and_template("gk::cuda::objective_kernel(gk::cuda::ObjectiveArgs, long, long)") == (
+        "objective_kernel", "")
