@@ -301,8 +301,8 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
 # follows the pass's rows per sequence on average (a host-known bound), rounded up to one of a few
 # fixed sizes: each BLOCK_T is a separate compiled kernel, and a size per batch shape would compile
 # a new variant for nearly every new batch. tests/test_kernels_sm90.py compiles every bucket for
-# sm_90 and checks that none spills.
-BLOCK_T_BUCKETS = (128, 512, 2048)
+# sm_90 and sm_100 and checks that none spills.
+BLOCK_T_BUCKETS = (128, 512, 1024)
 
 
 def block_t_for(tokens_per_sequence: int) -> int:
@@ -312,9 +312,11 @@ def block_t_for(tokens_per_sequence: int) -> int:
 
 def _num_warps(block_t: int) -> int:
     """Warps per program: at most 4 tokens per thread, so pass 2's live per-token values stay in
-    registers. With 8 per thread (BLOCK_T 2048 on 8 warps) the heaviest variants took 181
-    registers and one (VESPO, k3 with bias correction, token weights) spilled on sm_90;
-    benchmarks/results/kernels_sm90.md has the counts per variant."""
+    registers (benchmarks/results/kernels_sm90.md has the counts per variant). Measured with triton
+    3.9: 8 tokens per thread (2048 on 8 warps) took up to 181 registers and spilled; 2048 on 16 warps
+    caps a thread at 128 registers (64K per SM / 512 threads) and six variants spilled on sm_100;
+    1024 on 8 warps (up to 255 registers) spills nowhere. One program walks a whole sequence, so
+    a larger block buys little: a 16k-token sequence is 16 blocks."""
     return max(4, block_t // 128)
 
 
