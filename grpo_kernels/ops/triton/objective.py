@@ -303,6 +303,12 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
 # a new variant for nearly every new batch. tests/test_kernels_sm90.py compiles every bucket for
 # sm_90 and sm_100 and checks that none spills.
 BLOCK_T_BUCKETS = (128, 512, 1024)
+# Warps per bucket, measured (triton 3.9, benchmarks/results/kernels_sm90.md): none of these
+# spills on sm_90 or sm_100. 1024 tokens on 8 warps (4 per thread) spilled in two variants on
+# sm_100, 2048 on 8 warps took up to 181 registers and spilled on sm_90, and 2048 on 16 warps
+# (a thread capped at 128 registers: 64K per SM / 512 threads) spilled in six on sm_100. One
+# program walks a whole sequence, so a larger block buys little: a 16k-token sequence is 16 blocks.
+_WARPS = {128: 4, 512: 4, 1024: 16}
 
 
 def block_t_for(tokens_per_sequence: int) -> int:
@@ -311,13 +317,7 @@ def block_t_for(tokens_per_sequence: int) -> int:
 
 
 def _num_warps(block_t: int) -> int:
-    """Warps per program: at most 4 tokens per thread, so pass 2's live per-token values stay in
-    registers (benchmarks/results/kernels_sm90.md has the counts per variant). Measured with triton
-    3.9: 8 tokens per thread (2048 on 8 warps) took up to 181 registers and spilled; 2048 on 16 warps
-    caps a thread at 128 registers (64K per SM / 512 threads) and six variants spilled on sm_100;
-    1024 on 8 warps (up to 255 registers) spills nowhere. One program walks a whole sequence, so
-    a larger block buys little: a 16k-token sequence is 16 blocks."""
-    return max(4, block_t // 128)
+    return _WARPS[block_t]
 
 
 @functools.lru_cache(maxsize=64)
