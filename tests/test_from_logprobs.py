@@ -29,8 +29,8 @@ def test_matches_reference_objective(backend, option):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", ["grpo", "gspo", "vespo", "is_sequence_mask"])
 def test_sequences_longer_than_a_block(backend, option):
-    """Sequences of 1100 tokens: the Triton objective walks them in two blocks of its largest
-    BLOCK_T (1024), its sequence sums and GSPO's second pass across the block boundary."""
+    """Sequences of 1100 tokens: the Triton objective walks them in three blocks of its largest
+    BLOCK_T (512), its sequence sums and GSPO's second pass across the block boundaries."""
     check_against_reference(backend, *per_token_inputs(option, b=3, t=1100, v=3))
 
 

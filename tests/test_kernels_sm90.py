@@ -98,8 +98,7 @@ def test_largest_vocabulary_blocks_load_logits_128_bits_at_a_time(compiled):
 def test_block_t_buckets():
     from grpo_kernels.ops.triton.objective import BLOCK_T_BUCKETS, block_t_for
 
-    assert [block_t_for(n) for n in (0, 1, 128, 129, 512, 513, 1024, 10 ** 6)] == [128, 128, 128, 512, 512, 1024,
-                                                                                   1024, 1024]
+    assert [block_t_for(n) for n in (0, 1, 128, 129, 512, 513, 10 ** 6)] == [128, 128, 128, 512, 512, 512, 512]
     assert BLOCK_T_BUCKETS == tuple(sorted(BLOCK_T_BUCKETS))
 
 

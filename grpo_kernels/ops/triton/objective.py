@@ -293,7 +293,7 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
         BIAS_CORR=bool(params.bias_corr), HAS_OFF_POLICY=bool(params.has_off_policy),
         HAS_TOKEN_WEIGHTS=prep.token_weights is not None, WEIGHTS_PER_SEQ=prep.weights_per_seq,
         HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=params.entropy_coef != 0.0,
-        BLOCK_T=block_t, num_warps=_num_warps(block_t),
+        BLOCK_T=block_t, num_warps=OBJECTIVE_WARPS,
     )
 
 
@@ -301,23 +301,18 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
 # follows the pass's rows per sequence on average (a host-known bound), rounded up to one of a few
 # fixed sizes: each BLOCK_T is a separate compiled kernel, and a size per batch shape would compile
 # a new variant for nearly every new batch. tests/test_kernels_sm90.py compiles every bucket for
-# sm_90 and sm_100 and checks that none spills.
-BLOCK_T_BUCKETS = (128, 512, 1024)
-# Warps per bucket, measured (triton 3.9, benchmarks/results/kernels_sm90.md): none of these
-# spills on sm_90 or sm_100. 1024 tokens on 8 warps (4 per thread) spilled in two variants on
-# sm_100, 2048 on 8 warps took up to 181 registers and spilled on sm_90, and 2048 on 16 warps
-# (a thread capped at 128 registers: 64K per SM / 512 threads) spilled in six on sm_100. One
-# program walks a whole sequence, so a larger block buys little: a 16k-token sequence is 16 blocks.
-_WARPS = {128: 4, 512: 4, 1024: 16}
+# sm_90 and sm_100 and checks that none spills. Both run on 4 warps (at most 4 tokens per thread):
+# measured with triton 3.9 (benchmarks/results/kernels_sm90.md), other sizes spilled a few bytes in
+# one variant or more whatever the warps: 256 on 4 warps, 1024 on 8 or 16, 2048 on 8 (up to 181
+# registers) or 16 (a thread capped at 128 registers: 64K per SM / 512 threads). One program walks
+# a whole sequence, so a larger block buys little: a 16k-token sequence is 32 blocks of 512.
+BLOCK_T_BUCKETS = (128, 512)
+OBJECTIVE_WARPS = 4
 
 
 def block_t_for(tokens_per_sequence: int) -> int:
     """The smallest bucket that holds `tokens_per_sequence` tokens, else the largest."""
     return next((b for b in BLOCK_T_BUCKETS if tokens_per_sequence <= b), BLOCK_T_BUCKETS[-1])
-
-
-def _num_warps(block_t: int) -> int:
-    return _WARPS[block_t]
 
 
 @functools.lru_cache(maxsize=64)
