@@ -25,6 +25,7 @@ import argparse
 import csv
 import functools
 import glob
+import hashlib
 import importlib
 import inspect
 import io
@@ -285,13 +286,28 @@ def bundled_archs() -> list:
     return archs + ([100] if "sm_100" in help_text else [])
 
 
-def cubin_resources(cubin_path: str) -> dict:
-    """registers, stack and shared bytes of the one kernel in a cubin, and its global loads' widths."""
-    usage = subprocess.run([_triton_tool("cuobjdump"), "--dump-resource-usage", cubin_path], capture_output=True,
-                           text=True, check=True).stdout
-    sass = subprocess.run([_triton_tool("cuobjdump"), "-sass", cubin_path], capture_output=True, text=True,
-                          check=True).stdout
-    return _parse_usage(usage)[0] | {"loads": _load_widths(sass)}
+def cubin_resources(cubin: bytes) -> dict:
+    """registers, stack and shared bytes of the one kernel in a cubin, and its global loads' widths.
+    cuobjdump takes most of a second a call, so its reading is kept by the cubin's hash beside
+    triton's own cache: a rerun with unchanged kernels reads neither compiler nor cuobjdump."""
+    cache_dir = os.path.join(os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"),
+                             "grpo_kernels_resources")
+    path = os.path.join(cache_dir, hashlib.sha256(cubin).hexdigest() + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+        return res | {"loads": {int(bits): n for bits, n in res["loads"].items()}}  # JSON keys are strings
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_triton_tool("cuobjdump"), "--dump-resource-usage", "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    res = _parse_usage(text)[0] | {"loads": _load_widths(text)}
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False) as f:
+        json.dump(res, f)
+    os.replace(f.name, path)  # atomic: parallel workers never read half a file
+    return res
 
 
 def _parse_usage(text: str) -> list:
@@ -353,10 +369,7 @@ def compile_variant(job) -> dict:
     except Exception as exc:  # noqa: BLE001 - every compiler failure is a result to report
         cause = f" (caused by {exc.__cause__!r})" if exc.__cause__ is not None else ""
         return dict(error=f"{type(exc).__name__}: {str(exc)[-2000:]}{cause}")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        res = cubin_resources(f.name)
+    res = cubin_resources(kernel.asm["cubin"])
     res["shared"] = max(res["shared"], int(kernel.metadata.shared))  # dynamic shared memory triton asks for
     res["seconds"] = round(time.perf_counter() - started, 2)
     return res
