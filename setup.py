@@ -43,6 +43,9 @@ VERL_IMPORT_DEPS = ["ray>=2.41", "tensordict>=0.8,<=0.10.0,!=0.9.0", "omegaconf>
 # `import grpo_kernels` needs only torch (the triton backend is there wherever triton is
 # installed); the trainer and the benchmarks bring their own extras, and the tests need both
 # and triton (they interpret the Triton kernels on CPU with TRITON_INTERPRET=1).
+# Tested range: every Triton kernel variant is compiled for sm_90 under triton 3.2 (the floor), 3.6
+# (the GPU machine's) and 3.9 (CI, which also runs them under the interpreter), results per version
+# in benchmarks/results/kernels_triton_versions.csv; torch 2.13 in CI (torch >= 2.6 declared).
 TRITON = ["triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"]
 TRAINER = ["transformers>=4.46", "tqdm>=4.60", "matplotlib>=3.7"]
 BENCH = ["matplotlib>=3.7", "tqdm>=4.60", "pytest-benchmark>=4"]

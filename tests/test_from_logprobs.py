@@ -12,8 +12,8 @@ import grpo_kernels as gk
 from grpo_kernels import reference as R
 
 
-def per_token_inputs(option):
-    case = make_case(option, seed=zlib.crc32(option.encode()) % 1000 + 1)
+def per_token_inputs(option, **shape):
+    case = make_case(option, seed=zlib.crc32(option.encode()) % 1000 + 1, **shape)
     g = torch.Generator().manual_seed(5)
     logp = (case.old_logps.double() + 0.2 * torch.randn(case.old_logps.shape, generator=g, dtype=torch.float64))
     entropy = torch.rand(case.old_logps.shape, generator=g, dtype=torch.float64) * 3
@@ -23,7 +23,18 @@ def per_token_inputs(option):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", OPTION_IDS)
 def test_matches_reference_objective(backend, option):
-    case, logp, entropy = per_token_inputs(option)
+    check_against_reference(backend, *per_token_inputs(option))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["grpo", "gspo", "vespo", "is_sequence_mask"])
+def test_sequences_longer_than_a_block(backend, option):
+    """Sequences of 1100 tokens: the Triton objective walks them in three blocks of its largest
+    BLOCK_T (512), its sequence sums and GSPO's second pass across the block boundaries."""
+    check_against_reference(backend, *per_token_inputs(option, b=3, t=1100, v=3))
+
+
+def check_against_reference(backend, case, logp, entropy):
     as64 = lambda x: None if x is None else x.double()  # noqa: E731
     lp64, ent64 = logp.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
     want = R.policy_objective(lp64, ent64, case.advantages.double(), case.mask, case.config,

@@ -299,9 +299,7 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
     if seq_hi <= seq_lo:
         return
     n = prep.logp.numel()
-    # Tokens one program walks per block: a sequence's length is not known on the host, so the
-    # block follows the pass's rows per sequence on average (a host-known bound).
-    per_sequence = max(1, (row_hi - row_lo) // (seq_hi - seq_lo))
+    block_t = block_t_for((row_hi - row_lo) // (seq_hi - seq_lo))
     absent = prep.logp  # any valid pointer for an absent optional buffer: the constexprs skip its loads
     buffers = [absent if t is None else t for t in prep.buffers()]
     buffers[_KEEP_ENTROPY] = prep.mask if prep.keep_entropy is None else prep.keep_entropy  # uint8, like keep_entropy
@@ -313,8 +311,26 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
         BIAS_CORR=bool(params.bias_corr), HAS_OFF_POLICY=bool(params.has_off_policy),
         HAS_TOKEN_WEIGHTS=prep.token_weights is not None, WEIGHTS_PER_SEQ=prep.weights_per_seq,
         HAS_ENT_MASK=prep.keep_entropy is not None, HAS_ENT_BONUS=params.entropy_coef != 0.0,
-        BLOCK_T=min(1024, triton.next_power_of_2(per_sequence)),
+        BLOCK_T=block_t, num_warps=OBJECTIVE_WARPS,
     )
+
+
+# Tokens one program walks per block. A sequence's length is not known on the host, so the block
+# follows the pass's rows per sequence on average (a host-known bound), rounded up to one of a few
+# fixed sizes: each BLOCK_T is a separate compiled kernel, and a size per batch shape would compile
+# a new variant for nearly every new batch. tests/test_kernels_sm90.py compiles every bucket for
+# sm_90 and sm_100 and checks that none spills. Both run on 4 warps (at most 4 tokens per thread):
+# measured with triton 3.9 (benchmarks/results/kernels_sm90.md), other sizes spilled a few bytes in
+# one variant or more whatever the warps: 256 on 4 warps, 1024 on 8 or 16, 2048 on 8 (up to 181
+# registers) or 16 (a thread capped at 128 registers: 64K per SM / 512 threads). One program walks
+# a whole sequence, so a larger block buys little: a 16k-token sequence is 32 blocks of 512.
+BLOCK_T_BUCKETS = (128, 512)
+OBJECTIVE_WARPS = 4
+
+
+def block_t_for(tokens_per_sequence: int) -> int:
+    """The smallest bucket that holds `tokens_per_sequence` tokens, else the largest."""
+    return next((b for b in BLOCK_T_BUCKETS if tokens_per_sequence <= b), BLOCK_T_BUCKETS[-1])
 
 
 @functools.lru_cache(maxsize=64)
