@@ -381,21 +381,24 @@ def _logprobs_fwd_kernel(
         m, s, t, q = _kept_stats(src, n, threshold, scale, cap, True, HAS_CAP, WITH_ENTROPY, WITH_SUM_PI_SQ, BLOCK_V)
         m, s, t, q = _absorb_one(m, s, t, q, tl.where(x_target < threshold, z_target, float("-inf")),
                                  WITH_ENTROPY, WITH_SUM_PI_SQ)
-    s_safe = tl.where(s > 0, s, 1.0)  # s = 0: nothing finite in K (no log 0 or 0/0 is formed)
+    # s = 0: nothing finite in K (no log 0 or 0/0 is formed). `!= 0`, not `> 0`: a NaN logit makes s
+    # NaN, which must reach the outputs (the deferred NaN check reads them), not pass for an empty K.
+    nonempty = s != 0.0
+    s_safe = tl.where(nonempty, s, 1.0)
     log_s = tl.log(s_safe)
-    lse = tl.where(s > 0, m + log_s, float("-inf"))
+    lse = tl.where(nonempty, m + log_s, float("-inf"))
     # −inf for a −inf target or one in another slice (never −inf − −inf when K has nothing finite)
     tl.store(logp_ptr + row, tl.where(z_target == float("-inf"), float("-inf"),
-                                           z_target - tl.where(s > 0, lse, 0.0)))
+                                           z_target - tl.where(nonempty, lse, 0.0)))
     tl.store(lse_ptr + row, lse)
     tl.store(threshold_ptr + row, threshold)
     # The contract (ops/contract.py): zeros when not computed, and for a row with nothing in K.
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(s > 0, log_s - t / s_safe, 0.0))
+        tl.store(entropy_ptr + row, tl.where(nonempty, log_s - t / s_safe, 0.0))
     else:
         tl.store(entropy_ptr + row, 0.0)
     if WITH_SUM_PI_SQ:
-        tl.store(sum_pi_sq_ptr + row, tl.where(s > 0, q / (s_safe * s_safe), 0.0))
+        tl.store(sum_pi_sq_ptr + row, tl.where(nonempty, q / (s_safe * s_safe), 0.0))
     else:
         tl.store(sum_pi_sq_ptr + row, 0.0)
 
