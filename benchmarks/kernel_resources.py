@@ -225,6 +225,29 @@ def exercise_dispatch():
                         loss = logp.sum() + (out[1].sum() if entropy else 0)
                         if not inplace:
                             loss.backward()
+    from grpo_kernels.transform import KernelTransform
+    from grpo_kernels.truncation import Truncation
+
+    # truncated sampling: every combination of the three settings (the search's constexpr flags),
+    # with and without entropy, Σπ² and a softcap, and the given-threshold mode of the
+    # vocabulary-parallel path (one process here: the backend op with threshold= given)
+    settings = [Truncation(k, p, m) for k in (0, 5) for p in (1.0, 0.8) for m in (0.0, 0.05)][1:]  # all but 'off'
+    for dtype in LOGIT_DTYPES:
+        logits = torch.randn(2, 3, ALIGNED_VOCAB, dtype=getattr(torch, dtype))
+        ids = torch.randint(0, ALIGNED_VOCAB, (6,))
+        for softcap in (0.0, 3.0):
+            transform = KernelTransform(1.0 / 3.0 if softcap else 1.0, softcap)
+            for entropy in (False, True):
+                for sum_pi_sq in (False, True):
+                    for truncation in settings:
+                        out = triton_ops.logprobs_forward(logits, ids, transform, entropy, truncation=truncation,
+                                                          with_sum_pi_sq=sum_pi_sq)
+                    triton_ops.logprobs_forward(logits, ids, transform, entropy, threshold=out[3],
+                                                with_sum_pi_sq=sum_pi_sq)
+            out = triton_ops.logprobs_forward(logits, ids, transform, True, truncation=settings[-1])
+            grad = torch.ones(6)
+            triton_ops.logprobs_backward(logits, ids, out[2], out[1], grad, grad, transform,
+                                         torch.empty_like(logits), threshold=out[3])
     for dtype in LOGIT_DTYPES:  # fused linear: logits made a chunk at a time from hidden states
         hidden = torch.randn(2, 3, 16, dtype=getattr(torch, dtype)).requires_grad_(True)
         weight = torch.randn(ALIGNED_VOCAB, 16, dtype=getattr(torch, dtype)).requires_grad_(True)

@@ -99,13 +99,18 @@ def test_neg_inf_target_in_masked_row_is_fine(case, backend):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("truncation", [{}, dict(top_k=1), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1),
+                                        dict(top_k=5, top_p=0.8, min_p=0.05)],
+                         ids=["full", "top_k1", "top_k5", "top_p", "min_p", "all"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_logits_are_reported(case, backend):
+def test_nan_logits_are_reported(case, backend, truncation):
+    """A NaN logit anywhere in an unmasked row is reported, also when the truncation's threshold
+    search would skip it (a NaN compares false with every bound): NaN entries stay in the kept set."""
     logits = case.logits.clone()
     b, t = torch.nonzero(case.mask)[0].tolist()
     logits[b, t, 3] = float("nan")
     with pytest.raises(ValueError, match="logits contain NaN"):
-        call(case, logits=logits, backend=backend)
+        call(case, logits=logits, backend=backend, config=case.config.replace(**truncation))
 
 
 def test_unavailable_backend_raises_instead_of_falling_back(case, monkeypatch):

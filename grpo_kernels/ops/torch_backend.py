@@ -91,8 +91,10 @@ def _transformed(chunk, transform):
 
 def _kept(chunk, ids, threshold):
     """(rows, V) bool: the kept set {z >= threshold} ∪ {y}; a target id outside [0, V) (another
-    rank's) adds nothing. Compared on the raw logits, exactly as the threshold was found."""
-    kept = chunk.to(threshold.dtype) >= threshold.unsqueeze(-1)
+    rank's) adds nothing. Compared on the raw logits, exactly as the threshold was found. NaN
+    logits are kept, so that they make the row's statistics NaN (reported, never dropped)."""
+    values = chunk.to(threshold.dtype)
+    kept = (values >= threshold.unsqueeze(-1)) | values.isnan()  # a NaN logit stays in K: it must reach lse
     target = ids.long().unsqueeze(-1)
     owned = (target >= 0) & (target < chunk.shape[-1])
     return kept.scatter_(-1, target.clamp(0, chunk.shape[-1] - 1), owned | kept.gather(-1, target.clamp(

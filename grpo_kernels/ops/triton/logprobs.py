@@ -184,7 +184,7 @@ def _kept_stats(src, n, threshold, scale, cap, MASKED: tl.constexpr, HAS_CAP: tl
         x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
         z = _transform(x, scale, cap, HAS_CAP)
         if MASKED:
-            z = tl.where(x >= threshold, z, float("-inf"))
+            z = tl.where((x >= threshold) | (x != x), z, float("-inf"))  # a NaN logit stays in K: it must reach lse
         m, s, t, q = _absorb(m, s, t, q, z, WITH_ENTROPY, WITH_SUM_PI_SQ)
     return m, s, t, q
 
@@ -313,12 +313,17 @@ def _logprobs_fwd_kernel(
             for start in range(0, V, BLOCK_V):
                 offs = start + offs2
                 x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                # NaN logits: out of the maxima (the search skips them), into s (so row_nan below)
+                nan = x != x
+                x = tl.where(nan, float("-inf"), x)
                 class_max = tl.maximum(class_max, tl.max(x, axis=0))
                 z = _transform(x, scale, cap, HAS_CAP)
                 m_new = tl.maximum(m, tl.max(tl.max(z, axis=1), axis=0))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_ref) + tl.sum(tl.sum(tl.exp(z - m_ref), axis=1), axis=0)
+                e = tl.exp(z - m_ref) + tl.where(nan, float("nan"), 0.0)
+                s = s * tl.exp(m - m_ref) + tl.sum(tl.sum(e, axis=1), axis=0)
                 m = m_new
+            row_nan = s != s  # a NaN logit: the search skips it, the outputs must still be NaN
             m_ref = tl.where(m == float("-inf"), 0.0, m)
             key_max = _key(tl.max(class_max, axis=0), KEY_SHIFT)
             min_p_bound = m + log_min_p  # −inf when min_p is off (log_min_p = −inf) or the row is all −inf
@@ -381,6 +386,8 @@ def _logprobs_fwd_kernel(
         m, s, t, q = _kept_stats(src, n, threshold, scale, cap, True, HAS_CAP, WITH_ENTROPY, WITH_SUM_PI_SQ, BLOCK_V)
         m, s, t, q = _absorb_one(m, s, t, q, tl.where(x_target < threshold, z_target, float("-inf")),
                                  WITH_ENTROPY, WITH_SUM_PI_SQ)
+        if MODE == 2:
+            s = tl.where(row_nan, float("nan"), s)
     # s = 0: nothing finite in K (no log 0 or 0/0 is formed). `!= 0`, not `> 0`: a NaN logit makes s
     # NaN, which must reach the outputs (the deferred NaN check reads them), not pass for an empty K.
     nonempty = s != 0.0
