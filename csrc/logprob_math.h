@@ -15,7 +15,8 @@
 // the same set on z' and compares identically in every backend). The sums above then run over K
 // only (kept_term), Σπ² = q/s² with q = Σ_K e^(2(z'−m)), and the backward has p_v = 0 outside K.
 // The thresholds are found per row without sorting the vocabulary (csrc/cpu/logprobs.cpp: a
-// bucket histogram of z' − max; csrc/cuda/logprobs.cu: a radix select on the raw logit's bits);
+// bucket histogram of z' − max for top_k, passes that test several cutoffs at once for top_p
+// alone; csrc/cuda/logprobs.cu: a radix select on the raw logit's bits);
 // both use the rules below (min_p_keeps, above_keeps) so they keep the same sets.
 #pragma once
 

@@ -10,25 +10,38 @@
 //     1. max of the raw logits;  2. s = Σ e, t = Σ e·(z'−m), q = Σ e² over K = {z >= threshold},
 //        e = e^(z'−m) (the target added on its own when outside K).
 //   min_p alone: 3 passes, 3·V·b bytes: the max, min_p's bound (no exp), the sums of pass 2 above.
-//   top_k / top_p searched here: passes over the logits and a per-thread scratch of V fp32 e and
-//   V uint16 bucket slots (written once: 6·V bytes):
+//   top_p alone (min_p maybe): 4 passes over the row, V·b + 4·V bytes written, ~3·V·b + 8·V read
+//   (for 16-bit logits the fp32 values are also written once, 4·V, and read instead of the row):
+//     1. max (V·b);  2. e = e^(z'−m) (0 where min_p drops) into a per-thread scratch (V·b read,
+//        4·V written);  3. the masses G_j = Σ e·[z >= c_j] at kRowCutoffs = 8 cutoffs 1 nat apart
+//        below the max, all in one pass (V·b + 4·V read; AVX-512: one compare and one masked add
+//        per cutoff and 16 entries): the first G_j >= top_p·Z brackets the boundary [c_j, c_{j−1});
+//        a vectorised compress copies that bracket's entries (z, e) out (V·b + 4·V read, 8 bytes
+//        per entry taken), and passes of 16 cutoffs over those alone narrow it 17x each until at
+//        most kFinishMax entries are left, which are sorted: the exact value, ties included;
+//     4. s, t, q over K, a pass over the logits and e (V·b + 4·V bytes).
+//     (randn·2 rows, V = 32000, top_p 0.8: ~3000 entries after pass 3's cutoffs, then 2 passes
+//     over those, ~200 and ~15 entries.)
+//   top_k searched (with top_p and min_p maybe): passes over the logits and a per-thread scratch
+//   of V fp32 e and V uint16 bucket slots (written once: 6·V bytes):
 //     1. max (V·b);  2. e and the slot of d = z'−m (kBucketsPerNat buckets per nat from the top,
 //        d < −kRangeNats in the tail, min_p's dropped apart) (V·b read, 6·V written);
 //     3. a sample of every kSample-th entry guesses the boundary's bucket; the histogram (count
-//        and mass per bucket, a scalar scatter) then takes only the entries of the buckets up to
+//        and mass per bucket, a scalar scatter) then takes only the entries of the buckets around
 //        the guess plus a margin (a 32-entry AVX-512 compare per step over the slots: 2·V bytes,
-//        plus 6 bytes per entry taken), the rest summed into a stand-in bucket (from pass 2's
-//        totals); if the boundary falls in the stand-in, the histogram is made over every entry;
-//     then top_k's boundary bucket is where the count from the top reaches k, top_p's where the
-//     mass from the top reaches top_p·Z; only that bucket's entries are gathered (a slot scan,
-//     2·V bytes) and sorted to find the exact value, ties included;
+//        plus 6 bytes per entry taken), the rest summed into stand-in buckets (from pass 2's
+//        totals); if the boundary falls in a stand-in, the histogram is made over every entry;
+//     then top_k's boundary bucket is where the count from the top reaches k, and top_p's (when
+//     on) where the mass from the top reaches top_p·Z over top_k's set; only that bucket's
+//     entries are gathered (a slot scan, 2·V bytes) and sorted to find the exact value, ties
+//     included;
 //     4. s, t, q over K: over the entries of the kept buckets only when they are few (a slot
 //        scan), else a pass over the logits and e (V·b + 4·V bytes).
-// No row is sorted: the sorts are of one bucket's entries (all of the row only if every entry
-// falls in one bucket, e.g. a row of equal logits, or a top-k boundary more than kRangeNats below
-// the max: correct, and slower).
+// No row is sorted: the sorts are of one bucket's or bracket's entries (all of the row only if
+// they cannot be told apart, e.g. a row of equal logits, or a top-k boundary more than kRangeNats
+// below the max: correct, and slower).
 #include <algorithm>
-#if defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <cmath>
@@ -74,7 +87,8 @@ struct Candidate {
 // A thread's scratch for the threshold search, reused across its rows. count and mass are per
 // slot; after the scatter, bucket kTail holds the tail's totals.
 struct Workspace {
-  std::vector<float> e;
+  std::vector<float> e, z;  // z: the raw logits as fp32 (top_p's search of 16-bit rows)
+  std::vector<float> cz, ce;  // top_p's search: the entries of its bracket
   std::vector<uint16_t> slot;
   std::vector<int32_t> count;
   std::vector<double> mass;
@@ -143,26 +157,41 @@ RowStats<double> kept_sums(const Row<DT, CAP>& row, int64_t V, float shift, floa
 #undef GK_KEPT_SUMS
 }
 
-// fn(v) for every entry v whose slot is in [lo, lo + width), in order: a 32-bit mask of a block of
-// slots at a time (one compare with AVX-512), then one step per set bit, so entries outside the
-// range cost a fraction of a cycle each.
-template <typename Fn>
-void for_each_in_slots(const uint16_t* __restrict slot, int64_t V, unsigned lo, unsigned width, Fn fn) {
-  constexpr int64_t kScan = 32;
+// fn(v) for every entry v with in(v), in order: a 32-bit mask of a block of entries at a time
+// (a vectorised test), then one step per set bit, so entries not taken cost a fraction of a cycle.
+constexpr int64_t kScan = 32;
+template <typename In, typename Fn>
+void for_each_where(int64_t V, In in, Fn fn) {
   int64_t v0 = 0;
   for (; v0 + kScan <= V; v0 += kScan) {
-#if defined(__AVX512BW__)
-    const __m512i x = _mm512_sub_epi16(_mm512_loadu_si512(slot + v0), _mm512_set1_epi16(static_cast<short>(lo)));
-    uint32_t hits = _mm512_cmplt_epu16_mask(x, _mm512_set1_epi16(static_cast<short>(width)));
-#else
     uint32_t hits = 0;
 #pragma omp simd reduction(| : hits)
-    for (int i = 0; i < kScan; ++i) hits |= static_cast<uint32_t>(slot[v0 + i] - lo < width) << i;
-#endif
+    for (int i = 0; i < kScan; ++i) hits |= static_cast<uint32_t>(in(v0 + i)) << i;
+    for (; hits; hits &= hits - 1) fn(v0 + __builtin_ctz(hits));
+  }
+  for (int64_t v = v0; v < V; ++v)
+    if (in(v)) fn(v);
+}
+
+// fn(v) for every entry v whose slot is in [lo, lo + width), in order (one AVX-512 compare per 32 slots).
+template <typename Fn>
+void for_each_in_slots(const uint16_t* __restrict slot, int64_t V, unsigned lo, unsigned width, Fn fn) {
+#if defined(__AVX512BW__)
+  int64_t v0 = 0;
+  for (; v0 + kScan <= V; v0 += kScan) {
+    const __m512i x = _mm512_sub_epi16(_mm512_loadu_si512(slot + v0), _mm512_set1_epi16(static_cast<short>(lo)));
+    uint32_t hits = _mm512_cmplt_epu16_mask(x, _mm512_set1_epi16(static_cast<short>(width)));
     for (; hits; hits &= hits - 1) fn(v0 + __builtin_ctz(hits));
   }
   for (int64_t v = v0; v < V; ++v)
     if (slot[v] - lo < width) fn(v);
+#else
+  for_each_where(V, [=](int64_t v) { return slot[v] - lo < width; }, fn);
+#endif
+}
+
+void sort_largest_first(std::vector<Candidate>& cand) {
+  std::sort(cand.begin(), cand.end(), [](const Candidate& a, const Candidate& c) { return a.z > c.z; });
 }
 
 // The entries of bucket b, largest first.
@@ -172,7 +201,16 @@ void gather(const Row<DT, CAP>& row, int64_t V, int b, Workspace& w) {
   const float* e = w.e.data();
   for_each_in_slots(w.slot.data(), V, static_cast<unsigned>(b), b == kTail ? kSpread : 1,
                     [&](int64_t v) { w.cand.push_back({row.raw(v), e[v]}); });
-  std::sort(w.cand.begin(), w.cand.end(), [](const Candidate& a, const Candidate& c) { return a.z > c.z; });
+  sort_largest_first(w.cand);
+}
+
+// top_p's exact finish on the entries of its boundary's bracket (cand, largest first), `before`
+// the mass of the entries above them: tie group by group, the smallest value still kept.
+void top_p_finish(const std::vector<Candidate>& cand, double before, double limit, float& threshold) {
+  for (size_t i = 0; i < cand.size() && above_keeps(before, limit);) {
+    threshold = cand[i].z;
+    for (; i < cand.size() && cand[i].z == threshold; ++i) before += cand[i].e;
+  }
 }
 
 // What pass 2 finds besides e and the slots: the smallest raw logit min_p keeps (the row's minimum
@@ -183,11 +221,14 @@ struct Kept1 {
   double mass;
 };
 
-// Pass 2 (see the header): e^(z'−m) and the slot of every entry into the workspace.
-template <int DT, bool CAP>
+// Pass 2 (see the header): e^(z'−m) of every entry into the workspace and, with SLOTS (top_k's
+// search), its slot; without (top_p's), e = 0 where min_p drops the entry (it adds no mass), and the
+// raw logits as fp32 when they are stored in 16 bits (the cutoff passes then read fp32 only).
+template <bool SLOTS, int DT, bool CAP>
 Kept1 exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p, Workspace& w) {
   float* __restrict e = w.e.data();
   uint16_t* __restrict slot = w.slot.data();
+  float* __restrict raw = w.z.data();
   const auto* __restrict p = row.p;
   const LogitTransform f = row.f;  // a local copy: the stores above cannot alias it, so it stays in registers
   Kept1 k{kInf, 0, 0.0};
@@ -198,11 +239,12 @@ Kept1 exp_and_slots(const Row<DT, CAP>& row, int64_t V, float m, float log_min_p
 #pragma omp simd reduction(min : min_z) reduction(+ : mass, count)
     for (int64_t v = v0; v < v1; ++v) {
       const float z = Storage<DT>::load(p[v]), d = transform_logit<CAP>(z, f) - m;
-      const int s = slot_of(d, log_min_p, v);
-      const float ev = softmax_exp(d);
-      const bool kept = s < kDroppedSlot;
-      e[v] = ev;
-      slot[v] = static_cast<uint16_t>(s);
+      const int s = SLOTS ? slot_of(d, log_min_p, v) : 0;
+      const bool kept = SLOTS ? s < kDroppedSlot : min_p_keeps(d, log_min_p);
+      const float ev = softmax_exp(d);  // unconditional: a call under a condition does not vectorise
+      e[v] = SLOTS || kept ? ev : 0.f;
+      if (SLOTS) slot[v] = static_cast<uint16_t>(s);
+      if (!SLOTS && DT != DT_FLOAT32) raw[v] = z;
       min_z = kept && z < min_z ? z : min_z;
       mass += kept ? ev : 0.f;
       count += kept;
@@ -222,13 +264,13 @@ void fold_tail(Workspace& w) {
   }
 }
 
-// Where the boundary can be, from every kSample-th entry: the buckets [lo, hi) around where the
-// sample's count from the top passes k (3 standard deviations and 4 entries to spare either way),
-// or from the top to where its mass passes top_p + kMassSlack of it, widened by kSpareBuckets. hi beyond kTail: to the end of the row. A wrong guess costs time, never
-// correctness (the stand-in buckets of histogram()).
+// Where top_k's boundary can be (top_k's search only; top_p alone has its own, top_p_threshold):
+// from every kSample-th entry, the buckets [lo, hi) around where the sample's count from the top
+// passes k (3 standard deviations and 4 entries to spare either way, widened by kSpareBuckets); no
+// lower end when top_p follows (its boundary may lie above top_k's). hi beyond kTail: to the end of
+// the row. A wrong guess costs time, never correctness (the stand-in buckets of histogram()).
 constexpr int64_t kSample = 16;
 constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 4;
-constexpr double kMassSlack = 0.1;
 
 struct Window {
   int lo, hi;
@@ -236,28 +278,16 @@ struct Window {
 
 Window sampled_window(int64_t V, const Truncation& tr, Workspace& w) {
   std::fill(w.count.begin(), w.count.end(), 0);
-  std::fill(w.mass.begin(), w.mass.end(), 0.0);
-  for (int64_t v = 0; v < V; v += kSample) {
-    ++w.count[w.slot[v]];
-    w.mass[w.slot[v]] += w.e[v];
-  }
-  fold_tail(w);
-  double need_lo = 0.0, need_hi = 0.0;
-  if (tr.top_k > 0) {
-    const double k = static_cast<double>(tr.top_k) / kSample;
-    need_lo = tr.top_p < 1.f ? 0.0 : k - 3.0 * std::sqrt(k) - 4.0;  // top_p's boundary may lie above top_k's
-    need_hi = k + 3.0 * std::sqrt(k) + 4.0;
-  } else {
-    double total = 0.0;
-    for (int b = 0; b <= kTail; ++b) total += w.mass[b];
-    // no lower end: a top-p boundary lies where the mass is, so little of the row lies above it
-    need_hi = total * (static_cast<double>(tr.top_p) + kMassSlack);
-  }
+  for (int64_t v = 0; v < V; v += kSample) ++w.count[w.slot[v]];
+  for (int i = 1; i < kSpread; ++i) w.count[kTail] += w.count[kTail + i];
+  const double k = static_cast<double>(tr.top_k) / kSample;
+  const double need_lo = tr.top_p < 1.f ? 0.0 : k - 3.0 * std::sqrt(k) - 4.0;
+  const double need_hi = k + 3.0 * std::sqrt(k) + 4.0;
   Window win{0, kTail + 1};
   double cum = 0.0;
   bool lo_found = !(need_lo > 0.0);
   for (int b = 0; b <= kTail; ++b) {
-    cum += tr.top_k > 0 ? static_cast<double>(w.count[b]) : w.mass[b];
+    cum += static_cast<double>(w.count[b]);
     if (!lo_found && cum >= need_lo) {
       lo_found = true;
       win.lo = b - kSpareBuckets > 0 ? b - kSpareBuckets : 0;
@@ -399,10 +429,7 @@ bool thresholds(const Row<DT, CAP>& row, int64_t V, const Truncation& tr, int la
         if ((stand_in && boundary == last) || boundary == upper) return false;
         gather(row, V, boundary, w);
       }
-      for (size_t i = 0; i < w.cand.size() && above_keeps(before, limit);) {
-        threshold = w.cand[i].z;
-        for (; i < w.cand.size() && w.cand[i].z == threshold; ++i) before += w.cand[i].e;
-      }
+      top_p_finish(w.cand, before, limit, threshold);
     }
   }
   return true;
@@ -420,7 +447,7 @@ constexpr int64_t kSparse = 8;
 // m is the row's max z' (finite). Leaves e^(z'−m) and the slots in the workspace for kept_sums.
 template <int DT, bool CAP>
 Searched search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
-  const Kept1 k1 = exp_and_slots(row, V, m, tr.log_min_p, w);
+  const Kept1 k1 = exp_and_slots<true>(row, V, m, tr.log_min_p, w);
   float threshold = k1.min_z;  // min_p's
   const Window win = sampled_window(V, tr, w);
   histogram(V, tr, k1, win, w);
@@ -435,6 +462,157 @@ Searched search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Tru
   int64_t n = 0;
   for (int i = 0; i <= b && i <= kTail; ++i) n += w.count[i];
   return {threshold, n * kSparse <= V ? static_cast<unsigned>(b < kTail ? b + 1 : kTail + kSpread) : 0u};
+}
+
+// ---- top_p alone: its bound by cutoff passes (no histogram, no scatter).
+// A pass tests several cutoffs c_0 > c_1 > ... at once: G_j = Σ e·[z >= c_j]. G(c) < limit means
+// the entry just below c is kept, so the threshold is below c; G(c) >= limit, that every entry below
+// c is dropped: the threshold lies in [c_j, c_{j−1}) for the first j with G_j >= limit.
+//   The first pass is over the row: kRowCutoffs cutoffs kRowStepNats apart below the max (z'), in
+// registers (AVX-512: 16 entries in the lanes, one compare and one masked add per cutoff). The
+// entries of the bracket it leaves are then gathered (z, e), and each later pass is over those only,
+// kCutoffs cutoffs evenly spaced in the bracket, keeping the entries of the new bracket, until at
+// most kFinishMax are left: they are sorted and top_p_finish decides, ties included. Comparisons are
+// on the raw logit (fp32), so every bracket is a set of values whatever the transform's rounding.
+constexpr int kRowCutoffs = 8;
+constexpr float kRowStepNats = 1.f;
+constexpr int kCutoffs = 16;
+constexpr int64_t kFinishMax = 64;
+constexpr int kMaxCutoffPasses = 8;
+
+// G[j] = Σ_v e[v]·[z[v] >= c[j]] over a row, fp32 lanes added into fp64 every kBlock entries.
+template <int J>
+void row_masses_at(const float* __restrict z, const float* __restrict e, int64_t V, const float* c, double* G) {
+  std::fill(G, G + J, 0.0);
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t v1 = v0 + kBlock < V ? v0 + kBlock : V;
+#if defined(__AVX512F__)
+    __m512 cut[J], acc[J];
+    for (int j = 0; j < J; ++j) {
+      cut[j] = _mm512_set1_ps(c[j]);
+      acc[j] = _mm512_setzero_ps();
+    }
+    auto add = [&](__m512 zv, __m512 ev) {
+#pragma GCC unroll 16
+      for (int j = 0; j < J; ++j)
+        acc[j] = _mm512_mask_add_ps(acc[j], _mm512_cmp_ps_mask(zv, cut[j], _CMP_GE_OQ), acc[j], ev);
+    };
+    int64_t v = v0;
+    for (; v + 16 <= v1; v += 16) add(_mm512_loadu_ps(z + v), _mm512_loadu_ps(e + v));
+    if (v < v1) {  // the last few: masked loads (e = 0 beyond the end adds nothing)
+      const __mmask16 in = static_cast<__mmask16>((1u << (v1 - v)) - 1u);
+      add(_mm512_maskz_loadu_ps(in, z + v), _mm512_maskz_loadu_ps(in, e + v));
+    }
+    for (int j = 0; j < J; ++j) G[j] += _mm512_reduce_add_ps(acc[j]);
+#else
+    float acc[J] = {};
+    for (int64_t v = v0; v < v1; ++v) {
+      const float zv = z[v], ev = e[v];
+#pragma omp simd
+      for (int j = 0; j < J; ++j) acc[j] += zv >= c[j] ? ev : 0.f;
+    }
+    for (int j = 0; j < J; ++j) G[j] += acc[j];
+#endif
+  }
+}
+
+// The bracket [lo, hi) that holds the threshold; `above` is the mass of the entries >= hi (< limit).
+struct Bracket {
+  float lo, hi;
+  double above;
+
+  // Narrows to the cutoff bracket that holds the threshold (c descending, G their masses counted
+  // from `base`); false when nothing changed (the cutoffs no longer split it: float spacing).
+  bool narrow(const float* c, const double* G, int J, double base, double limit) {
+    int j = 0;
+    while (j < J && !(base + G[j] >= limit)) ++j;
+    bool changed = false;
+    if (j < J && c[j] > lo) {
+      lo = c[j];
+      changed = true;
+    }
+    if (j > 0 && c[j - 1] < hi) {
+      hi = c[j - 1];
+      above = base + G[j - 1];
+      changed = true;
+    }
+    return changed;
+  }
+};
+
+// A raw logit whose transform is about z' (places the first cutoffs only: no exactness needed).
+template <bool CAP>
+float approx_raw_of(float z_prime, const LogitTransform& f) {
+  if (!CAP) return z_prime / f.scale;
+  const float r = z_prime / f.cap;
+  return r <= -1.f ? -kInf : (r >= 1.f ? kInf : std::atanh(r) / f.scale);
+}
+
+// Copies the entries with lo <= z < hi, in order, to the front of oz, oe (which may be z, e: in
+// place); returns their number. oz, oe hold n + 16 floats (AVX-512 stores 16 at a time).
+int64_t compact_between(const float* z, const float* e, int64_t n, float lo, float hi, float* oz, float* oe) {
+  int64_t k = 0, v = 0;
+#if defined(__AVX512F__)
+  const __m512 l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
+  for (; v < n; v += 16) {
+    const __mmask16 valid = n - v >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - v)) - 1u);
+    const __m512 zv = _mm512_maskz_loadu_ps(valid, z + v), ev = _mm512_maskz_loadu_ps(valid, e + v);
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(valid, zv, l, _CMP_GE_OQ), zv, h, _CMP_LT_OQ);
+    _mm512_storeu_ps(oz + k, _mm512_maskz_compress_ps(in, zv));  // a register compress: fast everywhere
+    _mm512_storeu_ps(oe + k, _mm512_maskz_compress_ps(in, ev));
+    k += __builtin_popcount(in);
+  }
+#else
+  for (; v < n; ++v) {  // branch-free: the entries taken are unpredictable
+    const float zv = z[v], ev = e[v];
+    oz[k] = zv;
+    oe[k] = ev;
+    k += zv >= lo && zv < hi;
+  }
+#endif
+  return k;
+}
+
+// top_p alone (min_p maybe): the smallest raw logit it keeps; m is the row's max z'. Leaves
+// e^(z'−m) (0 where min_p drops) in the workspace for kept_sums.
+template <int DT, bool CAP>
+float top_p_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Truncation& tr, Workspace& w) {
+  const Kept1 k1 = exp_and_slots<false>(row, V, m, tr.log_min_p, w);
+  const float* z = DT == DT_FLOAT32 ? reinterpret_cast<const float*>(row.p) : w.z.data();
+  const float* e = w.e.data();
+  const double limit = static_cast<double>(tr.top_p) * k1.mass;
+  Bracket br{k1.min_z, kInf, 0.0};
+  float c[kCutoffs];
+  double G[kCutoffs];
+  for (int j = 0; j < kRowCutoffs; ++j) c[j] = approx_raw_of<CAP>(m - kRowStepNats * (j + 1), row.f);
+  row_masses_at<kRowCutoffs>(z, e, V, c, G);
+  br.narrow(c, G, kRowCutoffs, 0.0, limit);
+  // The bracket's entries (z, e) into the workspace's cz, ce (their first n), in order.
+  float* cz = w.cz.data();
+  float* ce = w.ce.data();
+  int64_t n = compact_between(z, e, V, br.lo, br.hi, cz, ce);
+  for (int pass = 0; pass < kMaxCutoffPasses && n > kFinishMax; ++pass) {
+    float top = br.hi, bottom = br.lo;  // the bracket's ends, or its extreme entries where it is open
+    if (!(top < kInf) || !(bottom > -kInf)) {
+      top = -kInf;
+      bottom = kInf;
+      for (int64_t i = 0; i < n; ++i) {
+        top = cz[i] > top ? cz[i] : top;
+        bottom = cz[i] > -kInf && cz[i] < bottom ? cz[i] : bottom;
+      }
+    }
+    const float step = (top - bottom) / (kCutoffs + 1);
+    for (int j = 0; j < kCutoffs; ++j) c[j] = top - step * (j + 1);
+    row_masses_at<kCutoffs>(cz, ce, n, c, G);
+    if (!br.narrow(c, G, kCutoffs, br.above, limit)) break;
+    n = compact_between(cz, ce, n, br.lo, br.hi, cz, ce);
+  }
+  w.cand.clear();
+  for (int64_t i = 0; i < n; ++i) w.cand.push_back({cz[i], ce[i]});
+  sort_largest_first(w.cand);
+  float threshold = br.lo;
+  top_p_finish(w.cand, br.above, limit, threshold);
+  return threshold > k1.min_z ? threshold : k1.min_z;  // within what min_p keeps
 }
 
 // min_p alone: the smallest raw logit it keeps (no exp, nothing stored).
@@ -479,7 +657,10 @@ void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool 
     Workspace w;
     if (search) {
       w.e.resize(static_cast<size_t>(V));
-      w.slot.resize(static_cast<size_t>(V));
+      if (tr.top_k > 0) w.slot.resize(static_cast<size_t>(V));
+      if (DT != DT_FLOAT32) w.z.resize(static_cast<size_t>(V));
+      w.cz.resize(static_cast<size_t>(V + 16));
+      w.ce.resize(static_cast<size_t>(V + 16));
       w.count.resize(kSlots);
       w.mass.resize(kSlots);
     }
@@ -492,7 +673,10 @@ void forward_rows(const RowsView& x, const int64_t* ids, LogitTransform f, bool 
       float threshold = threshold_in ? threshold_in[r] : -kInf;
       RowStats<double> total;
       if (search && zmax > -kInf) {
-        if (tr.top_k > 0 || tr.top_p < 1.f) {
+        if (tr.top_k <= 0 && tr.top_p < 1.f) {
+          threshold = top_p_threshold(row, V, m, tr, w);
+          total = kept_sums<true>(row, V, m, threshold, w.e.data(), with_entropy, with_sum_pi_sq);
+        } else if (tr.top_k > 0) {
           const Searched found = search_threshold(row, V, m, tr, w);
           threshold = found.threshold;
           total = found.slots ? sparse_kept_sums(row, V, m, threshold, found.slots, w)
