@@ -177,7 +177,7 @@ run_all() {
   next tests_suite
   # shellcheck disable=SC2046
   run tests_suite "$lim" "$PY" -m pytest $(pytest_args) --junitxml="$out/tests_suite.xml" \
-    tests/test_parity.py tests/test_invariants.py tests/test_bad_inputs.py
+    tests/test_parity.py tests/test_invariants.py tests/test_bad_inputs.py tests/test_truncation.py
   next bench_loss
   run bench_loss "$lim" "${bench[@]}" --out "$out/bench_loss" --tasks loss --tokens 16384 --vocab 151936 \
     --dtypes bfloat16

@@ -131,7 +131,9 @@ GK_HD bool min_p_keeps(float d, float log_min_p) { return d >= log_min_p; }
 GK_HD bool above_keeps(double above, double limit) { return above < limit; }
 
 // Whether v (raw logit z, not the target) is in K = {z >= threshold}; threshold −inf keeps all.
-GK_HD bool in_kept(float z, float threshold) { return z >= threshold; }
+// A NaN logit is kept: it makes the row's statistics NaN, which the deferred checks report (a
+// NaN compares false with every bound, so the threshold search alone would drop it silently).
+GK_HD bool in_kept(float z, float threshold) { return z >= threshold || z != z; }
 
 // An order-preserving unsigned key of a raw logit's storage bits (fp32: 32 bits; bf16/fp16: 16):
 // a < b as values iff key(a) < key(b), and −0 has +0's key, as values they are equal.

@@ -20,6 +20,8 @@ OPTIONS = {
     "token_level": dict(loss_type="dapo", beta=0.04, top_entropy_quantile=0.5, entropy_coef=0.01, dual_clip=3.0),
     # sequence-coupled: whole padded sequences per chunk (no host read), the GSPO pass through the mean
     "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+    # truncated sampling: the threshold search's scratch and the saved thresholds inside the graph
+    "truncated": dict(loss_type="dapo", top_k=20, top_p=0.9, min_p=0.02),
 }
 
 

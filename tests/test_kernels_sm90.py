@@ -1,6 +1,8 @@
-"""Every Triton kernel variant the dispatch can launch compiles for Hopper (sm_90, and sm_100 where
-triton's bundled ptxas has it) without a GPU, with no register spill and shared memory within the
-limit, and the committed resource table benchmarks/results/kernels_sm90.csv matches a regeneration.
+"""Every Triton kernel variant the dispatch can launch compiles for Hopper (sm_90) without a GPU,
+with no register spill and shared memory within the limit, and the committed resource table
+benchmarks/results/kernels_sm90.csv matches a regeneration. sm_100 is left to
+`python -m benchmarks.kernel_resources --check --archs 90,100`: it would double the CI time (362
+variants take ~6 min cold on the 2-core CI machine for sm_90 alone).
 
 The interpreter that runs our kernels in the other tests accepts code the real compiler rejects and
 says nothing of registers; this compiles the real thing. The variants are recorded by running the
@@ -29,7 +31,8 @@ def compiled(tmp_path_factory):
     """The --check run's variants, rows, failures and table mismatches (one child process, no interpreter)."""
     path = tmp_path_factory.mktemp("kernels") / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--check", "--json", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--check", "--archs", "90",
+                           "--json", str(path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if not path.exists():
         pytest.fail(f"kernel_resources --check crashed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")

@@ -89,6 +89,8 @@ def test_validate_false_never_synchronises_on_cuda(backend, packed):
         _every_call(x, backend, validate=False)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
 # The sampler's truncation, all three steps, and Σπ²: the search and the extra output read nothing either.
 TRUNCATED = dict(top_k=5, top_p=0.8, min_p=0.05)
 
@@ -117,6 +119,17 @@ def _every_truncated_call(x, backend, validate):
 def test_truncation_and_sum_pi_squared_never_read_the_device(backend, packed):
     with FakeTensorMode():
         _every_truncated_call(_inputs(packed), backend, validate=False)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_code_reads_nothing_on_real_tensors(backend, packed):
+    """Under FakeTensorMode the dispatcher ops run their fake implementations, not the backends:
+    here the same calls run the real backend code (the torch backend's ops, the threshold search,
+    the extension's wrapper) on real tensors, counting every host read of a tensor value."""
+    reads = count_host_reads(lambda: (_every_call(_inputs(packed), backend, validate=False),
+                                      _every_truncated_call(_inputs(packed), backend, validate=False)))
+    assert reads == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -308,7 +308,8 @@ def parallel_worker(rank, world, backends):
         scale = max(1.0, float(want.abs().max()))
         if got.shape != want.shape:
             lines.append(f"{where}: shape {tuple(got.shape)} != {tuple(want.shape)}")
-        elif not bool(torch.isfinite(got).all()) or float((got - want).abs().max()) > tol * scale:
+        elif not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())) \
+                or float((got - want).abs().max()) > tol * scale:  # a NaN on either side fails
             lines.append(f"{where}: max difference {float((got - want).abs().max()):.3g}")
 
     for backend in backends:

@@ -104,16 +104,20 @@ struct Row {
   float prime(int64_t v) const { return transform_logit<CAP>(S::load(p[v]), f); }
 };
 
-// The largest raw logit of a row (the transform is increasing: its z' is the largest z').
+// The largest raw logit of a row (the transform is increasing: its z' is the largest z'), or NaN
+// when the row holds a NaN: such a row skips the threshold search (which would drop the NaN
+// silently) and its sums over every kept entry, the NaN included (in_kept), come out NaN.
 template <int DT, bool CAP>
 float row_max(const Row<DT, CAP>& row, int64_t V) {
   float m = -kInf;
-#pragma omp simd reduction(max : m)
+  int any_nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : any_nan)
   for (int64_t v = 0; v < V; ++v) {
     const float z = row.raw(v);
     m = z > m ? z : m;  // a ternary vectorises; fmaxf (NaN rules) does not without -ffast-math
+    any_nan |= z != z;
   }
-  return m;
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 // s, t, q over the entries with z >= threshold, about `shift`. fp32 blocks of kBlock entries merge

@@ -25,7 +25,8 @@ from .fused_linear import patch_fused_linear
 
 # verl's engines whose forward calls `logprobs_from_logits` by the name they imported.
 ENGINE_MODULES = ("verl.workers.engine.fsdp.transformer_impl", "verl.workers.engine.automodel.transformer_impl",
-                  "verl.workers.engine.torchtitan.transformer_impl")
+                  "verl.workers.engine.torchtitan.transformer_impl",
+                  "verl.trainer.ppo.prefix_grouper_utils")  # the prefix-grouper forward imports it too
 
 
 def rollout_truncation(rollout_config) -> Truncation:

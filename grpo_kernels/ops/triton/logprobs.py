@@ -505,7 +505,9 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelT
         HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, HAS_MIN_P=has_min_p, KEY_SHIFT=_KEY_SHIFT.get(logits.dtype, 0),
         MASS_OF_K1=has_min_p and has_top_p and not has_top_k,
         BLOCK_V=block, KB=min(TOP_K_CLASSES, block), NPIV=PIVOTS, BLOCK_S=block_select,
-        num_warps=_num_warps(block),
+        # The given-threshold mode at the largest tile: 16 warps (8 left ptxas an 8-byte stack frame
+        # on sm_90 with a softcap; benchmarks/results/kernels_sm90.md)
+        num_warps=16 if mode == 1 and block >= MAX_BLOCK_V else _num_warps(block),
     )
     return logp, entropy, lse, threshold_out, sum_pi_sq
 
