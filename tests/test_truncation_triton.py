@@ -72,6 +72,8 @@ TILED = {"MAX_BLOCK_V": 64}
 CASES = {
     "top_k_1": (torch.float32, dict(top_k=1), dict(temperature=0.7), False, {}),  # the max's ties kept
     "top_k_tiled": (torch.bfloat16, dict(top_k=7), dict(softcap=2.0), False, dict(TILED, TOP_K_CLASSES=16)),
+    # k above the number of position classes: no pass-1 bound, every entry is a candidate
+    "top_k_above_classes": (torch.float32, dict(top_k=7), {}, False, dict(TILED, TOP_K_CLASSES=4)),
     "top_p_softcap": (torch.bfloat16, dict(top_p=0.8), dict(softcap=3.0), False, {}),
     "min_p": (torch.float32, dict(min_p=0.05), dict(temperature=1.3, softcap=2.0), False, {}),
     "all_three_strided_tiled": (torch.bfloat16, dict(top_k=12, top_p=0.9, min_p=0.02), dict(temperature=0.8), True,
