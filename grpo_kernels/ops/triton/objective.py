@@ -106,12 +106,13 @@ def _grpo_objective_kernel(
     if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
         seq_weight = tl.load(weights_ptr + b)
 
-    # Pass 1: sequence sums. Each block is summed as a tree (tl.sum), the blocks in fp32: the
-    # error grows with T / BLOCK_T, not T.
+    # Pass 1: sequence sums. Each block is summed as a tree (tl.sum) and the blocks in fp64 (as the
+    # C++ build accumulates): with BLOCK_T <= 512, a 131072-token sequence is 256 blocks, whose fp32
+    # running sum alone would lose ~1e-6 relative.
     n_tok = tl.zeros((), tl.float32)
-    sum_delta = tl.zeros((), tl.float32)
-    sum_off = tl.zeros((), tl.float32)
-    sum_isd = tl.zeros((), tl.float32)
+    sum_delta = tl.zeros((), tl.float64)
+    sum_off = tl.zeros((), tl.float64)
+    sum_isd = tl.zeros((), tl.float64)
     vespo_log = tl.zeros((), tl.float32)
     for t0 in range(start, end, BLOCK_T):
         offs = t0 + lanes
@@ -120,17 +121,17 @@ def _grpo_objective_kernel(
         if PG_KIND == PG_GEO_MEAN:  # GMPO clips each token's log-ratio before the mean
             clipped, _ = geo_mean_log_ratio(
                 logp - old, _token_advantages(adv_ptr, offs, m, adv_seq, ADV_PER_TOKEN, BLOCK_T), eps_low, eps_high)
-            sum_delta += tl.sum(tl.where(m, clipped, 0.0), axis=0)
+            sum_delta += tl.sum(tl.where(m, clipped, 0.0), axis=0).to(tl.float64)
         else:
-            sum_delta += tl.sum(logp - old, axis=0)
+            sum_delta += tl.sum(logp - old, axis=0).to(tl.float64)
         if HAS_OFF_POLICY:
             behaviour = old
             if HAS_SAMPLING:
                 behaviour = tl.load(samp_ptr + offs, mask=m, other=0.0)
-            sum_off += tl.sum(tl.where(m, nan_to_zero(behaviour - logp), 0.0), axis=0)
+            sum_off += tl.sum(tl.where(m, nan_to_zero(behaviour - logp), 0.0), axis=0).to(tl.float64)
         if IS_MODE != IS_NONE:
             samp = tl.load(samp_ptr + offs, mask=m, other=0.0)
-            sum_isd += tl.sum(tl.where(m, nan_to_zero(old - samp), 0.0), axis=0)
+            sum_isd += tl.sum(tl.where(m, nan_to_zero(old - samp), 0.0), axis=0).to(tl.float64)
         if VESPO:
             log_w_t = tl.minimum(tl.maximum(logp - old, -VESPO_TOKEN_LOG_RATIO), VESPO_TOKEN_LOG_RATIO)
             if IS_TOKEN:
@@ -140,10 +141,10 @@ def _grpo_objective_kernel(
                 log_w_t += vespo_log_of(tl.load(weights_ptr + offs, mask=m, other=1.0))
             vespo_log += tl.sum(tl.where(m, log_w_t, 0.0), axis=0)
     n_b = tl.maximum(tl.load(counts_ptr + b), 1.0)  # the whole sequence's count: a pass may see part of it
-    w_seq, seq_inside = clamp_log_ratio(sum_delta / n_b, log_ratio_lo, log_ratio_hi)
+    w_seq, seq_inside = clamp_log_ratio((sum_delta / n_b).to(tl.float32), log_ratio_lo, log_ratio_hi)
     rho_seq = tl.exp(w_seq)
-    off_kl = sum_off / n_b
-    is_seq = tl.exp(sum_isd)
+    off_kl = (sum_off / n_b).to(tl.float32)
+    is_seq = tl.exp(sum_isd.to(tl.float32))
     if IS_SEQ:
         is_seq = is_clip(is_seq, is_lo, is_hi, IS_MODE == IS_SEQUENCE_TRUNCATE)
     vespo_log_w = tl.zeros((), tl.float32)
@@ -162,16 +163,16 @@ def _grpo_objective_kernel(
         ent_w = entropy_coef / tl.load(ent_norm_ptr)
 
     # Pass 2: per-token loss and gradients, per-sequence partials.
-    acc_loss = tl.zeros((), tl.float32)
+    acc_loss = tl.zeros((), tl.float64)  # fp64 across blocks, as pass 1's sums
     acc_ent = tl.zeros((), tl.float32)
     acc_low = tl.zeros((), tl.float32)
     acc_high = tl.zeros((), tl.float32)
     acc_region = tl.zeros((), tl.float32)
     acc_rho = tl.zeros((), tl.float32)
     max_rho = tl.zeros((), tl.float32)
-    acc_kl = tl.zeros((), tl.float32)
+    acc_kl = tl.zeros((), tl.float64)
     acc_is = tl.zeros((), tl.float32)
-    acc_drho = tl.zeros((), tl.float32)
+    acc_drho = tl.zeros((), tl.float64)
     acc_cispo = tl.zeros((), tl.float32)
     acc_phi = tl.zeros((), tl.float32)
     for t0 in range(start, end, BLOCK_T):
@@ -239,8 +240,8 @@ def _grpo_objective_kernel(
         tl.store(loss_ptr + offs, loss_t, mask=inb)
         tl.store(g_logp_ptr + offs, tl.where(m, g_t * w, 0.0), mask=inb)
         tl.store(g_ent_ptr + offs, -ent_w * keep_ent, mask=inb)
-        acc_loss += tl.sum(loss_t * w, axis=0) - ent_w * tl.sum(keep_ent * ent, axis=0)
-        acc_drho += tl.sum(tl.where(m, w * d_seq_rho, 0.0), axis=0)
+        acc_loss += (tl.sum(loss_t * w, axis=0) - ent_w * tl.sum(keep_ent * ent, axis=0)).to(tl.float64)
+        acc_drho += tl.sum(tl.where(m, w * d_seq_rho, 0.0), axis=0).to(tl.float64)
         low = ((rho < 1.0 - eps_low) & (adv < 0)).to(tl.float32) * mf
         high = ((rho > 1.0 + eps_high) & (adv > 0)).to(tl.float32) * mf
         acc_ent += tl.sum(ent, axis=0)
@@ -249,7 +250,7 @@ def _grpo_objective_kernel(
         acc_region += tl.sum(tl.maximum(low, high), axis=0)
         acc_rho += tl.sum(rho * mf, axis=0)
         max_rho = tl.maximum(max_rho, tl.max(rho * mf, axis=0))
-        acc_kl += tl.sum(kl * mf, axis=0)
+        acc_kl += tl.sum(kl * mf, axis=0).to(tl.float64)
         acc_is += tl.sum(is_w * mf, axis=0)
         acc_cispo += tl.sum(((rho > eps_high) & (adv > 0)).to(tl.float32) * mf, axis=0)
         acc_phi += tl.sum(phi * mf, axis=0)
@@ -257,7 +258,7 @@ def _grpo_objective_kernel(
     # Pass 3 (GSPO, GMPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence
     # (GMPO: times the derivative of the token's clipped log-ratio).
     if LEVEL == LEVEL_SEQUENCE:
-        scale = acc_drho * rho_seq * seq_inside / n_b
+        scale = acc_drho.to(tl.float32) * rho_seq * seq_inside / n_b
         for t0 in range(start, end, BLOCK_T):
             offs = t0 + lanes
             inb = offs < end
@@ -273,7 +274,7 @@ def _grpo_objective_kernel(
 
     # Add this pass's sums to the sequence's partials (the ratio max: keep the larger).
     part = part_ptr + b * NUM_SLOTS
-    tl.store(part + SLOT_LOSS, tl.load(part + SLOT_LOSS) + acc_loss)
+    tl.store(part + SLOT_LOSS, tl.load(part + SLOT_LOSS) + acc_loss.to(tl.float32))
     tl.store(part + SLOT_COUNT, tl.load(part + SLOT_COUNT) + n_tok)
     tl.store(part + SLOT_ENTROPY, tl.load(part + SLOT_ENTROPY) + acc_ent)
     tl.store(part + SLOT_LOW, tl.load(part + SLOT_LOW) + acc_low)
@@ -281,7 +282,7 @@ def _grpo_objective_kernel(
     tl.store(part + SLOT_REGION, tl.load(part + SLOT_REGION) + acc_region)
     tl.store(part + SLOT_RATIO_SUM, tl.load(part + SLOT_RATIO_SUM) + acc_rho)
     tl.store(part + SLOT_RATIO_MAX, tl.maximum(tl.load(part + SLOT_RATIO_MAX), max_rho))
-    tl.store(part + SLOT_KL, tl.load(part + SLOT_KL) + acc_kl)
+    tl.store(part + SLOT_KL, tl.load(part + SLOT_KL) + acc_kl.to(tl.float32))
     tl.store(part + SLOT_IS, tl.load(part + SLOT_IS) + acc_is)
     tl.store(part + SLOT_CISPO_CLIP, tl.load(part + SLOT_CISPO_CLIP) + acc_cispo)
     # TRL's vespo/phi_seq_mean: one φ per sequence (per-sequence advantages), else a token mean.
