@@ -113,3 +113,25 @@ def test_worker_hook_patches_the_process_from_the_workers_config(restore_verl, m
     engine_workers.ActorRolloutRefWorker.__init__(worker, config, "actor_rollout")
     assert seen == ["actor_rollout"]
     assert all(engine.logprobs_from_logits.keywords["truncation"] == SETTING for engine in restore_verl)
+
+
+def test_sum_pi_squared_keeps_the_truncation():
+    """With Σπ² asked for (sum_pi_squared.py's engine wrapper), the truncated drop-ins still give the
+    kept set's log-probs and entropy, and Σπ² of the kept set, against the fp64 oracle."""
+    from grpo_kernels.integrations.verl import fused_linear as verl_fused
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(2, 6, 16, generator=g), torch.randn(40, 16, generator=g) / 2
+    ids = torch.randint(0, 40, (2, 6), generator=g)
+    truncation = Truncation(top_k=8, top_p=0.9, min_p=0.0)
+    verl_fused.SUM_PI_SQUARED.requested = True
+    try:
+        log_probs, entropy = verl_fused.FusedLinearForPPO(backend="torch", truncation=truncation)(
+            hidden, weight, ids, temperature=0.7)
+        sum_pi_sq = verl_fused.SUM_PI_SQUARED.value
+    finally:
+        verl_fused.SUM_PI_SQUARED.requested, verl_fused.SUM_PI_SQUARED.value = False, None
+    logits = (hidden @ weight.T).double()
+    want = reference.logprobs_and_entropy(logits, ids, 0.7, top_k=8, top_p=0.9, with_sum_pi_squared=True)
+    for got, ref in zip((log_probs, entropy, sum_pi_sq), want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)

@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
 from ...fused_linear import fused_linear_selective_logprobs
 from ...truncation import NO_TRUNCATION, Truncation
+
+# Σπ² for verl's optimal-token baselines (sum_pi_squared.py): its engine wrapper sets .requested per
+# micro-batch; the drop-ins below then also return Σπ² from the same pass and keep it in .value.
+SUM_PI_SQUARED = threading.local()
+
+
+def _fused_logprobs(hidden, weight, ids, temperature, backend, truncation, **kwargs):
+    """(log_probs, entropy) of the fused-linear pass, keeping Σπ² when the engine asked for it."""
+    requested = getattr(SUM_PI_SQUARED, "requested", False)
+    out = fused_linear_selective_logprobs(hidden, weight, ids.long(), temperature=float(temperature),
+                                          return_entropy=True, backend=backend, return_sum_pi_squared=requested,
+                                          **truncation._asdict(), **kwargs)
+    if requested:
+        SUM_PI_SQUARED.value = out[2]
+    return out[0], out[1]
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -28,9 +44,7 @@ class FusedLinearForPPO(torch.nn.Module):
         self.backend, self.truncation = backend, truncation
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        return fused_linear_selective_logprobs(hidden_states, vocab_weights, input_ids.long(),
-                                               temperature=float(temperature), return_entropy=True,
-                                               backend=self.backend, **self.truncation._asdict())
+        return _fused_logprobs(hidden_states, vocab_weights, input_ids, temperature, self.backend, self.truncation)
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduction: str = "none",
@@ -46,10 +60,8 @@ def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduc
     """
     if reduction != "none":
         raise ValueError(f"reduction={reduction!r} is not supported; grpo_kernels returns per-token values ('none')")
-    return fused_linear_selective_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(),
-                                           temperature=float(temperature), return_entropy=True, backend=backend,
-                                           process_group=dist_process_group, reduce_hidden_grad=False,
-                                           **truncation._asdict())
+    return _fused_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature, backend,
+                           truncation, process_group=dist_process_group, reduce_hidden_grad=False)
 
 
 def patch_fused_linear(backend: str = "auto", truncation: Truncation = NO_TRUNCATION) -> None:

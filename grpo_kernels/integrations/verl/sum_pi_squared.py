@@ -8,8 +8,8 @@ from the same vocabulary sweep as the log-prob and entropy (`return_sum_pi_squar
 `patch_sum_pi_squared()` lifts that refusal:
   - `FSDPEngine.prepare_model_inputs` notes, per micro-batch, whether Σπ² is asked for with fused
     kernels on;
-  - our `FusedLinearForPPO` / `linear_cross_entropy` (installed in verl's fused forwards in place
-    of patch_fused_linear's) then also compute Σπ² and keep it for this micro-batch;
+  - our fused-linear drop-ins (verl/fused_linear.py, as patch_fused_linear installs them, with or
+    without a truncation) then also compute Σπ² and keep it for this micro-batch;
   - `FSDPEngine.prepare_model_outputs` runs verl's own output code for the log-probs, then verl's
     same code on Σπ² in the log-probs' place (so it is unpadded, gathered across Ulysses ranks
     and nested exactly as the log-probs are), and adds it as model_output["sum_pi_squared"].
@@ -18,62 +18,18 @@ FSDP engine only (verl's Megatron engine keeps its refusal).
 from __future__ import annotations
 
 import functools
-import threading
 from types import SimpleNamespace
 
-import torch
+from .fused_linear import SUM_PI_SQUARED as _STATE
+from .fused_linear import FusedLinearForPPO, patch_fused_linear
 
-from ...fused_linear import fused_linear_selective_logprobs
-from . import fused_linear as _fused
-
-_STATE = threading.local()  # .requested: Σπ² asked for this micro-batch; .value: the fused pass's Σπ²
 REQUEST_KEY = "calculate_sum_pi_squared"
-
-
-def sum_pi_squared_requested() -> bool:
-    return getattr(_STATE, "requested", False)
-
-
-def _keep(value: torch.Tensor) -> None:
-    _STATE.value = value
 
 
 def take_sum_pi_squared():
     """The Σπ² the last fused-linear forward kept (then forgotten), or None."""
     value, _STATE.value = getattr(_STATE, "value", None), None
     return value
-
-
-class FusedLinearForPPO(_fused.FusedLinearForPPO):
-    """`integrations.verl.fused_linear.FusedLinearForPPO` that, when the engine asked for Σπ², also
-    computes it in the same pass (kept for `prepare_model_outputs`); returns the same
-    (log_probs, entropy)."""
-
-    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        if not sum_pi_squared_requested():
-            return super().forward(hidden_states, vocab_weights, input_ids, temperature)
-        log_probs, entropy, sum_pi_sq = fused_linear_selective_logprobs(
-            hidden_states, vocab_weights, input_ids.long(), temperature=float(temperature), return_entropy=True,
-            return_sum_pi_squared=True, backend=self.backend)
-        _keep(sum_pi_sq)
-        return log_probs, entropy
-
-
-def linear_cross_entropy(hidden, weight, labels, temperature: float = 1.0, reduction: str = "none",
-                         dist_process_group=None, backend: str = "auto"):
-    """`integrations.verl.fused_linear.linear_cross_entropy` that, when the engine asked for Σπ²,
-    also computes it (flat, as the log-probs) and keeps it."""
-    if not sum_pi_squared_requested():
-        return _fused.linear_cross_entropy(hidden, weight, labels, temperature, reduction, dist_process_group,
-                                           backend)
-    if reduction != "none":
-        raise ValueError(f"reduction={reduction!r} is not supported; grpo_kernels returns per-token values ('none')")
-    log_probs, entropy, sum_pi_sq = fused_linear_selective_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1).long(), temperature=float(temperature),
-        return_entropy=True, return_sum_pi_squared=True, backend=backend, process_group=dist_process_group,
-        reduce_hidden_grad=False)
-    _keep(sum_pi_sq)
-    return log_probs, entropy
 
 
 def wrap_prepare_model_inputs(prepare_model_inputs):
@@ -127,15 +83,16 @@ def wrap_prepare_model_outputs(prepare_model_outputs):
 
 def patch_sum_pi_squared(backend: str = "auto", engine_class=None) -> None:
     """Let verl's FSDP engine give `sum_pi_squared` with use_fused_kernels=True, from our fused pass.
-    Installs our fused-linear forwards in verl's fused model forwards (as patch_fused_linear does,
-    with the Σπ² output) and wraps `engine_class` (default verl's FSDPEngineWithLMHead, the actor's
+    Installs our fused-linear forwards in verl's fused model forwards (patch_fused_linear) unless
+    they are already there, and wraps `engine_class` (default verl's FSDPEngineWithLMHead, the actor's
     engine)'s prepare_model_inputs / prepare_model_outputs."""
     import verl.utils.experimental.torch_functional as torch_functional
-    import verl.utils.kernel.linear_cross_entropy as lce
 
     if engine_class is None:
         from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead as engine_class
-    torch_functional.FusedLinearForPPO = functools.partial(FusedLinearForPPO, backend=backend)
-    lce.linear_cross_entropy = functools.partial(linear_cross_entropy, backend=backend)
+    # Our drop-ins give Σπ² whenever the engine asks; keep them as installed (with a truncation,
+    # say), else install them.
+    if getattr(torch_functional.FusedLinearForPPO, "func", None) is not FusedLinearForPPO:
+        patch_fused_linear(backend)
     engine_class.prepare_model_inputs = wrap_prepare_model_inputs(engine_class.prepare_model_inputs)
     engine_class.prepare_model_outputs = wrap_prepare_model_outputs(engine_class.prepare_model_outputs)
