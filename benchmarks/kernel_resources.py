@@ -45,7 +45,7 @@ CSV_PATH = os.path.join(RESULTS, "kernels_sm90.csv")
 MD_PATH = os.path.join(RESULTS, "kernels_sm90.md")
 VERSIONS_PATH = os.path.join(RESULTS, "kernels_triton_versions.csv")  # one summary row per triton version
 VERSION_COLUMNS = ("triton", "torch", "python", "ptxas", "archs", "variants", "compiled", "compile_errors",
-                   "spilling", "max_registers", "seconds")
+                   "spilling", "spills", "max_registers", "seconds")
 TRITON_PACKAGE = "grpo_kernels.ops.triton"
 COLUMNS = ("source", "kernel", "variant", "arch", "num_warps", "registers", "spills", "shared_bytes",
            "max_blocks_per_sm", "logits_128bit_loads", "compiler")
@@ -75,20 +75,21 @@ _TORCH_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float
                 "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
-def _arg_type(value):
+def _arg_type(value, specialise: bool = True):
     """(triton type, divisible by 16) of a runtime argument, as triton's launcher specialises it: a
     pointer to the tensor's element type (aligned when its address is a multiple of 16 bytes), an
-    integer as i32 or i64 (a multiple of 16 is specialised; the value 1 becomes a constant), fp32."""
+    integer as i32 or i64 (a multiple of 16 is specialised; the value 1 becomes a constant; neither
+    for an argument the kernel names in do_not_specialize), fp32."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        return "*" + _TORCH_TYPES[str(value.dtype).replace("torch.", "")], value.data_ptr() % 16 == 0
+        return "*" + _TORCH_TYPES[str(value.dtype).replace("torch.", "")], specialise and value.data_ptr() % 16 == 0
     if isinstance(value, bool):
         return "i1", False
     if isinstance(value, int):
-        if value == 1:
+        if value == 1 and specialise:
             return "constexpr", False
-        return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), value % 16 == 0
+        return ("i32" if -2 ** 31 <= value < 2 ** 31 else "i64"), specialise and value % 16 == 0
     if isinstance(value, float):
         return "fp32", False
     raise TypeError(f"unrecorded kernel argument type {type(value).__name__}")
@@ -101,8 +102,9 @@ def _plain(value):
     return int(value)
 
 
-def variant_of(fn, args, kwargs) -> dict:
-    """The compile-relevant description of one launch of the kernel whose Python function is `fn`."""
+def variant_of(fn, args, kwargs, unspecialised=()) -> dict:
+    """The compile-relevant description of one launch of the kernel whose Python function is `fn`
+    (unspecialised: the argument names of its do_not_specialize)."""
     kwargs = dict(kwargs)
     launch = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "num_ctas") if key in kwargs}
     bound = inspect.signature(fn).bind(*args, **kwargs)
@@ -113,7 +115,7 @@ def variant_of(fn, args, kwargs) -> dict:
         if _is_constexpr(param):
             signature[name], constexprs[name] = "constexpr", _plain(value)
             continue
-        kind, divisible = _arg_type(value)
+        kind, divisible = _arg_type(value, name not in unspecialised)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = 1
@@ -149,8 +151,11 @@ class LaunchRecorder:
             if not kernel.fn.__module__.startswith(TRITON_PACKAGE):
                 return original(kernel, grid)
 
+            # the jit decorator's options, kept by the interpreter's rewriter in every triton from 3.2 on
+            unspecialised = kernel.rewriter.kwargs.get("do_not_specialize") or ()
+
             def launch(*args, **kwargs):
-                variant = variant_of(kernel.fn, args, kwargs)
+                variant = variant_of(kernel.fn, args, kwargs, unspecialised)
                 recorder.variants.setdefault(variant_key(variant), variant)
 
             return launch
@@ -557,10 +562,12 @@ def read_committed_csv(path: str = CSV_PATH) -> list:
 
 
 def compare_with_committed(rows: list, sources=("triton",)) -> tuple:
-    """(differences, note): the differences between `rows` and the committed csv for rows of `sources`,
-    or none and a note when the table was compiled by another triton (its numbers differ by version)."""
+    """(differences, note): the differences between `rows` and the committed csv for rows of `sources`
+    and of the archs compiled (`--archs 90` compares the sm_90 rows alone), or none and a note when
+    the table was compiled by another triton (its numbers differ by version)."""
     fresh = [r for r in csv.DictReader(io.StringIO(to_csv(rows))) if r["source"] in sources]
-    committed = [r for r in read_committed_csv() if r["source"] in sources]
+    archs = {r["arch"] for r in fresh}
+    committed = [r for r in read_committed_csv() if r["source"] in sources and r["arch"] in archs]
     versions = {r["compiler"] for r in committed}, {r["compiler"] for r in fresh}
     if versions[0] != versions[1]:
         return [], f"the committed table was compiled by {sorted(versions[0])}, this run by {sorted(versions[1])}"
@@ -586,7 +593,7 @@ def _environment() -> dict:
 
 
 def to_markdown(rows: list, env: dict, seconds: float) -> str:
-    kernels = sorted({(r["source"], r["kernel"]) for r in rows})
+    kernels = sorted({(r["source"], r["kernel"], r["arch"]) for r in rows})
     lines = [
         "# Kernel resources on Hopper (sm_90), compiled without a GPU",
         "",
@@ -608,13 +615,13 @@ def to_markdown(rows: list, env: dict, seconds: float) -> str:
         "",
         "## Summary",
         "",
-        "| source | kernel | variants (rows) | registers (max) | spills | min blocks/SM |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| source | kernel | arch | variants (rows) | registers (max) | spills | min blocks/SM |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for source, kernel in kernels:
-        mine = [r for r in rows if (r["source"], r["kernel"]) == (source, kernel)]
+    for source, kernel, arch in kernels:
+        mine = [r for r in rows if (r["source"], r["kernel"], r["arch"]) == (source, kernel, arch)]
         occupancy = [r["max_blocks_per_sm"] for r in mine if r["max_blocks_per_sm"] != ""]
-        lines.append(f"| {source} | {kernel} | {len(mine)} | {max(r['registers'] for r in mine)} | "
+        lines.append(f"| {source} | {kernel} | {arch} | {len(mine)} | {max(r['registers'] for r in mine)} | "
                      f"{sum(r['spills'] for r in mine)} | {min(occupancy) if occupancy else '-'} |")
     lines += ["", "## Other triton versions", "",
               "`python -m benchmarks.kernel_resources --versions` run under each triton (a scratch virtual",
@@ -659,13 +666,23 @@ def run(mode: str, workers: int, archs=None, json_path=None) -> int:
     return 1 if failures or mismatches else 0
 
 
+def _spill_summary(rows) -> str:
+    """Which kernels spill, in how many variants, with the largest local-memory frame: "-" for none."""
+    by_kernel = {}
+    for r in rows:
+        if r["spills"]:
+            count, most = by_kernel.get(r["kernel"], (0, 0))
+            by_kernel[r["kernel"]] = (count + 1, max(most, r["spills"]))
+    return "; ".join(f"{k} x{n} (<= {b} B)" for k, (n, b) in sorted(by_kernel.items())) or "-"
+
+
 def _record_version(variants, rows, failures, seconds):
     """One summary row per triton version in VERSIONS_PATH (replacing this version's earlier row)."""
     env = _environment()
     row = dict(triton=env["triton"], torch=env["torch"], python=env["python"], ptxas=env["ptxas"],
                archs=" ".join(sorted({r["arch"] for r in rows})), variants=len(variants), compiled=len(rows),
                compile_errors=sum("compile error" in f for f in failures),
-               spilling=sum(r["spills"] > 0 for r in rows),
+               spilling=sum(r["spills"] > 0 for r in rows), spills=_spill_summary(rows),
                max_registers=max((r["registers"] for r in rows), default=0),
                seconds=round(seconds))
     old = []

@@ -50,3 +50,12 @@ def make_truncation(top_k: Optional[int] = None, top_p: Optional[float] = None,
     if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0.0 <= min_p <= 1.0:
         raise ValueError(f"min_p must be in [0, 1] (0 or None: off), got {min_p!r}")
     return Truncation(int(top_k), float(top_p), float(min_p))
+
+
+def sampler_truncation(top_k: Optional[int] = None, top_p: Optional[float] = None,
+                       min_p: Optional[float] = None) -> Truncation:
+    """make_truncation for settings written as the rollout samplers write them: vLLM's top_k = -1
+    (its "off", TRL's and verl's default) is off too; other negative values still raise."""
+    if top_k == -1:
+        top_k = None
+    return make_truncation(top_k=None if top_k is None else int(top_k), top_p=top_p, min_p=min_p)

@@ -197,3 +197,44 @@ def test_many_rows_and_threads_match_single_rows():
         for a, b in zip(whole, single):
             assert torch.equal(a[i:i + 1], b)
     assert math.isfinite(float(whole[0].sum()))
+
+
+def _sampled_window(x, top_k, top_p):
+    """csrc/cpu/logprobs.cpp's sampled_window for one fp32 row, identity transform: the buckets
+    [lo, hi) where the sample of every 16th entry puts top_k's boundary (32 buckets per nat below
+    the max, 8 buckets spare either way)."""
+    per_nat, tail, sample, spare = 32, 32 * 32, 16, 8
+    slots = torch.clamp((-(x.double() - x.max()) * per_nat).floor(), max=tail).long()
+    count = torch.bincount(slots[::sample], minlength=tail + 1).double()
+    k = top_k / sample
+    need_lo = 0.0 if top_p < 1 else k - 3 * math.sqrt(k) - 4
+    need_hi = k + 3 * math.sqrt(k) + 4
+    cum = count.cumsum(0)
+    lo = max(int((cum >= need_lo).nonzero()[0]) - spare, 0) if need_lo > 0 else 0
+    return lo, int((cum >= need_hi).nonzero()[0]) + 1 + spare, slots
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=1000), dict(top_k=1000, top_p=0.9), dict(top_k=600)],
+                         ids=["top_k", "top_k+top_p", "top_k_above_the_window"])
+def test_misleading_sample_falls_back_to_the_whole_row(settings):
+    """The C++ top-k search histograms only the buckets around where a sample of every 16th entry
+    puts the boundary; rows built so that the sample misleads it (the boundary outside that window)
+    must take the whole-row fallback and still match the oracle."""
+    v, g = 4096, torch.Generator().manual_seed(5)
+    x = torch.randn(2, v, generator=g) * 0.3
+    if settings["top_k"] == 1000:  # the sampled entries are the row's 256 largest: the sample puts
+        x[:, ::16] += 10.0         # the 1000th largest far above where it is
+    else:                          # the sampled entries are its smallest: the sample puts the 600th
+        x[:, 1::2] += 10.0         # largest far below the 2048 entries at the top
+        x[:, ::16] -= 10.0
+    top_p = settings.get("top_p", 1.0)
+    for row in x:  # the construction does mislead the sample (a mirror of the kernel's window)
+        lo, hi, slots = _sampled_window(row, settings["top_k"], top_p)
+        boundary = int(slots[row.argsort(descending=True)[settings["top_k"] - 1]])
+        assert not lo <= boundary < hi, (lo, hi, boundary)
+    ids = torch.tensor([3, 16])
+    tf = TRANSFORMS["identity"]
+    logp, ent, lse, thr, spq = _forward(x, ids, tf, make_truncation(**settings))
+    assert _check_kept(x, ids, tf, settings, thr).all()
+    for got, ref in zip((logp, ent, spq, lse), _reference(x, ids, tf, **settings)):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)

@@ -25,7 +25,7 @@ from ..config import GRPOLossConfig
 from ..entropy_control import applied_entropy_coef, next_entropy_coef
 from ..fused_linear import fused_linear_grpo_loss, fused_linear_selective_logprobs
 from ..transform import model_logit_options
-from ..truncation import NO_TRUNCATION, Truncation, make_truncation
+from ..truncation import NO_TRUNCATION, Truncation, sampler_truncation
 
 try:
     import transformers
@@ -63,9 +63,7 @@ def trl_sampling_truncation(trainer, entry: str = FUSED_TRAINER) -> Truncation:
     settings = dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     overrides = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else {}
     settings.update({key: overrides[key] for key in settings if key in overrides})
-    if settings["top_k"] is not None and settings["top_k"] < 0:  # vLLM's "off" (-1)
-        settings["top_k"] = None
-    truncation = make_truncation(**settings)
+    truncation = sampler_truncation(**settings)
     if not args.use_vllm and truncation.top_p < 1.0 and truncation.min_p > 0.0:
         raise unsupported(
             entry, f"truncation_aware_logprobs=True with GRPOConfig.top_p={truncation.top_p} and "

@@ -20,7 +20,7 @@ import functools
 import importlib
 
 from ...losses import selective_logprobs
-from ...truncation import Truncation, make_truncation
+from ...truncation import Truncation, sampler_truncation
 from .fused_linear import patch_fused_linear
 
 # verl's engines whose forward calls `logprobs_from_logits` by the name they imported.
@@ -39,9 +39,7 @@ def rollout_truncation(rollout_config) -> Truncation:
         raise ValueError("actor_rollout_ref.rollout.do_sample=False samples greedily: there is no truncated "
                          "distribution to compute log-probs of; set do_sample=True or leave "
                          "GRPO_KERNELS_VERL_TRUNCATION unset")
-    top_k = get("top_k", -1)
-    return make_truncation(top_k=None if top_k is None or top_k < 0 else int(top_k), top_p=get("top_p", 1.0),
-                           min_p=get("min_p", None))
+    return sampler_truncation(top_k=get("top_k", -1), top_p=get("top_p", 1.0), min_p=get("min_p", None))
 
 
 def truncated_logprobs_from_logits(logits, labels, inplace_backward=True, *, truncation: Truncation,

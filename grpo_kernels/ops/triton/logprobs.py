@@ -54,10 +54,10 @@ Forward modes (constexpr MODE):
     C << V. Scratch: N × min(CAPACITY, V) entries of the logits' dtype, only while searching.
     The plain pass is ~8 ops per entry; pass 2 ~6 (and an exp for min_p with top_p, top_k off,
     whose Z is the mass of K1 over the row), its prefix sum and stores skipped in tiles without a
-    candidate. Registers (sm_90, 8 warps, every variant compiled with triton 3.9): mode 0/1 38-62,
-    mode 2 111-128, backward 64-114, no spills, except bf16 + softcap + top_k alone: 80
-    registers and 8 spilled bytes under triton 3.9's ptxas flag --regAllocOptLevel=2 (109
-    registers, no spill without it; 127, no spill with triton 3.2).
+    candidate. Which of top_k / top_p / min_p is on is a runtime branch, uniform per row, not a
+    constexpr (kernel comment). Registers (sm_90, every variant compiled with triton 3.9,
+    benchmarks/results/kernels_sm90.md): mode 0/1 24-48, mode 2 90-98 (16 warps at the largest
+    tile), backward 26-114, no spills.
     Not yet timed on a GPU (target: <= 1.5x mode 0 at V = 151936 bf16). By the counts above,
     pass 1 is mode 0 with one max more per entry, pass 2 a cheaper re-read from L2, and the
     selects cost (C/V)·16·passes of a sweep, so ~1.5-2x when C is a few hundred; a flat row
@@ -190,13 +190,14 @@ def _kept_stats(src, n, threshold, scale, cap, MASKED: tl.constexpr, HAS_CAP: tl
 
 
 @triton.jit
-def _pivot_stats(key, live, e, pivots, WITH_MASS: tl.constexpr):
+def _pivot_stats(key, live, e, pivots, with_mass):
     """For each pivot key c (pivots (NPIV,)) over the live entries of a tile (key, e): the count and
-    the mass Σe at or above c, the smallest key at or above c and the largest key below c."""
+    the mass Σe at or above c (with_mass, a runtime flag; else 0), the smallest key at or above c
+    and the largest key below c."""
     above = (key[None, :] >= pivots[:, None]) & live[None, :]
     count = tl.sum(above.to(tl.int32), axis=1)
     mass = tl.zeros(pivots.shape, tl.float32)
-    if WITH_MASS:
+    if with_mass:
         mass = tl.sum(tl.where(above, e[None, :], 0.0), axis=1)
     above_min = tl.min(tl.where(above, key[None, :], 2147483647), axis=1)
     below_max = tl.max(tl.where(live[None, :] & ~above, key[None, :], -2147483648), axis=1)
@@ -230,18 +231,18 @@ def _kth_largest(keys, k, lo, hi, NPIV: tl.constexpr):
     """The k-th largest of `keys` (a register vector, all in [lo, hi), k <= its size), by pivots."""
     while hi - lo > 1:
         pivots = _pivots(lo, hi, NPIV)
-        count, mass, above_min, below_max = _pivot_stats(keys, keys == keys, keys, pivots, False)
+        count, mass, above_min, below_max = _pivot_stats(keys, keys == keys, keys, pivots, 0)
         lo, hi, _ = _narrow(lo, hi, count >= k, mass, above_min, below_max, NPIV)
     return lo
 
 
 @triton.jit
-def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, IS_COUNT: tl.constexpr,
-            HAS_CAP: tl.constexpr, HAS_MIN_P: tl.constexpr, WITH_MASS: tl.constexpr,
-            KEY_SHIFT: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
+def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, with_mass, IS_COUNT: tl.constexpr,
+            HAS_CAP: tl.constexpr, KEY_SHIFT: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
     """The largest key c in [lo, hi) whose count (IS_COUNT; target capped at the count at lo, the
     size of K1 ∩ src) or mass Σ exp(z' − m_ref) (else) over the entries of src[0:n] in K1
-    (z' >= min_p_bound) at or above c reaches `target`, and the mass at that key.
+    (z' >= min_p_bound; −inf without min_p, which keeps every entry but NaN) at or above c reaches
+    `target`, and the mass at that key (computed when with_mass, a runtime flag, or not IS_COUNT).
     Invariants: lo reaches the target, hi does not (hi − 1 is the row's largest key).
     Tiles without an entry at or above lo skip the pivot work."""
     cols = tl.arange(0, BLOCK)
@@ -259,11 +260,9 @@ def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, IS_COUNT: tl
             x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
             key = _key(x, KEY_SHIFT)
             z = _transform(x, scale, cap, HAS_CAP)
-            live = (offs < n) & (key >= lo)
-            if HAS_MIN_P:
-                live = live & (z >= min_p_bound)
+            live = (offs < n) & (key >= lo) & (z >= min_p_bound)
             if tl.max(live.to(tl.int32), axis=0) > 0:
-                c, w, a, b = _pivot_stats(key, live, tl.exp(z - m_ref), pivots, WITH_MASS)
+                c, w, a, b = _pivot_stats(key, live, tl.exp(z - m_ref), pivots, with_mass)
                 count += c
                 mass += w
                 above_min = tl.minimum(above_min, a)
@@ -277,16 +276,18 @@ def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, IS_COUNT: tl
     return lo, lo_mass
 
 
-@triton.jit
+# The truncation settings are runtime values, not constexprs: which of top_k / top_p / min_p is on
+# is read from them (top_k 0, top_p 1, log_min_p −inf: off), so one compiled search serves all seven
+# combinations (7x fewer variants to compile on first use and in the sm_90 compile test; the
+# branches they select are uniform per row). Unspecialised, so top_k = 1 or a multiple of 16 does
+# not compile a variant of its own either.
+@triton.jit(do_not_specialize=("top_k", "capacity"))
 def _logprobs_fwd_kernel(
     logits_ptr, ids_ptr, logp_ptr, entropy_ptr, lse_ptr, threshold_in_ptr, threshold_ptr, sum_pi_sq_ptr,
     scratch_ptr, stride_b, stride_t, T, V, scale, cap, top_k, top_p, log_min_p, log_tail, capacity,
     MODE: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM_PI_SQ: tl.constexpr, HAS_CAP: tl.constexpr,
-    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, KEY_SHIFT: tl.constexpr,
-    MASS_OF_K1: tl.constexpr, BLOCK_V: tl.constexpr, KB: tl.constexpr, NPIV: tl.constexpr, BLOCK_S: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, BLOCK_V: tl.constexpr, KB: tl.constexpr, NPIV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # MASS_OF_K1 (min_p and top_p, top_k off): top-p's Z is the mass of K1 over the whole row, in
-    # pass 2. (Given by the caller: triton 3.2 refuses chained boolean operators in a kernel.)
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     target = tl.load(ids_ptr + row).to(tl.int64)
@@ -327,18 +328,21 @@ def _logprobs_fwd_kernel(
             m_ref = tl.where(m == float("-inf"), 0.0, m)
             key_max = _key(tl.max(class_max, axis=0), KEY_SHIFT)
             min_p_bound = m + log_min_p  # −inf when min_p is off (log_min_p = −inf) or the row is all −inf
+            has_top_k = top_k > 0
+            has_top_p = top_p < 1.0
+            has_min_p = log_min_p > float("-inf")
+            # min_p and top_p, top_k off: top-p's Z is the mass of K1 over the whole row, in pass 2
+            mass_of_k1 = has_min_p & has_top_p & (top_k == 0)
             # Pass 2: candidates into the row's scratch (bounds in the header).
             key_bound = key_lowest
-            if HAS_TOP_K:
-                if top_k <= KB:
-                    key_bound = _kth_largest(_key(class_max, KEY_SHIFT), top_k, key_lowest.to(tl.int64),
-                                             key_max.to(tl.int64) + 1, NPIV).to(tl.int32)
+            if (top_k > 0) & (top_k <= KB):
+                key_bound = _kth_largest(_key(class_max, KEY_SHIFT), top_k, key_lowest.to(tl.int64),
+                                         key_max.to(tl.int64) + 1, NPIV).to(tl.int32)
             z_bound = min_p_bound
-            if HAS_TOP_P and not HAS_TOP_K:
-                if HAS_MIN_P:
-                    z_bound = tl.maximum(z_bound, m + log_tail)
-                else:
-                    z_bound = tl.maximum(z_bound, m + tl.log(tl.maximum(s, 1.0)) + log_tail)  # s >= 1 unless all −inf
+            if has_top_p & (top_k == 0):
+                # Z >= 1 with min_p (the max's share); s >= 1 without it unless the row is all −inf
+                log_z = tl.where(has_min_p, 0.0, tl.log(tl.maximum(s, 1.0)))
+                z_bound = tl.maximum(z_bound, m + log_z + log_tail)
             scratch = scratch_ptr + row * capacity
             cols = tl.arange(0, BLOCK_V)
             n_cand = tl.zeros((), tl.int32)
@@ -349,9 +353,9 @@ def _logprobs_fwd_kernel(
                 x = raw.to(tl.float32)
                 z = _transform(x, scale, cap, HAS_CAP)
                 cand = (offs < V) & (z >= z_bound)
-                if HAS_TOP_K:
+                if has_top_k:
                     cand = cand & (_key(x, KEY_SHIFT) >= key_bound)
-                if MASS_OF_K1:  # Z of top-p: the mass of K1 over the whole row
+                if mass_of_k1:  # Z of top-p: the mass of K1 over the whole row
                     mass_k1 += tl.sum(tl.where(z >= min_p_bound, tl.exp(z - m_ref), 0.0), axis=0)
                 n_tile = tl.sum(cand.to(tl.int32), axis=0)
                 if n_tile > 0:
@@ -368,19 +372,14 @@ def _logprobs_fwd_kernel(
             # Select: min_p / top_k by count, then top_p by mass.
             lo = key_lowest.to(tl.int64)
             hi = key_max.to(tl.int64) + 1
-            if HAS_MIN_P:
-                mass_k2 = mass_k1
-            else:
-                mass_k2 = s
-            if HAS_TOP_K or not HAS_TOP_P:
-                k_target = tl.zeros((), tl.float32) + V
-                if HAS_TOP_K:
-                    k_target = tl.zeros((), tl.float32) + top_k
-                lo, mass_k2 = _select(src, n, lo, hi, k_target, m_ref, min_p_bound, scale, cap, True, HAS_CAP,
-                                      HAS_MIN_P, HAS_TOP_P, KEY_SHIFT, NPIV, BLOCK_S)
-            if HAS_TOP_P:
-                lo, _ = _select(src, n, lo, hi, top_p * mass_k2, m_ref, min_p_bound, scale, cap, False, HAS_CAP,
-                                HAS_MIN_P, True, KEY_SHIFT, NPIV, BLOCK_S)
+            mass_k2 = tl.where(has_min_p, mass_k1, s)
+            if has_top_k | (top_p >= 1.0):
+                k_target = tl.where(has_top_k, top_k, V).to(tl.float32)
+                lo, mass_k2 = _select(src, n, lo, hi, k_target, m_ref, min_p_bound, scale, cap, has_top_p, True,
+                                      HAS_CAP, KEY_SHIFT, NPIV, BLOCK_S)
+            if has_top_p:
+                lo, _ = _select(src, n, lo, hi, top_p * mass_k2, m_ref, min_p_bound, scale, cap, 1, False, HAS_CAP,
+                                KEY_SHIFT, NPIV, BLOCK_S)
             threshold = _key_value(lo.to(tl.int32), KEY_SHIFT)
         # Statistics over K: src holds every entry >= threshold; y is added when it is below.
         m, s, t, q = _kept_stats(src, n, threshold, scale, cap, True, HAS_CAP, WITH_ENTROPY, WITH_SUM_PI_SQ, BLOCK_V)
@@ -500,14 +499,16 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelT
     _logprobs_fwd_kernel[(n,)](
         logits, ids, logp, entropy, lse, threshold if mode == 1 else logp, threshold_out, sum_pi_sq, scratch,
         logits.stride(0), logits.stride(1), t, vocab, scale, cap,
-        int(truncation.top_k), float(truncation.top_p), truncation.log_min_p, log_tail, capacity,
+        int(truncation.top_k) if has_top_k else 0, float(truncation.top_p) if has_top_p else 1.0,
+        truncation.log_min_p if has_min_p else float("-inf"), log_tail, capacity,
         MODE=mode, WITH_ENTROPY=with_entropy, WITH_SUM_PI_SQ=with_sum_pi_sq, HAS_CAP=cap != 0.0,
-        HAS_TOP_K=has_top_k, HAS_TOP_P=has_top_p, HAS_MIN_P=has_min_p, KEY_SHIFT=_KEY_SHIFT.get(logits.dtype, 0),
-        MASS_OF_K1=has_min_p and has_top_p and not has_top_k,
+        KEY_SHIFT=_KEY_SHIFT.get(logits.dtype, 0),
         BLOCK_V=block, KB=min(TOP_K_CLASSES, block), NPIV=PIVOTS, BLOCK_S=block_select,
-        # The given-threshold mode at the largest tile: 16 warps (8 left ptxas an 8-byte stack frame
-        # on sm_90 with a softcap; benchmarks/results/kernels_sm90.md)
-        num_warps=16 if mode == 1 and block >= MAX_BLOCK_V else _num_warps(block),
+        # The truncated modes at the largest tile: 16 warps. With 8, ptxas left an 8-byte stack frame
+        # in mode 1 with a softcap, and capped mode 2 at 128 registers with a 48-byte spill for fp32
+        # logits under triton 3.6 (the GPU machine's); 16 warps need at most 109 registers (98 under
+        # 3.9) and still fill 16 warps an SM (kernels_sm90.md, kernels_triton_versions.csv).
+        num_warps=16 if mode != 0 and block >= MAX_BLOCK_V else _num_warps(block),
     )
     return logp, entropy, lse, threshold_out, sum_pi_sq
 

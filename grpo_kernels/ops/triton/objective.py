@@ -18,6 +18,7 @@ the gradient in half at ties, and clamp passes it at the bounds (inclusive).
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -154,6 +155,11 @@ def _grpo_objective_kernel(
         if HAS_TOKEN_WEIGHTS and WEIGHTS_PER_SEQ:
             vespo_log += vespo_log_of(seq_weight)
         vespo_log_w = clamp_vespo_log(vespo_log)
+    # Pass 3's d rho_b / d logp_s = rho_b m_s / n_b (times the clip's pass-through), applied to each
+    # block's sum in pass 2 rather than once after it (the same to fp32 rounding), so that no value
+    # formed before pass 2 is used only after it: ptxas kept such a value in a stack slot across the
+    # loop in some variants (an 8-byte frame, a spill to the compile test; OBJECTIVE_WARPS).
+    seq_grad_scale = rho_seq * seq_inside / n_b
     if AGG == AGG_SEQ_MEAN_TOKEN_MEAN:
         agg_w = 1.0 / (n_b * norm)
     else:
@@ -241,7 +247,8 @@ def _grpo_objective_kernel(
         tl.store(g_logp_ptr + offs, tl.where(m, g_t * w, 0.0), mask=inb)
         tl.store(g_ent_ptr + offs, -ent_w * keep_ent, mask=inb)
         acc_loss += (tl.sum(loss_t * w, axis=0) - ent_w * tl.sum(keep_ent * ent, axis=0)).to(tl.float64)
-        acc_drho += tl.sum(tl.where(m, w * d_seq_rho, 0.0), axis=0).to(tl.float64)
+        if LEVEL == LEVEL_SEQUENCE:
+            acc_drho += (tl.sum(tl.where(m, w * d_seq_rho, 0.0), axis=0) * seq_grad_scale).to(tl.float64)
         low = ((rho < 1.0 - eps_low) & (adv < 0)).to(tl.float32) * mf
         high = ((rho > 1.0 + eps_high) & (adv > 0)).to(tl.float32) * mf
         acc_ent += tl.sum(ent, axis=0)
@@ -258,7 +265,7 @@ def _grpo_objective_kernel(
     # Pass 3 (GSPO, GMPO): d rho_b / d logp_s = rho_b m_s / n_b, shared by every token of the sequence
     # (GMPO: times the derivative of the token's clipped log-ratio).
     if LEVEL == LEVEL_SEQUENCE:
-        scale = acc_drho.to(tl.float32) * rho_seq * seq_inside / n_b
+        scale = acc_drho.to(tl.float32)
         for t0 in range(start, end, BLOCK_T):
             offs = t0 + lanes
             inb = offs < end
@@ -273,7 +280,8 @@ def _grpo_objective_kernel(
             tl.store(g_logp_ptr + offs, tl.where(m, g + through_mean, 0.0), mask=inb)
 
     # Add this pass's sums to the sequence's partials (the ratio max: keep the larger).
-    part = part_ptr + b * NUM_SLOTS
+    # (b again from the program id, for the same reason: not a value kept across the loops)
+    part = part_ptr + (seq_lo + tl.program_id(0).to(tl.int64)) * NUM_SLOTS
     tl.store(part + SLOT_LOSS, tl.load(part + SLOT_LOSS) + acc_loss.to(tl.float32))
     tl.store(part + SLOT_COUNT, tl.load(part + SLOT_COUNT) + n_tok)
     tl.store(part + SLOT_ENTROPY, tl.load(part + SLOT_ENTROPY) + acc_ent)
@@ -320,13 +328,20 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
 # follows the pass's rows per sequence on average (a host-known bound), rounded up to one of a few
 # fixed sizes: each BLOCK_T is a separate compiled kernel, and a size per batch shape would compile
 # a new variant for nearly every new batch. tests/test_kernels_sm90.py compiles every bucket for
-# sm_90 and sm_100 and checks that none spills. Both run on 4 warps (at most 4 tokens per thread):
-# measured with triton 3.9 (benchmarks/results/kernels_sm90.md), other sizes spilled a few bytes in
-# one variant or more whatever the warps: 256 on 4 warps, 1024 on 8 or 16, 2048 on 8 (up to 181
-# registers) or 16 (a thread capped at 128 registers: 64K per SM / 512 threads). One program walks
-# a whole sequence, so a larger block buys little: a 16k-token sequence is 32 blocks of 512.
+# sm_90 and sm_100 and checks that none spills. Measured with triton 3.9 (benchmarks/results/
+# kernels_sm90.md), other sizes spilled a few bytes in one variant or more whatever the warps: 256
+# on 4 warps, 1024 on 8 or 16, 2048 on 8 (up to 181 registers) or 16 (a thread capped at 128
+# registers: 64K per SM / 512 threads). One program walks a whole sequence, so a larger block buys
+# little: a 16k-token sequence is 32 blocks of 512.
 BLOCK_T_BUCKETS = (128, 512)
-OBJECTIVE_WARPS = 4
+_TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+# Warps per sequence block, by compiler: every variant compiled for sm_90 and sm_100 with each
+# choice, the one with no stack frame anywhere. Triton 3.9 runs ptxas with --regAllocOptLevel=2
+# (its workaround of a ptxas 13 bug), which on 4 warps kept a value of two BLOCK_T = 512 variants
+# in an 8-byte stack frame on sm_100, and none on 8; triton 3.6 (the GPU machine's, ptxas 12.8)
+# and 3.2 are the other way round (8 warps: 2 and 1 variants with a frame, 4 warps: none).
+# Untested tritons between take 4. kernels_triton_versions.csv has each version's result.
+OBJECTIVE_WARPS = 8 if _TRITON_VERSION >= (3, 9) else 4
 
 
 def block_t_for(tokens_per_sequence: int) -> int:
