@@ -55,7 +55,10 @@ def make_truncation(top_k: Optional[int] = None, top_p: Optional[float] = None,
 def sampler_truncation(top_k: Optional[int] = None, top_p: Optional[float] = None,
                        min_p: Optional[float] = None) -> Truncation:
     """make_truncation for settings written as the rollout samplers write them: vLLM's top_k = -1
-    (its "off", TRL's and verl's default) is off too; other negative values still raise."""
-    if top_k == -1:
+    (its "off", TRL's and verl's default) is off too, and a whole-number float top_k (a config
+    file's 50.0) is that int; every other value is make_truncation's to accept or refuse."""
+    if isinstance(top_k, float) and top_k.is_integer():
+        top_k = int(top_k)
+    if type(top_k) is int and top_k == -1:  # not True == 1, nor -1.5
         top_k = None
-    return make_truncation(top_k=None if top_k is None else int(top_k), top_p=top_p, min_p=min_p)
+    return make_truncation(top_k=top_k, top_p=top_p, min_p=min_p)

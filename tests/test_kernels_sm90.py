@@ -1,8 +1,8 @@
 """Every Triton kernel variant the dispatch can launch compiles for Hopper (sm_90), and for
 Blackwell (sm_100) where the ptxas that triton ships knows it, without a GPU, with no register spill
 and shared memory within the limit, and the committed resource table
-benchmarks/results/kernels_sm90.csv matches a regeneration. The 218 variants take about 85 s an
-arch with an empty triton cache on the 2-core CI machine, about 12 s warm.
+benchmarks/results/kernels_sm90.csv matches a regeneration. The 218 variants, both archs, take 164 s
+with an empty triton cache on the quiet 2-core CI machine (86 s for sm_90 alone), about 7 s warm.
 
 The interpreter that runs our kernels in the other tests accepts code the real compiler rejects and
 says nothing of registers; this compiles the real thing. The variants are recorded by running the

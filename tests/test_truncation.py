@@ -410,14 +410,16 @@ def test_bad_settings_name_the_argument(kwargs, words):
 
 def test_sampler_settings_take_vllm_off_values():
     """TRL's and verl's drop-ins read the sampler's settings through sampler_truncation: vLLM's
-    top_k = -1 is off; other negatives and an integral float from a config file are as make_truncation."""
+    top_k = -1 is off and a whole-number float is that int; anything else is refused as
+    make_truncation refuses it, naming the value given."""
     from grpo_kernels.truncation import NO_TRUNCATION, Truncation, sampler_truncation
 
     assert sampler_truncation(top_k=-1, top_p=1.0, min_p=0.0) == NO_TRUNCATION
-    assert sampler_truncation(top_k=-1, top_p=0.9) == Truncation(0, 0.9, 0.0)
-    assert sampler_truncation(top_k=50, min_p=None) == Truncation(50, 1.0, 0.0)
-    with pytest.raises(ValueError, match="top_k must be a non-negative int"):
-        sampler_truncation(top_k=-2)
+    assert sampler_truncation(top_k=-1.0, top_p=0.9) == Truncation(0, 0.9, 0.0)
+    assert sampler_truncation(top_k=50.0, min_p=None) == Truncation(50, 1.0, 0.0)
+    for bad in (-2, True, 50.9, -0.5, -1.5, "7"):
+        with pytest.raises(ValueError, match=f"top_k must be a non-negative int .*got {bad!r}"):
+            sampler_truncation(top_k=bad)
 
 
 def test_config_fields_accept_none_as_off():

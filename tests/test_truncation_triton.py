@@ -84,6 +84,11 @@ CASES = {
     "all_three_whole_row": (torch.float32, dict(top_k=12, top_p=0.7, min_p=0.01), dict(softcap=4.0), False,
                             dict(SEARCH_CAPACITY=3)),
     "top_p_whole_row_tiled": (torch.bfloat16, dict(top_p=0.95), {}, True, dict(TILED, SEARCH_CAPACITY=2)),
+    # the other pairs: the search's runtime branches take every one of the seven combinations
+    "top_k_top_p": (torch.float32, dict(top_k=9, top_p=0.75), dict(softcap=3.0), False, {}),
+    "top_k_min_p_whole_row": (torch.bfloat16, dict(top_k=6, min_p=0.1), dict(temperature=0.9), False,
+                              dict(SEARCH_CAPACITY=3)),
+    "top_k_min_p_tiled": (torch.float32, dict(top_k=15, min_p=0.2), {}, True, TILED),
 }
 
 

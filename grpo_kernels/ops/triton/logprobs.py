@@ -56,7 +56,7 @@ Forward modes (constexpr MODE):
     whose Z is the mass of K1 over the row), its prefix sum and stores skipped in tiles without a
     candidate. Which of top_k / top_p / min_p is on is a runtime branch, uniform per row, not a
     constexpr (kernel comment). Registers (sm_90, every variant compiled with triton 3.9,
-    benchmarks/results/kernels_sm90.md): mode 0/1 24-48, mode 2 90-98 (16 warps at the largest
+    benchmarks/results/kernels_sm90.md): mode 0/1 24-48, mode 2 98-101 (16 warps at the largest
     tile), backward 26-114, no spills.
     Not yet timed on a GPU (target: <= 1.5x mode 0 at V = 151936 bf16). By the counts above,
     pass 1 is mode 0 with one max more per entry, pass 2 a cheaper re-read from L2, and the
@@ -190,18 +190,14 @@ def _kept_stats(src, n, threshold, scale, cap, MASKED: tl.constexpr, HAS_CAP: tl
 
 
 @triton.jit
-def _pivot_stats(key, live, e, pivots, with_mass):
-    """For each pivot key c (pivots (NPIV,)) over the live entries of a tile (key, e): the count and
-    the mass Σe at or above c (with_mass, a runtime flag; else 0), the smallest key at or above c
-    and the largest key below c."""
+def _pivot_stats(key, live, pivots):
+    """For each pivot key c (pivots (NPIV,)) over the live entries of a tile: which are at or above
+    c (NPIV, BLOCK), their count, the smallest key at or above c and the largest key below c."""
     above = (key[None, :] >= pivots[:, None]) & live[None, :]
     count = tl.sum(above.to(tl.int32), axis=1)
-    mass = tl.zeros(pivots.shape, tl.float32)
-    if with_mass:
-        mass = tl.sum(tl.where(above, e[None, :], 0.0), axis=1)
     above_min = tl.min(tl.where(above, key[None, :], 2147483647), axis=1)
     below_max = tl.max(tl.where(live[None, :] & ~above, key[None, :], -2147483648), axis=1)
-    return count, mass, above_min, below_max
+    return above, count, above_min, below_max
 
 
 @triton.jit
@@ -231,18 +227,19 @@ def _kth_largest(keys, k, lo, hi, NPIV: tl.constexpr):
     """The k-th largest of `keys` (a register vector, all in [lo, hi), k <= its size), by pivots."""
     while hi - lo > 1:
         pivots = _pivots(lo, hi, NPIV)
-        count, mass, above_min, below_max = _pivot_stats(keys, keys == keys, keys, pivots, 0)
-        lo, hi, _ = _narrow(lo, hi, count >= k, mass, above_min, below_max, NPIV)
+        _, count, above_min, below_max = _pivot_stats(keys, keys == keys, pivots)
+        lo, hi, _ = _narrow(lo, hi, count >= k, tl.zeros((NPIV,), tl.float32), above_min, below_max, NPIV)
     return lo
 
 
 @triton.jit
-def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, with_mass, IS_COUNT: tl.constexpr,
+def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, has_min_p, with_mass, IS_COUNT: tl.constexpr,
             HAS_CAP: tl.constexpr, KEY_SHIFT: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
     """The largest key c in [lo, hi) whose count (IS_COUNT; target capped at the count at lo, the
     size of K1 ∩ src) or mass Σ exp(z' − m_ref) (else) over the entries of src[0:n] in K1
-    (z' >= min_p_bound; −inf without min_p, which keeps every entry but NaN) at or above c reaches
-    `target`, and the mass at that key (computed when with_mass, a runtime flag, or not IS_COUNT).
+    (z' >= min_p_bound when has_min_p, else every entry) at or above c reaches `target`, and the
+    mass at that key (computed when with_mass, or not IS_COUNT). has_min_p and with_mass are
+    runtime flags (or constants): z' and the exponentials are formed only where they are read.
     Invariants: lo reaches the target, hi does not (hi − 1 is the row's largest key).
     Tiles without an entry at or above lo skip the pivot work."""
     cols = tl.arange(0, BLOCK)
@@ -259,12 +256,15 @@ def _select(src, n, lo, hi, target, m_ref, min_p_bound, scale, cap, with_mass, I
             offs = start + cols
             x = tl.load(src + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
             key = _key(x, KEY_SHIFT)
-            z = _transform(x, scale, cap, HAS_CAP)
-            live = (offs < n) & (key >= lo) & (z >= min_p_bound)
+            live = (offs < n) & (key >= lo)
+            if has_min_p:
+                live = live & (_transform(x, scale, cap, HAS_CAP) >= min_p_bound)
             if tl.max(live.to(tl.int32), axis=0) > 0:
-                c, w, a, b = _pivot_stats(key, live, tl.exp(z - m_ref), pivots, with_mass)
+                above, c, a, b = _pivot_stats(key, live, pivots)
+                if with_mass:
+                    e = tl.exp(_transform(x, scale, cap, HAS_CAP) - m_ref)
+                    mass += tl.sum(tl.where(above, e[None, :], 0.0), axis=1)
                 count += c
-                mass += w
                 above_min = tl.minimum(above_min, a)
                 below_max = tl.maximum(below_max, b)
         if IS_COUNT:
@@ -375,11 +375,11 @@ def _logprobs_fwd_kernel(
             mass_k2 = tl.where(has_min_p, mass_k1, s)
             if has_top_k | (top_p >= 1.0):
                 k_target = tl.where(has_top_k, top_k, V).to(tl.float32)
-                lo, mass_k2 = _select(src, n, lo, hi, k_target, m_ref, min_p_bound, scale, cap, has_top_p, True,
-                                      HAS_CAP, KEY_SHIFT, NPIV, BLOCK_S)
+                lo, mass_k2 = _select(src, n, lo, hi, k_target, m_ref, min_p_bound, scale, cap, has_min_p, has_top_p,
+                                      True, HAS_CAP, KEY_SHIFT, NPIV, BLOCK_S)
             if has_top_p:
-                lo, _ = _select(src, n, lo, hi, top_p * mass_k2, m_ref, min_p_bound, scale, cap, 1, False, HAS_CAP,
-                                KEY_SHIFT, NPIV, BLOCK_S)
+                lo, _ = _select(src, n, lo, hi, top_p * mass_k2, m_ref, min_p_bound, scale, cap, has_min_p, 1, False,
+                                HAS_CAP, KEY_SHIFT, NPIV, BLOCK_S)
             threshold = _key_value(lo.to(tl.int32), KEY_SHIFT)
         # Statistics over K: src holds every entry >= threshold; y is added when it is below.
         m, s, t, q = _kept_stats(src, n, threshold, scale, cap, True, HAS_CAP, WITH_ENTROPY, WITH_SUM_PI_SQ, BLOCK_V)
@@ -506,8 +506,10 @@ def logprobs_forward(logits: torch.Tensor, ids: torch.Tensor, transform: KernelT
         BLOCK_V=block, KB=min(TOP_K_CLASSES, block), NPIV=PIVOTS, BLOCK_S=block_select,
         # The truncated modes at the largest tile: 16 warps. With 8, ptxas left an 8-byte stack frame
         # in mode 1 with a softcap, and capped mode 2 at 128 registers with a 48-byte spill for fp32
-        # logits under triton 3.6 (the GPU machine's); 16 warps need at most 109 registers (98 under
-        # 3.9) and still fill 16 warps an SM (kernels_sm90.md, kernels_triton_versions.csv).
+        # logits under triton 3.6 (the GPU machine's; compiled with benchmarks.kernel_resources, the
+        # 8-warp rows not kept); on 16 warps mode 2 needs 98-101 registers under 3.9
+        # (kernels_sm90.csv), spills under neither 3.9 nor 3.6 (kernels_triton_versions.csv), and
+        # still fills 16 warps an SM.
         num_warps=16 if mode != 0 and block >= MAX_BLOCK_V else _num_warps(block),
     )
     return logp, entropy, lse, threshold_out, sum_pi_sq

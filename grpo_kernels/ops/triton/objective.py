@@ -335,12 +335,13 @@ def objective_pass(prep: io.PreparedObjective, params: LossParams, rows, seqs):
 # little: a 16k-token sequence is 32 blocks of 512.
 BLOCK_T_BUCKETS = (128, 512)
 _TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-# Warps per sequence block, by compiler: every variant compiled for sm_90 and sm_100 with each
-# choice, the one with no stack frame anywhere. Triton 3.9 runs ptxas with --regAllocOptLevel=2
-# (its workaround of a ptxas 13 bug), which on 4 warps kept a value of two BLOCK_T = 512 variants
-# in an 8-byte stack frame on sm_100, and none on 8; triton 3.6 (the GPU machine's, ptxas 12.8)
-# and 3.2 are the other way round (8 warps: 2 and 1 variants with a frame, 4 warps: none).
-# Untested tritons between take 4. kernels_triton_versions.csv has each version's result.
+# Warps per sequence block, by compiler: every variant compiled for sm_90 and sm_100 with 4 and
+# with 8 warps (benchmarks.kernel_resources), the choice with no stack frame anywhere. Triton 3.9
+# runs ptxas with --regAllocOptLevel=2 (its workaround of a ptxas 13 bug), which on 4 warps kept
+# a value of two BLOCK_T = 512 variants in an 8-byte stack frame on sm_100, and none on 8; triton
+# 3.6 (the GPU machine's, ptxas 12.8) and 3.2 are the other way round (8 warps: 2 and 1 variants
+# with a frame; 4 warps: none). kernels_triton_versions.csv keeps each version's result with the
+# choice made, not the other. Untested tritons between take 4. Neither choice is timed on a GPU.
 OBJECTIVE_WARPS = 8 if _TRITON_VERSION >= (3, 9) else 4
 
 
