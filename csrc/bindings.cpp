@@ -109,6 +109,8 @@ PYBIND11_MODULE(GK_MODULE_NAME, m) {
           gk::cpu::objective_block_emulation(args, seq_lo, seq_hi, threads);
         },
         "Tests only: the CUDA objective's block algorithm emulated on the CPU (see csrc/cpu/objective.cpp).");
+  m.def("whole_row_fallbacks", &gk::cpu::whole_row_fallbacks,
+        "Tests only: rows whose top-k search re-histogrammed the whole row (the sample misplaced the boundary).");
 #endif
   m.def("group_advantages",
         [](uintptr_t total, uintptr_t order, uintptr_t offsets, uintptr_t group, uintptr_t adv, uintptr_t mean,

@@ -33,6 +33,9 @@ void objective(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi);
 // Tests only: the CUDA objective's block algorithm (a block of `threads` threads per sequence,
 // its reductions in the block's order) run on the CPU, to check the decomposition without a GPU.
 void objective_block_emulation(const ObjectiveArgs& args, int64_t seq_lo, int64_t seq_hi, int threads);
+// Tests only: rows whose top-k search histogrammed the whole row because the sample misplaced the
+// boundary (csrc/cpu/logprobs.cpp, search_threshold), since the module was loaded.
+int64_t whole_row_fallbacks();
 void group_advantages(const float* total, const int64_t* order, const int64_t* offsets, const int64_t* group,
                       float* adv, float* mean, float* std, float* count, int8_t* constant, int64_t n,
                       int64_t num_groups, float eps, int mode);

@@ -202,7 +202,8 @@ def test_many_rows_and_threads_match_single_rows():
 def _sampled_window(x, top_k, top_p):
     """csrc/cpu/logprobs.cpp's sampled_window for one fp32 row, identity transform: the buckets
     [lo, hi) where the sample of every 16th entry puts top_k's boundary (32 buckets per nat below
-    the max, 8 buckets spare either way)."""
+    the max, 8 buckets spare either way). It shows why the rows below mislead the sample; the
+    extension's counter, not this copy of its constants, checks that the fallback ran."""
     per_nat, tail, sample, spare = 32, 32 * 32, 16, 8
     slots = torch.clamp((-(x.double() - x.max()) * per_nat).floor(), max=tail).long()
     count = torch.bincount(slots[::sample], minlength=tail + 1).double()
@@ -219,7 +220,14 @@ def _sampled_window(x, top_k, top_p):
 def test_misleading_sample_falls_back_to_the_whole_row(settings):
     """The C++ top-k search histograms only the buckets around where a sample of every 16th entry
     puts the boundary; rows built so that the sample misleads it (the boundary outside that window)
-    must take the whole-row fallback and still match the oracle."""
+    must take the whole-row fallback (the extension counts the rows that do) and still match the
+    oracle, while ordinary rows never need it."""
+    from grpo_kernels import _C
+
+    ordinary, _ = _logits(8, 4096, torch.float32, 1)
+    before = _C.whole_row_fallbacks()
+    _forward(ordinary, torch.zeros(8, dtype=torch.long), TRANSFORMS["identity"], make_truncation(**settings))
+    assert _C.whole_row_fallbacks() == before
     v, g = 4096, torch.Generator().manual_seed(5)
     x = torch.randn(2, v, generator=g) * 0.3
     if settings["top_k"] == 1000:  # the sampled entries are the row's 256 largest: the sample puts
@@ -235,6 +243,7 @@ def test_misleading_sample_falls_back_to_the_whole_row(settings):
     ids = torch.tensor([3, 16])
     tf = TRANSFORMS["identity"]
     logp, ent, lse, thr, spq = _forward(x, ids, tf, make_truncation(**settings))
+    assert _C.whole_row_fallbacks() == before + 2
     assert _check_kept(x, ids, tf, settings, thr).all()
     for got, ref in zip((logp, ent, spq, lse), _reference(x, ids, tf, **settings)):
         torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)

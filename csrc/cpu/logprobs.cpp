@@ -41,6 +41,7 @@
 // they cannot be told apart, e.g. a row of equal logits, or a top-k boundary more than kRangeNats
 // below the max: correct, and slower).
 #include <algorithm>
+#include <atomic>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -275,6 +276,7 @@ void fold_tail(Workspace& w) {
 // the row. A wrong guess costs time, never correctness (the stand-in buckets of histogram()).
 constexpr int64_t kSample = 16;
 constexpr int kSpareBuckets = static_cast<int>(kBucketsPerNat) / 4;
+std::atomic<int64_t> g_whole_row_fallbacks{0};  // for tests (whole_row_fallbacks): the sample's misses
 
 struct Window {
   int lo, hi;
@@ -458,6 +460,7 @@ Searched search_threshold(const Row<DT, CAP>& row, int64_t V, float m, const Tru
   const bool windowed = win.hi <= kTail;
   if (!thresholds(row, V, tr, windowed ? win.hi : kTail, windowed, windowed ? win.lo - 1 : -1, w, threshold)) {
     threshold = k1.min_z;  // the sample misled us: the whole row
+    g_whole_row_fallbacks.fetch_add(1, std::memory_order_relaxed);
     histogram(V, tr, k1, Window{0, kTail + 1}, w);
     thresholds(row, V, tr, kTail, false, -1, w, threshold);
   }
@@ -780,6 +783,8 @@ struct Backward {
 };
 
 }  // namespace
+
+int64_t whole_row_fallbacks() { return g_whole_row_fallbacks.load(std::memory_order_relaxed); }
 
 void logprobs_forward(const RowsView& x, const int64_t* ids, LogitTransform f, bool with_entropy, Truncation tr,
                       const float* threshold_in, bool with_sum_pi_sq, float* logp, float* entropy, float* lse,
