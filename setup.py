@@ -195,7 +195,7 @@ setup(
         "dev": sorted(set(TEST + BENCH)),
     },
     entry_points={
-        "console_scripts": ["grpo-kernels-train=grpo_kernels.train:main"],
+        "console_scripts": ["grpo-kernels-train=grpo_kernels.train:cli"],
         # verl imports these in every process that imports verl: our policy losses get registered there.
         "verl.plugins": ["grpo_kernels=grpo_kernels.integrations.verl_plugin"],
     },

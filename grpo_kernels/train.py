@@ -28,6 +28,7 @@ import os
 import shlex
 import sys
 import time
+from typing import NoReturn
 
 import torch
 
@@ -36,7 +37,7 @@ from .ops.dispatch import BACKENDS, why_unavailable
 from .trainer import GRPOTrainer, NoCheckpointError, RunExistsError, TrainerConfig, TrainingInterrupted
 from .trainer import checkpoint, run_dir, toy
 from .trainer.curves import MATPLOTLIB_MISSING, reward_png, text_curve
-from .trainer.parallel import init_from_environment
+from .trainer.parallel import end_worker_process, init_from_environment, launched_by_torchrun
 from .trainer.stopping import signal_name
 
 PROG = "python -m grpo_kernels.train"
@@ -319,5 +320,15 @@ def _report_stop(args, stop: TrainingInterrupted, world: int) -> None:
     print(f"resume with: {resume_command(args, world)}", file=sys.stderr)
 
 
+def cli() -> NoReturn:
+    """The command line (`python -m grpo_kernels.train`, `grpo-kernels-train`): main(), then its
+    exit status. A torchrun worker ends through `end_worker_process` once main() has destroyed
+    its process group: finalizing the interpreter there can abort it (see that function)."""
+    code = main()
+    if launched_by_torchrun():
+        end_worker_process(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

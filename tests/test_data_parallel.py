@@ -77,6 +77,17 @@ def test_split_batch_gives_the_single_process_update(strategy):
                     assert metrics[key] == pytest.approx(one_metrics[key], rel=1e-5, abs=1e-7), (case, key)
 
 
+def test_end_worker_process_flushes_and_exits_with_the_code():
+    """A torchrun worker ends with os._exit (trainer/parallel.py says why): what it printed to the
+    block-buffered pipes, without a newline, still arrives, and the exit status is the one given."""
+    code = ("import sys; from grpo_kernels.trainer.parallel import end_worker_process; "
+            "print('summary', end=''); print('warning', end='', file=sys.stderr); end_worker_process(3); "
+            "print('never')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as torchrun's pipes are
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "summary", "warning")
+
+
 def _torchrun(tmp_path, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "grpo_kernels.train", "--output-dir", str(tmp_path), *args]
