@@ -28,6 +28,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from typing import NoReturn
 
 import torch
@@ -323,11 +324,18 @@ def _report_stop(args, stop: TrainingInterrupted, world: int) -> None:
 def cli() -> NoReturn:
     """The command line (`python -m grpo_kernels.train`, `grpo-kernels-train`): main(), then its
     exit status. A torchrun worker ends through `end_worker_process` once main() has destroyed
-    its process group: finalizing the interpreter there can abort it (see that function)."""
-    code = main()
-    if launched_by_torchrun():
-        end_worker_process(code)
-    raise SystemExit(code)
+    its process group: finalizing the interpreter there can abort it (see that function). An
+    error there is printed with its traceback and ends the worker with status 1, not SIGABRT."""
+    if not launched_by_torchrun():
+        raise SystemExit(main())
+    try:
+        code = main()
+    except SystemExit:  # argparse's refusals (status 2), before any process group exists
+        raise
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    end_worker_process(code)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,16 @@ def _rewards(path):
         return [json.loads(line)["reward"] for line in f]
 
 
+def test_torchrun_worker_error_ends_with_status_1_and_its_traceback(tmp_path):
+    """An error inside a torchrun worker (here: --model names an empty directory, which loads no
+    tokenizer) is printed with its traceback and ends each worker with status 1."""
+    (tmp_path / "empty_model").mkdir()
+    run = _torchrun(tmp_path / "out", "--model", str(tmp_path / "empty_model"))
+    assert run.returncode != 0
+    assert run.stderr.count("Traceback") >= 3, run.stderr[-3000:]  # each worker's, then torchrun's
+    assert "exitcode  : 1 " in run.stderr and "SIGABRT" not in run.stderr, run.stderr[-3000:]
+
+
 def test_torchrun_trains_checkpoints_and_resumes(tmp_path):
     straight = _torchrun(tmp_path / "straight", "--steps", "5", "--target-reward", "0")
     assert straight.returncode == 0, straight.stderr[-3000:]
