@@ -38,7 +38,7 @@ from .ops.dispatch import BACKENDS, why_unavailable
 from .trainer import GRPOTrainer, NoCheckpointError, RunExistsError, TrainerConfig, TrainingInterrupted
 from .trainer import checkpoint, run_dir, toy
 from .trainer.curves import MATPLOTLIB_MISSING, reward_png, text_curve
-from .trainer.parallel import end_worker_process, init_from_environment, launched_by_torchrun
+from .trainer.parallel import end_worker_process, init_from_environment, launched_by_torchrun, torchrun_world_size
 from .trainer.stopping import signal_name
 
 PROG = "python -m grpo_kernels.train"
@@ -181,7 +181,7 @@ def _device() -> torch.device:
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """What the values need from this machine and --output-dir, checked before anything is built
     (parser.error: one line, exit status 2)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = torchrun_world_size()
     if args.prompts_per_step % world:
         parser.error(f"argument --prompts-per-step: must be divisible by the number of processes ({world}), "
                      f"got {args.prompts_per_step}")

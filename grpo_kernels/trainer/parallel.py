@@ -152,9 +152,14 @@ class DataParallel:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
+def torchrun_world_size() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several that torchrun started (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    return torchrun_world_size() > 1
 
 
 def end_worker_process(code: int) -> NoReturn:
